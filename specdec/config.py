@@ -1,0 +1,259 @@
+"""Deployment configuration: frozen dataclasses loaded from TOML (standard library only).
+
+A config file has one table per section; every key is a field of that section's dataclass:
+
+    [model]      path, dtype, max_model_len, quantization
+    [cache]      block_size, num_blocks, enable_prefix_caching
+    [scheduler]  max_num_seqs, max_num_batched_tokens
+    [spec]       method, draft_model, draft_dtype, draft_quantization, num_speculative_tokens, ...
+    [server]     host, port, api_key, max_queued_requests, shutdown_timeout, served_model_name, ...
+    [device]     device, num_threads, cuda_graphs, seed
+
+Unknown sections or keys and bad values raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _check(ok: bool, key: str, value, limit: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {limit}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """`path`: a local Hugging Face directory, or a name that `specdec fetch` knows."""
+
+    path: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    quantization: str | None = None  # None or "int8" (weight-only)
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", self.path, "a directory or a model name")
+        _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {DTYPES}")
+        _check(self.max_model_len >= 16, "model.max_model_len", self.max_model_len, ">= 16")
+        _check(self.quantization in (None, "int8"), "model.quantization", self.quantization,
+               'unset or "int8"')
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """`num_blocks` 0 sizes the pool from `memory_gb`."""
+
+    block_size: int = 16
+    num_blocks: int = 0
+    memory_gb: float = 2.0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.block_size in (8, 16, 32, 64), "cache.block_size", self.block_size,
+               "one of 8, 16, 32, 64")
+        _check(self.num_blocks >= 0, "cache.num_blocks", self.num_blocks, ">= 0 (0 = auto)")
+        _check(self.memory_gb > 0, "cache.memory_gb", self.memory_gb, "> 0")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.max_num_seqs >= 1, "scheduler.max_num_seqs", self.max_num_seqs, ">= 1")
+        _check(self.max_num_batched_tokens >= 16, "scheduler.max_num_batched_tokens",
+               self.max_num_batched_tokens, ">= 16")
+
+
+SPEC_METHODS = ("none", "draft", "ngram")
+
+
+@dataclass(frozen=True, slots=True)
+class SpecConfig:
+    """Speculative decoding. `num_speculative_tokens` is k_max; `adaptive` picks k per step."""
+
+    method: str = "none"
+    draft_model: str | None = None
+    draft_dtype: str | None = None  # None: the target's dtype
+    draft_quantization: str | None = None  # None or "int8"
+    num_speculative_tokens: int = 4
+    adaptive: bool = True
+    ngram_min: int = 1
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.method in SPEC_METHODS, "spec.method", self.method, f"one of {SPEC_METHODS}")
+        _check(self.method != "draft" or bool(self.draft_model), "spec.draft_model",
+               self.draft_model, 'set when spec.method = "draft"')
+        _check(self.draft_dtype in (None, *DTYPES), "spec.draft_dtype", self.draft_dtype,
+               f"unset or one of {DTYPES}")
+        _check(self.draft_quantization in (None, "int8"), "spec.draft_quantization",
+               self.draft_quantization, 'unset or "int8"')
+        _check(0 <= self.num_speculative_tokens <= 16, "spec.num_speculative_tokens",
+               self.num_speculative_tokens, "in [0, 16]")
+        _check(1 <= self.ngram_min <= self.ngram_max, "spec.ngram_min", self.ngram_min,
+               f"in [1, ngram_max={self.ngram_max}]")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" and self.num_speculative_tokens > 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # also SPECDEC_API_KEY
+    served_model_name: str | None = None  # default: the model path's last component
+    max_queued_requests: int = 256
+    shutdown_timeout: float = 30.0
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_requests: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "server.port", self.port, "in [0, 65535]")
+        _check(self.max_queued_requests >= 1, "server.max_queued_requests",
+               self.max_queued_requests, ">= 1")
+        _check(self.shutdown_timeout >= 0, "server.shutdown_timeout", self.shutdown_timeout,
+               ">= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_threads: int = 0  # 0: torch's default
+    cuda_graphs: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "device.device", self.device, '"auto", "cpu", "cuda" or "cuda:N"')
+        _check(self.num_threads >= 0, "device.num_threads", self.num_threads, ">= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def replace(self, **overrides) -> "Config":
+        """Return a copy with dotted overrides applied: replace(**{"model.dtype": "bfloat16"})."""
+        return from_dict(to_dict(self), overrides)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+                  "spec": SpecConfig, "server": ServerConfig, "device": DeviceConfig}
+
+
+def to_dict(config: Config) -> dict[str, dict]:
+    return {name: dataclasses.asdict(getattr(config, name)) for name in _SECTION_TYPES}
+
+
+def _coerce(key: str, tp, value):
+    """Check a TOML value, or parse a command-line string, against a field's annotation."""
+    hints = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")
+                         and type(None) in hints):
+        if type(None) in hints:
+            return None
+        raise ConfigError(f"{key} may not be empty")
+    for hint in hints:
+        if hint is type(None):
+            continue
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif hint is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str):
+                try:
+                    return int(value)
+                except ValueError:
+                    pass
+        elif hint is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif hint is str:
+            if isinstance(value, str):
+                return value
+    names = " or ".join(h.__name__ for h in hints if h is not type(None))
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
+
+
+def from_dict(data: dict, overrides: dict[str, object] | None = None) -> Config:
+    """Build a Config from nested dicts plus dotted overrides ({"spec.method": "ngram"})."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.replace("-", "_").partition(".")
+        if not key:
+            raise ConfigError(f"override {dotted!r} must look like section.key")
+        data.setdefault(section, {})[key] = value
+    sections = {}
+    for section, values in data.items():
+        cls = _SECTION_TYPES.get(section)
+        if cls is None:
+            raise ConfigError(f"unknown config section [{section}]; known: {sorted(_SECTION_TYPES)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {section}.{key}; known: {sorted(hints)}")
+            kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+        sections[section] = cls(**kwargs)
+    return Config(**sections)
+
+
+def load(path: str | os.PathLike, overrides: dict[str, object] | None = None) -> Config:
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    return from_dict(data, overrides)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """`--model.dtype bfloat16 --spec.method=ngram` -> {"model.dtype": "bfloat16", ...}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override --{key} needs a value")
+            value = args[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out

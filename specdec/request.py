@@ -142,7 +142,7 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     sampling_params: SamplingParams
-    eos_token_id: int | None = None
+    eos_token_id: int | frozenset[int] | None = None  # every id that ends generation
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
 

@@ -1,0 +1,423 @@
+"""One-call GPU benchmark: kernel bandwidth, batch-1 decode (eager vs CUDA graphs), verify-step
+time for k = 1..8, and speculative decoding end to end. Random weights with real model shapes.
+
+Every section is independent: a failure is recorded and the next section runs. Prints a short
+table last and writes JSON to --out (default $OUT/gpu_bench.json when OUT is set).
+
+    python bench/gpu_bench.py [--budget SECONDS] [--out PATH] [--smoke]
+
+--smoke runs tiny shapes (on the CPU when there is no GPU) to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from specdec.models.llama import ForwardBatch, LlamaForCausalLM  # noqa: E402
+
+# Real configs (values from the models' config.json), random weights.
+SHAPES = {
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576,
+                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
+                         rms_norm_eps=1e-5, max_position_embeddings=8192),
+    "qwen2.5-coder-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                               intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, num_key_value_heads=2,
+                               tie_word_embeddings=True, rope_theta=1000000.0,
+                               rms_norm_eps=1e-6, max_position_embeddings=32768),
+    "qwen2.5-coder-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                               intermediate_size=8960, num_hidden_layers=28,
+                               num_attention_heads=12, num_key_value_heads=2,
+                               tie_word_embeddings=True, rope_theta=1000000.0,
+                               rms_norm_eps=1e-6, max_position_embeddings=32768),
+}
+SMOKE_SHAPES = {
+    name: dict(shape, vocab_size=512, hidden_size=128, intermediate_size=256,
+               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+    for name, shape in SHAPES.items()}
+BLOCK_SIZE = 16
+
+
+def hf_config(shape: dict):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kw = dict(shape)
+    cls = Qwen2Config if kw.pop("model_type") == "qwen2" else LlamaConfig
+    theta = kw.pop("rope_theta")
+    return cls(**kw, rope_parameters={"rope_type": "default", "rope_theta": theta})
+
+
+def random_model(shape: dict, dtype: torch.dtype, device: str, seed: int = 0,
+                 max_model_len: int = 4096) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(hf_config(shape), dtype, device, max_model_len=max_model_len)
+    gen = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def one_seq_batch(tokens: list[int], start: int, block_ids: list[int], device: str,
+                  all_logits: bool = False) -> ForwardBatch:
+    """One sequence: `tokens` at positions start .. start + len - 1 (blocks = block_ids)."""
+    n = len(tokens)
+    pos = list(range(start, start + n))
+    slots = [block_ids[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in pos]
+    t = lambda x, dt: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return ForwardBatch(
+        input_ids=t(tokens, torch.long), positions=t(pos, torch.long),
+        slot_mapping=t(slots, torch.long), block_tables=t([block_ids], torch.int32),
+        seq_lens=t([start + n], torch.int32), query_start_loc=t([0, n], torch.int32),
+        logits_indices=t(list(range(n)) if all_logits else [n - 1], torch.long),
+        query_lens=[n], seq_lens_list=[start + n])
+
+
+# ---------------------------------------------------------------------------------- sections
+
+def section_env(args, res: dict) -> None:
+    res["torch"] = torch.__version__
+    res["cuda"] = torch.cuda.is_available()
+    if res["cuda"]:
+        res["device"] = torch.cuda.get_device_name()
+    try:
+        import cupy
+        res["cupy"] = cupy.__version__
+    except Exception as e:
+        res["cupy"] = f"unavailable: {e}"
+    from specdec import kernels
+    res["kernels_available"] = kernels.available()
+    res["kernels_error"] = kernels.load_error()
+
+
+def section_copy_bandwidth(args, res: dict) -> None:
+    n = (1 << 20) if args.smoke else (1 << 30)
+    src = torch.empty(n, dtype=torch.uint8, device=args.device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    seconds = timed(lambda: dst.copy_(src), args.device, iters=5 if args.smoke else 20)
+    res["copy_GBps"] = 2 * n / seconds / 1e9  # read + write
+    args.copy_bw = res["copy_GBps"]
+
+
+def timed(fn, device: str, iters: int = 20, warmup: int = 3) -> float:
+    """Seconds per call (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t0) / iters
+
+
+def graphed(fn, device: str, repeats: int = 10):
+    """fn captured `repeats` times in one CUDA graph: returns a replay callable and repeats."""
+    if not device.startswith("cuda"):
+        return fn, 1
+    fn()
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    return graph.replay, repeats
+
+
+def section_kernels(args, res: dict) -> None:
+    from specdec import ops
+    from tests.gpu.cases import make_attention_case
+
+    dtype = torch.bfloat16
+    rows = []
+    configs = [("decode", 1, 1, 512), ("decode", 1, 1, 2048), ("decode", 8, 1, 1024),
+               ("decode", 32, 1, 1024), ("verify_k4", 1, 5, 1024), ("verify_k4", 16, 5, 1024),
+               ("prefill", 1, 512, 512)]
+    if args.smoke:
+        configs = [("decode", 2, 1, 40), ("verify_k4", 2, 5, 40)]
+    num_heads, num_kv_heads, head_dim = 12, 2, 128  # Qwen2.5-1.5B attention
+    for kind, num_seqs, query_len, ctx in configs:
+        case = make_attention_case([(query_len, ctx)] * num_seqs, num_heads, num_kv_heads,
+                                   head_dim, BLOCK_SIZE, dtype, device=args.device, seed=1)
+        call = lambda: ops.paged_attention(  # noqa: E731
+            case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+            case.query_start_loc, case.scale, case.query_lens, case.seq_lens_list)
+        eager = timed(call, args.device)
+        replay, repeats = graphed(call, args.device)
+        seconds = timed(replay, args.device) / repeats
+        elem = 2
+        kv_bytes = 2 * num_seqs * ctx * num_kv_heads * head_dim * elem
+        io_bytes = 2 * num_seqs * query_len * num_heads * head_dim * elem
+        gbps = (kv_bytes + io_bytes) / seconds / 1e9
+        rows.append(dict(kernel="paged_attention", kind=kind, num_seqs=num_seqs,
+                         query_len=query_len, ctx=ctx, us=seconds * 1e6, eager_us=eager * 1e6,
+                         GBps=gbps, frac_copy_bw=gbps / args.copy_bw if args.copy_bw else None))
+    for num_tokens in ((4, 64) if args.smoke else (1, 32, 512)):
+        key = torch.randn(num_tokens, num_kv_heads, head_dim, device=args.device).to(dtype)
+        value = torch.randn_like(key)
+        k_cache = torch.zeros(1024, BLOCK_SIZE, num_kv_heads, head_dim, dtype=dtype,
+                              device=args.device)
+        v_cache = torch.zeros_like(k_cache)
+        slots = torch.randperm(1024 * BLOCK_SIZE, device=args.device)[:num_tokens]
+        call = lambda: ops.write_kv(key, value, k_cache, v_cache, slots)  # noqa: E731
+        replay, repeats = graphed(call, args.device)
+        seconds = timed(replay, args.device) / repeats
+        gbps = 4 * key.numel() * 2 / seconds / 1e9  # read + write of K and V
+        rows.append(dict(kernel="write_kv", kind="tokens", num_seqs=num_tokens, query_len=1,
+                         ctx=0, us=seconds * 1e6, eager_us=timed(call, args.device) * 1e6,
+                         GBps=gbps, frac_copy_bw=gbps / args.copy_bw if args.copy_bw else None))
+    res["rows"] = rows
+
+
+def _decode_setup(model, prompt_len: int, steps: int, device: str):
+    num_blocks = -(-(prompt_len + steps + 16) // BLOCK_SIZE)
+    kv_caches = model.make_kv_caches(num_blocks + 1, BLOCK_SIZE)
+    block_ids = list(range(1, num_blocks + 1))
+    prompt = [(7 * i) % model.vocab_size for i in range(prompt_len)]
+    model(one_seq_batch(prompt, 0, block_ids, device), kv_caches)
+    batches = [one_seq_batch([(3 * i + 1) % model.vocab_size], prompt_len + i, block_ids, device)
+               for i in range(steps)]
+    return kv_caches, block_ids, batches
+
+
+def section_decode(args, res: dict) -> None:
+    from specdec.graphs import CudaGraphRunner
+
+    prompt_len, steps = (16, 4) if args.smoke else (128, 64)
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    for name, shape in shapes.items():
+        if args.out_of_time():
+            res[name] = "skipped: out of time"
+            continue
+        model = random_model(shape, args.dtype, args.device)
+        kv_caches, block_ids, batches = _decode_setup(model, prompt_len, steps, args.device)
+        entry = {}
+
+        def loop(forward):
+            for b in batches:
+                forward(b).argmax(-1)
+        for label, forward in [("eager", lambda b: model(b, kv_caches))]:
+            loop(forward)
+            sync(args.device)
+            t0 = time.perf_counter()
+            loop(forward)
+            sync(args.device)
+            entry[f"{label}_tok_s"] = steps / (time.perf_counter() - t0)
+        if args.device.startswith("cuda"):
+            runner = CudaGraphRunner(model, kv_caches, 1, max_num_seqs=1,
+                                     max_blocks_per_seq=len(block_ids))
+            runner.capture()
+            loop(runner.run)
+            sync(args.device)
+            t0 = time.perf_counter()
+            loop(runner.run)
+            sync(args.device)
+            entry["graph_tok_s"] = steps / (time.perf_counter() - t0)
+            entry["max_abs_diff_graph_vs_eager"] = float(
+                (runner.run(batches[0]) - model(batches[0], kv_caches)).abs().max())
+        res[name] = entry
+        del model, kv_caches
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def section_verify(args, res: dict) -> None:
+    from specdec.graphs import CudaGraphRunner
+
+    name = "qwen2.5-coder-1.5b"
+    shape = (SMOKE_SHAPES if args.smoke else SHAPES)[name]
+    model = random_model(shape, args.dtype, args.device)
+    prompt_len = 16 if args.smoke else 512
+    kv_caches, block_ids, _ = _decode_setup(model, prompt_len, 16, args.device)
+    res["model"] = name
+    res["ctx"] = prompt_len
+    for k in range(1, 9):
+        if args.out_of_time():
+            res[f"k{k}"] = "skipped: out of time"
+            continue
+        tokens = [(5 * i + 2) % model.vocab_size for i in range(k + 1)]
+        batch = one_seq_batch(tokens, prompt_len, block_ids, args.device, all_logits=True)
+        entry = {"eager_ms": timed(lambda: model(batch, kv_caches), args.device, 10) * 1e3}
+        if args.device.startswith("cuda"):
+            runner = CudaGraphRunner(model, kv_caches, k + 1, max_num_seqs=1,
+                                     max_blocks_per_seq=len(block_ids))
+            runner.capture()
+            entry["graph_ms"] = timed(lambda: runner.run(batch), args.device, 20) * 1e3
+            del runner
+        res[f"k{k}"] = entry
+
+
+def _save_hf_model(shape: dict, out_dir: str, seed: int, device: str) -> str:
+    """Random bf16 weights in a HF directory plus a word-level tokenizer over the full vocab."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
+    vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", eos_token="t1").save_pretrained(
+        out_dir)
+    del model
+    return out_dir
+
+
+def section_spec_e2e(args, res: dict) -> None:
+    from specdec.config import from_dict
+    from specdec.engine import LLM
+    from specdec.request import SamplingParams
+
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    tmp = tempfile.mkdtemp(prefix="specdec_bench_")
+    target = _save_hf_model(shapes["qwen2.5-coder-1.5b"], f"{tmp}/target", 0, args.device)
+    draft = _save_hf_model(shapes["qwen2.5-coder-0.5b"], f"{tmp}/draft", 1, args.device)
+    max_tokens = 16 if args.smoke else 128
+    vocab = shapes["qwen2.5-coder-1.5b"]["vocab_size"]
+    prompt = [(11 * i + 5) % (vocab - 2) + 2 for i in range(64)]
+    dtype = "bfloat16" if args.dtype == torch.bfloat16 else "float32"
+    base = {"model": {"path": target, "dtype": dtype, "max_model_len": 1024},
+            "cache": {"block_size": BLOCK_SIZE, "num_blocks": 256},
+            "device": {"device": args.device}}
+    runs = {"no_spec": base,
+            "draft_copy_k4": dict(base, spec={"method": "draft", "draft_model": target,
+                                              "num_speculative_tokens": 4, "adaptive": False}),
+            "draft_0.5b_k4": dict(base, spec={"method": "draft", "draft_model": draft,
+                                              "num_speculative_tokens": 4, "adaptive": False}),
+            "draft_0.5b_adaptive": dict(base, spec={"method": "draft", "draft_model": draft,
+                                                    "num_speculative_tokens": 4})}
+    outputs = {}
+    for label, cfg in runs.items():
+        if args.out_of_time():
+            res[label] = "skipped: out of time"
+            continue
+        try:
+            llm = LLM(from_dict(cfg))
+            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+            llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+                temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
+            t0 = time.perf_counter()
+            out = llm.generate([{"prompt_token_ids": prompt}], params)
+            seconds = time.perf_counter() - t0
+            ids = list(out[0].outputs[0].token_ids)
+            outputs[label] = ids
+            entry = {"tok_s": len(ids) / seconds, "tokens": len(ids)}
+            try:
+                stats = llm.engine.stats()
+                if stats.spec_num_draft_tokens:
+                    entry["acceptance"] = (stats.spec_num_accepted_tokens
+                                           / stats.spec_num_draft_tokens)
+            except Exception:
+                pass
+            res[label] = entry
+            del llm
+        except Exception as e:
+            res[label] = f"FAILED: {type(e).__name__}: {e}"
+            traceback.print_exc()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    if "no_spec" in outputs:
+        res["greedy_equal"] = {k: v == outputs["no_spec"] for k, v in outputs.items()}
+
+
+SECTIONS = [("env", section_env), ("copy_bandwidth", section_copy_bandwidth),
+            ("kernels", section_kernels), ("decode_batch1", section_decode),
+            ("verify_steps", section_verify), ("spec_e2e", section_spec_e2e)]
+
+
+def print_table(results: dict) -> None:
+    print("\n=== specdec GPU bench ===")
+    env = results.get("env", {})
+    print(f"device={env.get('device')} torch={env.get('torch')} cupy={env.get('cupy')} "
+          f"kernels={env.get('kernels_available')} copy_GBps="
+          f"{results.get('copy_bandwidth', {}).get('copy_GBps', float('nan')):.0f}")
+    for row in results.get("kernels", {}).get("rows", []):
+        frac = row["frac_copy_bw"]
+        print(f"  {row['kernel']:15s} {row['kind']:9s} seqs={row['num_seqs']:<4d} "
+              f"q={row['query_len']:<4d} ctx={row['ctx']:<5d} {row['us']:8.1f} us "
+              f"(eager {row['eager_us']:7.1f}) {row['GBps']:7.1f} GB/s "
+              f"{'' if frac is None else f'{100 * frac:5.1f}% of copy'}")
+    for name, entry in results.get("decode_batch1", {}).items():
+        if name != "seconds":
+            print(f"  decode b=1 {name:20s} {entry}")
+    for k, entry in results.get("verify_steps", {}).items():
+        if k.startswith("k"):
+            print(f"  verify {k:6s} {entry}")
+    for label, entry in results.get("spec_e2e", {}).items():
+        if label != "seconds":
+            print(f"  e2e {label:20s} {entry}")
+    for name, value in results.items():
+        if isinstance(value, dict) and "error" in value:
+            print(f"  SECTION {name} FAILED: {value['error']}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds for all sections")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--only", default=None, help="comma-separated section names")
+    args = parser.parse_args()
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    args.copy_bw = None
+    start = time.perf_counter()
+    args.out_of_time = lambda: time.perf_counter() - start > args.budget
+    out = args.out or (os.path.join(os.environ["OUT"], "gpu_bench.json")
+                       if os.environ.get("OUT") else None)
+    results: dict = {}
+    only = set(args.only.split(",")) if args.only else None
+    for name, fn in SECTIONS:
+        if only and name not in only:
+            continue
+        res: dict = {}
+        results[name] = res
+        if args.out_of_time() and name != "env":
+            res["error"] = "skipped: out of time"
+            continue
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                fn(args, res)
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        print(f"[{name}] {json.dumps(res, default=str)[:2000]}", flush=True)
+        if out:
+            Path(out).write_text(json.dumps(results, indent=1, default=str))
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Serving load generator in the shape of `vllm bench serve`, for a running OpenAI-style server.
+
+Sends streaming requests (SSE) to /v1/completions or /v1/chat/completions at a Poisson request
+rate (--request-rate, `inf` sends all at once) and/or under a concurrency cap
+(--max-concurrency). Reports, over the measured requests (warm-ups excluded):
+
+- TTFT: request sent -> first frame carrying text.
+- TPOT: (e2e - ttft) / (output_tokens - 1), with output_tokens from the final `usage` frame
+  (we ask for stream_options.include_usage). Not the mean ITL: with speculative decoding one
+  frame may carry several tokens.
+- ITL: gaps between successive frames carrying text.
+- E2E: request sent -> stream finished.
+- request and output-token throughput, failures, and from /metrics the deltas over the run of
+  every `specdec:` counter, with acceptance length = 1 + accepted / drafts (vLLM's definition).
+
+    python bench/serve.py --base-url http://127.0.0.1:8000 --dataset mtbench \
+        --num-prompts 80 --request-rate 2 --label spec
+    python bench/serve.py --dataset random --input-len 256 --output-len 128 --max-concurrency 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+from tqdm import tqdm
+
+from prompts import (BenchPrompt, load_code_prompts, load_mtbench, random_prompts,
+                     shared_prefix_prompts, take)
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METRIC_PREFIX = "specdec:"
+NUM_DRAFTS = "specdec:spec_decode_num_drafts"
+NUM_DRAFT_TOKENS = "specdec:spec_decode_num_draft_tokens"
+NUM_ACCEPTED = "specdec:spec_decode_num_accepted_tokens"
+PREFIX_QUERIES = "specdec:prefix_cache_queries"
+PREFIX_HITS = "specdec:prefix_cache_hits"
+
+
+@dataclass(slots=True)
+class RequestOutcome:
+    prompt_id: str
+    success: bool = False
+    error: str = ""
+    start_time: float = 0.0  # seconds since the benchmark started
+    ttft: float = 0.0
+    e2e: float = 0.0
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    usage_reported: bool = False
+    itl: list[float] = field(default_factory=list)
+    text: str = ""
+
+
+# ---------------------------------------------------------------- one request
+
+
+def request_body(prompt: BenchPrompt, args, chat: bool) -> dict:
+    body: dict = {"model": args.model, "stream": True, "temperature": args.temperature,
+                  "max_tokens": prompt.output_len or args.max_tokens,
+                  "stream_options": {"include_usage": True}}
+    if chat:
+        body["messages"] = [{"role": "user", "content": prompt.text}]
+    else:
+        body["prompt"] = prompt.text
+    if args.ignore_eos:
+        body["ignore_eos"] = True
+    if args.top_p is not None:
+        body["top_p"] = args.top_p
+    body.update(args.extra_body)
+    return body
+
+
+def _frame_text(chunk: dict, chat: bool) -> str:
+    text = ""
+    for choice in chunk.get("choices") or []:
+        if chat:
+            text += (choice.get("delta") or {}).get("content") or ""
+        else:
+            text += choice.get("text") or ""
+    return text
+
+
+async def send_request(session: aiohttp.ClientSession, url: str, headers: dict, body: dict,
+                       prompt_id: str, chat: bool, t_zero: float) -> RequestOutcome:
+    outcome = RequestOutcome(prompt_id)
+    start = time.perf_counter()
+    outcome.start_time = start - t_zero
+    last_frame = None
+    try:
+        async with session.post(url, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                outcome.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                return outcome
+            async for raw in resp.content:
+                line = raw.decode("utf-8").strip()
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments (": ping"), event names
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    outcome.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
+                    return outcome
+                now = time.perf_counter()
+                text = _frame_text(chunk, chat)
+                if text:
+                    if last_frame is None:
+                        outcome.ttft = now - start
+                    else:
+                        outcome.itl.append(now - last_frame)
+                    last_frame = now
+                    outcome.text += text
+                usage = chunk.get("usage")
+                if usage:
+                    outcome.usage_reported = True
+                    outcome.prompt_tokens = usage.get("prompt_tokens", 0)
+                    outcome.output_tokens = usage.get("completion_tokens", 0)
+        outcome.e2e = time.perf_counter() - start
+        if not outcome.usage_reported:  # fall back to frames (undercounts multi-token frames)
+            outcome.output_tokens = len(outcome.itl) + (1 if last_frame is not None else 0)
+        if last_frame is None:
+            outcome.error = "stream finished without any text"
+            return outcome
+        outcome.success = True
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError,
+            UnicodeDecodeError) as e:
+        outcome.error = f"{type(e).__name__}: {e}"
+    return outcome
+
+
+# ---------------------------------------------------------------- /metrics
+
+
+async def scrape_counters(session: aiohttp.ClientSession, url: str) -> dict[str, float] | None:
+    """Sum of each `specdec:` counter over its labels; None if /metrics is unreachable."""
+    try:
+        async with session.get(url) as resp:
+            if resp.status != 200:
+                return None
+            text = await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    counters: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith(METRIC_PREFIX) or family.type not in (
+                "counter", "untyped", "unknown"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            name = sample.name.removesuffix("_total")
+            counters[name] = counters.get(name, 0.0) + sample.value
+    return counters
+
+
+def spec_metrics(before: dict | None, after: dict | None) -> dict:
+    if before is None or after is None:
+        return {"available": False}
+    deltas = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    drafts, accepted = deltas.get(NUM_DRAFTS, 0.0), deltas.get(NUM_ACCEPTED, 0.0)
+    draft_tokens = deltas.get(NUM_DRAFT_TOKENS, 0.0)
+    queries = deltas.get(PREFIX_QUERIES, 0.0)
+    return {"available": True, "counter_deltas": deltas,
+            "prefix_cache_hit_rate": deltas.get(PREFIX_HITS, 0.0) / queries if queries else None,
+            "acceptance_length": 1.0 + accepted / drafts if drafts else None,
+            "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
+            "mean_k": draft_tokens / drafts if drafts else None}
+
+
+# ---------------------------------------------------------------- load and summary
+
+
+async def arrivals(prompts: list[BenchPrompt], rate: float, rng: random.Random):
+    """Yield prompts with exponential gaps (a Poisson process) of mean 1 / rate seconds."""
+    for i, prompt in enumerate(prompts):
+        if i and math.isfinite(rate):
+            await asyncio.sleep(rng.expovariate(rate))
+        yield prompt
+
+
+def _stats(values: list[float], percentiles: list[float], scale: float = 1e3) -> dict:
+    if not values:
+        return {"mean": None, "median": None, "std": None,
+                **{f"p{p:g}": None for p in percentiles}}
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:  # linear interpolation, as numpy's default
+        pos = (len(ordered) - 1) * p / 100.0
+        low = math.floor(pos)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+    return {"mean": statistics.fmean(values) * scale, "median": statistics.median(values) * scale,
+            "std": statistics.pstdev(values) * scale,
+            **{f"p{p:g}": pct(p) * scale for p in percentiles}}
+
+
+def summarize(outcomes: list[RequestOutcome], duration: float, percentiles: list[float]) -> dict:
+    ok = [o for o in outcomes if o.success]
+    output_tokens = sum(o.output_tokens for o in ok)
+    prompt_tokens = sum(o.prompt_tokens for o in ok)
+    tpots = [(o.e2e - o.ttft) / (o.output_tokens - 1) for o in ok if o.output_tokens > 1]
+    return {
+        "completed": len(ok), "failed": len(outcomes) - len(ok), "duration_s": duration,
+        "total_input_tokens": prompt_tokens, "total_output_tokens": output_tokens,
+        "request_throughput": len(ok) / duration, "output_throughput": output_tokens / duration,
+        "total_token_throughput": (prompt_tokens + output_tokens) / duration,
+        "usage_missing": sum(not o.usage_reported for o in ok),
+        "ttft_ms": _stats([o.ttft for o in ok], percentiles),
+        "tpot_ms": _stats(tpots, percentiles),
+        "itl_ms": _stats([gap for o in ok for gap in o.itl], percentiles),
+        "e2e_ms": _stats([o.e2e for o in ok], percentiles),
+        "errors": sorted({o.error for o in outcomes if not o.success})[:10],
+    }
+
+
+async def run_benchmark(args, prompts: list[BenchPrompt]) -> dict:
+    chat = args.endpoint.endswith("/chat/completions")
+    base = args.base_url.rstrip("/")
+    url = base + args.endpoint
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        if args.model is None:
+            async with session.get(base + "/v1/models", headers=headers) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"GET {base}/v1/models: HTTP {resp.status}; "
+                                       f"pass --model or check --base-url/--api-key")
+                args.model = (await resp.json())["data"][0]["id"]
+        t_zero = time.perf_counter()
+        if args.num_warmups:
+            warmups = await asyncio.gather(*[
+                send_request(session, url, headers, request_body(p, args, chat), p.prompt_id,
+                             chat, t_zero) for p in take(prompts, args.num_warmups)])
+            failed = [w.error for w in warmups if not w.success]
+            if failed:
+                raise RuntimeError(f"warm-up request failed: {failed[0]}")
+        metrics_url = args.metrics_url or base + "/metrics"
+        before = await scrape_counters(session, metrics_url)
+
+        semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
+        progress = tqdm(total=len(prompts), disable=args.disable_tqdm, desc="requests")
+
+        async def limited(prompt: BenchPrompt) -> RequestOutcome:
+            body = request_body(prompt, args, chat)
+            if semaphore is None:
+                outcome = await send_request(session, url, headers, body, prompt.prompt_id,
+                                             chat, t_zero)
+            else:
+                async with semaphore:
+                    outcome = await send_request(session, url, headers, body, prompt.prompt_id,
+                                                 chat, t_zero)
+            progress.update(1)
+            return outcome
+
+        rng = random.Random(args.seed)
+        start = time.perf_counter()
+        t_zero = start
+        tasks = [asyncio.create_task(limited(p))
+                 async for p in arrivals(prompts, args.request_rate, rng)]
+        outcomes = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - start
+        progress.close()
+        after = await scrape_counters(session, metrics_url)
+    summary = summarize(outcomes, duration, args.percentiles)
+    summary["spec_decode"] = spec_metrics(before, after)
+    return {"summary": summary, "outcomes": outcomes}
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load_prompts(args, tokenizer) -> list[BenchPrompt]:
+    if args.dataset == "mtbench":
+        prompts = load_mtbench(archive=args.mtbench_archive)
+    elif args.dataset == "code":
+        prompts = load_code_prompts()
+    elif args.dataset == "random":
+        return random_prompts(args.num_prompts, args.input_len, args.output_len, args.seed,
+                              args.range_ratio, tokenizer)
+    else:
+        return shared_prefix_prompts(args.num_prompts, args.num_prefixes, args.prefix_len,
+                                     args.suffix_len, args.output_len, args.seed, tokenizer)
+    return take(prompts, args.num_prompts, seed=args.seed if args.shuffle else None)
+
+
+def print_summary(s: dict, args) -> None:
+    print(f"{'=' * 18} serving benchmark ({args.label}) {'=' * 18}")
+    rows = [("Successful requests", s["completed"]), ("Failed requests", s["failed"]),
+            ("Request rate (req/s)", args.request_rate),
+            ("Max concurrency", args.max_concurrency or "-"),
+            ("Benchmark duration (s)", f"{s['duration_s']:.2f}"),
+            ("Total input tokens", s["total_input_tokens"]),
+            ("Total output tokens", s["total_output_tokens"]),
+            ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+            ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}")]
+    for name, value in rows:
+        print(f"{name:<36}{value:>14}")
+    for key, title in (("ttft_ms", "TTFT"), ("tpot_ms", "TPOT"), ("itl_ms", "ITL"),
+                       ("e2e_ms", "E2E latency")):
+        print(f"{'-' * 14} {title} (ms) {'-' * 14}")
+        for stat, value in s[key].items():
+            print(f"{stat:<36}{'-' if value is None else f'{value:.2f}':>14}")
+    spec = s["spec_decode"]
+    print(f"{'-' * 14} speculative decoding (/metrics) {'-' * 14}")
+    if not spec["available"]:
+        print("/metrics not reachable")
+    else:
+        for key in ("acceptance_length", "acceptance_rate", "mean_k", "prefix_cache_hit_rate"):
+            value = spec[key]
+            print(f"{key:<36}{'-' if value is None else f'{value:.3f}':>14}")
+    for error in s["errors"]:
+        print(f"error: {error}")
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(description="serving load generator (TTFT/TPOT/ITL/E2E)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--endpoint", default=None,
+                   help="/v1/chat/completions (default for mtbench, code) or /v1/completions")
+    p.add_argument("--metrics-url", default=None, help="default: BASE_URL/metrics")
+    p.add_argument("--model", default=None, help="default: the first id of /v1/models")
+    p.add_argument("--api-key", default=os.environ.get("SPECDEC_API_KEY")
+                   or os.environ.get("OPENAI_API_KEY"))
+    p.add_argument("--dataset", choices=["mtbench", "code", "random", "shared-prefix"],
+                   default="mtbench")
+    p.add_argument("--mtbench-archive", default=None)
+    p.add_argument("--num-prompts", type=int, default=80)
+    p.add_argument("--shuffle", action="store_true", help="seeded shuffle of mtbench/code")
+    p.add_argument("--max-tokens", type=int, default=256, help="for mtbench and code")
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--range-ratio", type=float, default=0.0)
+    p.add_argument("--num-prefixes", type=int, default=4)
+    p.add_argument("--prefix-len", type=int, default=512)
+    p.add_argument("--suffix-len", type=int, default=64)
+    p.add_argument("--tokenizer", default=None,
+                   help="model dir or name: random text from its vocabulary (else English words)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="send ignore_eos (default: on for random and shared-prefix)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--extra-body", type=json.loads, default={},
+                   help='JSON merged into every body, e.g. \'{"num_speculative_tokens": 0}\'')
+    p.add_argument("--request-rate", type=float, default=float("inf"))
+    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--num-warmups", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--percentiles", type=lambda s: [float(x) for x in s.split(",")],
+                   default=[50.0, 90.0, 99.0])
+    p.add_argument("--label", default="specdec", help="series name in plots (spec, no-spec)")
+    p.add_argument("--output", default=None, help="JSON path (default bench/results/...)")
+    p.add_argument("--save-detailed", action="store_true", help="per-request rows in the JSON")
+    p.add_argument("--disable-tqdm", action="store_true")
+    args = p.parse_args(argv)
+    if args.num_prompts < 1:
+        p.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if not args.request_rate > 0:
+        p.error(f"--request-rate must be > 0 (inf: all at once), got {args.request_rate}")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        p.error(f"--max-concurrency must be >= 1, got {args.max_concurrency}")
+    if args.num_warmups < 0:
+        p.error(f"--num-warmups must be >= 0, got {args.num_warmups}")
+    if not isinstance(args.extra_body, dict):
+        p.error(f"--extra-body must be a JSON object, got {args.extra_body!r}")
+    if args.endpoint is None:
+        args.endpoint = ("/v1/chat/completions" if args.dataset in ("mtbench", "code")
+                         else "/v1/completions")
+    if args.ignore_eos is None:
+        args.ignore_eos = args.dataset in ("random", "shared-prefix")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tokenizer = None
+    if args.tokenizer:
+        sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from specdec.fetch import resolve_model_path
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
+    prompts = load_prompts(args, tokenizer)
+    try:
+        result = asyncio.run(run_benchmark(args, prompts))
+    except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        print(f"serve.py: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    summary = result["summary"]
+    print_summary(summary, args)
+
+    load = (f"rate{args.request_rate:g}" if math.isfinite(args.request_rate) else "rateinf")
+    if args.max_concurrency:
+        load += f"-conc{args.max_concurrency}"
+    path = args.output or os.path.join(RESULTS_DIR,
+                                       f"serve-{args.label}-{args.dataset}-{load}.json")
+    out = {"benchmark": "serve", "label": args.label, "dataset": args.dataset,
+           "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
+           "max_concurrency": args.max_concurrency, "model": args.model,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "args": {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+                    for k, v in vars(args).items() if k != "api_key"}, **summary}
+    if args.save_detailed:
+        out["requests"] = [asdict(o) for o in result["outcomes"]]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2, default=str)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0 if summary["completed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""`python -m server` / `specdec serve`: load a config, bind, load the engine, serve, drain.
+
+    specdec serve --config configs/X.toml [--host H] [--port P] [--api-key K]
+                  [--max-queued-requests N] [--shutdown-timeout S] [--section.key VALUE ...]
+
+The socket is bound before the engine loads, so /health answers 503 while loading. SIGTERM or
+SIGINT: new requests get 503, in-flight ones may finish for up to --shutdown-timeout seconds,
+the rest are aborted, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+
+from aiohttp import web
+
+from specdec.config import Config, ConfigError, from_dict, load, parse_overrides
+
+
+def build_config(argv: list[str]) -> Config:
+    parser = argparse.ArgumentParser(prog="specdec serve", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="TOML config file (defaults for every key otherwise)")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' "
+                                          "(env SPECDEC_API_KEY)")
+    parser.add_argument("--max-queued-requests", type=int)
+    parser.add_argument("--shutdown-timeout", type=float)
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, object] = dict(parse_overrides(rest))
+    for flag, key in (("host", "server.host"), ("port", "server.port"),
+                      ("api_key", "server.api_key"),
+                      ("max_queued_requests", "server.max_queued_requests"),
+                      ("shutdown_timeout", "server.shutdown_timeout")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[key] = value
+    if "server.api_key" not in overrides and os.environ.get("SPECDEC_API_KEY"):
+        overrides["server.api_key"] = os.environ["SPECDEC_API_KEY"]
+    if args.config:
+        return load(args.config, overrides)
+    return from_dict({}, overrides)
+
+
+def describe_engine(engine) -> dict:
+    """What the start-up line reports about a loaded engine."""
+    config = engine.config
+    stats = engine.stats()
+    device = str(getattr(engine, "device", config.device.device))
+    graphs = getattr(getattr(engine, "target_runner", None), "graph_runner", None)
+    kernels_active = False
+    if device.startswith("cuda"):
+        try:
+            from specdec import kernels
+            kernels_active = bool(kernels.available())
+        except Exception:  # no cupy / no nvrtc: ops fall back to the torch reference
+            kernels_active = False
+    return {
+        "model": config.model.path, "served_model_name": engine.model_name,
+        "dtype": config.model.dtype, "device": device,
+        "spec_method": config.spec.method, "draft_model": config.spec.draft_model,
+        "num_speculative_tokens": getattr(engine, "k_max", config.spec.num_speculative_tokens),
+        "max_model_len": engine.max_model_len,
+        "kv_blocks": stats.num_blocks_total, "kv_block_size": config.cache.block_size,
+        "kv_tokens": stats.num_blocks_total * config.cache.block_size,
+        "cuda_kernels": kernels_active,
+        "cuda_graphs": graphs is not None,
+    }
+
+
+async def serve(config: Config, *, install_signals: bool = True,
+                stop_event: asyncio.Event | None = None, started=None, engine=None) -> int:
+    """Run until `stop_event` is set (SIGTERM/SIGINT set it when install_signals)."""
+    from server.app import OpenAIServer
+
+    server = OpenAIServer(config)
+    log = server.log
+    loop = asyncio.get_running_loop()
+    stop_event = stop_event or asyncio.Event()
+    if install_signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_event.set)
+    runner = web.AppRunner(server.app, handle_signals=False, access_log=None,
+                           shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.server.host, config.server.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    url = f"http://{config.server.host}:{port}"
+    log.info("listening", url=url, status="loading")
+    try:
+        if engine is None:
+            from specdec.engine import Engine
+            load_task = loop.run_in_executor(None, Engine.from_config, config)
+            stop_task = asyncio.ensure_future(stop_event.wait())
+            await asyncio.wait([load_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
+            if not load_task.done():
+                log.info("stopped_while_loading")
+                return 0
+            stop_task.cancel()
+            try:
+                engine = load_task.result()
+            except Exception as exc:
+                log.error("engine_load_failed", error=f"{type(exc).__name__}: {exc}")
+                return 1
+        server.attach(engine)
+        log.info("ready", url=url, api_key_required=bool(config.server.api_key),
+                 **describe_engine(engine))
+        if started is not None:
+            started(server, port)
+        await stop_event.wait()
+        await server.drain(config.server.shutdown_timeout)
+        log.info("stopped", url=url)
+        return 0
+    finally:
+        await runner.cleanup()
+        server.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = build_config(argv)
+    except (ConfigError, OSError) as exc:
+        print(f"specdec serve: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""aiohttp application: OpenAI routes, SSE framing, /health, /metrics, admission and draining.
+
+Handlers never touch the engine: they validate (protocol), admit through the bridge, then read
+their collector until every choice has finished. A streaming handler writes each merged delta as
+one `data: {json}` frame per choice, so several verified tokens may share a frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+from aiohttp import web
+
+import specdec
+from server import protocol
+from server.bridge import AsyncEngine, EngineDeadError
+from server.metrics import CONTENT_TYPE, ServerMetrics
+from server.protocol import APIError, GenerationRequest, dumps
+from server.responses import LogprobFormatter, ResponseState, frame
+
+DISCONNECT_POLL_S = 0.5
+RETRY_AFTER_S = "1"
+
+try:
+    import structlog
+except ImportError:  # NOTE: the GPU machine may lack structlog; stdlib logging is the fallback.
+    structlog = None
+
+
+class _StdlibLogger:
+    def __init__(self):
+        self._log = logging.getLogger("specdec.server")
+        if not self._log.handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            self._log.addHandler(handler)
+            self._log.setLevel(logging.INFO)
+            self._log.propagate = False
+
+    def _emit(self, level: str, event: str, **kw) -> None:
+        record = {"event": event, "level": level,
+                  "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **kw}
+        getattr(self._log, level)(dumps(record).decode())
+
+    def info(self, event: str, **kw) -> None:
+        self._emit("info", event, **kw)
+
+    def warning(self, event: str, **kw) -> None:
+        self._emit("warning", event, **kw)
+
+    def error(self, event: str, **kw) -> None:
+        self._emit("error", event, **kw)
+
+
+def make_logger():
+    """A JSON-lines logger: structlog when installed (no global configure), else stdlib."""
+    if structlog is None:
+        return _StdlibLogger()
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    structlog.processors.JSONRenderer(
+                        serializer=lambda obj, **kw: dumps(obj).decode())])
+
+
+def json_response(body, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error_response(err: APIError) -> web.Response:
+    return json_response(err.body(), status=err.status, headers=err.headers)
+
+
+class OpenAIServer:
+    """Owns the aiohttp app; `attach(engine)` makes it ready (the engine may load after bind)."""
+
+    def __init__(self, config, logger=None):
+        self.config = config
+        self.log = logger or make_logger()
+        self.api_key = config.server.api_key
+        self.engine = None
+        self.bridge: AsyncEngine | None = None
+        self.metrics: ServerMetrics | None = None
+        self.model_name: str | None = None
+        self.created = int(time.time())
+        self.draining = False
+        self.num_active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.app = web.Application(client_max_size=config.server.max_body_bytes,
+                                   middlewares=[self._middleware])
+        self.app.add_routes([
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/completions", self.completions),
+            web.get("/v1/models", self.models),
+            web.get("/health", self.health),
+            web.get("/metrics", self.prometheus),
+            web.get("/version", self.version),
+        ])
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(self, engine) -> None:
+        """Start the engine thread; called on the event loop once the engine has loaded."""
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.metrics = ServerMetrics(self.model_name)
+        capacity = self.config.scheduler.max_num_seqs + self.config.server.max_queued_requests
+        self.bridge = AsyncEngine(engine, max_in_flight=capacity)
+        self.bridge.start()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests (503), wait up to `timeout` for in-flight ones, abort the rest."""
+        self.draining = True
+        self.log.info("draining", in_flight=self.num_active, timeout_s=timeout)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            self.log.warning("shutdown_timeout", aborting=self.num_active)
+            if self.bridge is not None:
+                self.bridge.abort_all()
+            try:
+                await asyncio.wait_for(self._idle.wait(), 10.0)
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.stop()
+
+    # ------------------------------------------------------------------ middleware
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        try:
+            if self.api_key and request.path.startswith("/v1/"):
+                auth = request.headers.get("Authorization", "")
+                if auth != f"Bearer {self.api_key}":
+                    raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                   code="invalid_api_key")
+            return await handler(request)
+        except APIError as err:
+            return error_response(err)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            message = {404: f"route {request.method} {request.path} not found",
+                       405: f"method {request.method} not allowed on {request.path}",
+                       413: f"request body too large (limit "
+                            f"{self.config.server.max_body_bytes} bytes)"}.get(exc.status,
+                                                                             exc.reason)
+            return error_response(APIError(exc.status, message))
+        except (asyncio.CancelledError, ConnectionError):
+            raise
+        except Exception as exc:  # never a traceback in a body
+            self.log.error("unhandled_error", path=request.path,
+                           error=f"{type(exc).__name__}: {exc}")
+            logging.getLogger("specdec.server").exception("unhandled error")
+            return error_response(APIError(500, "internal server error"))
+
+    # ------------------------------------------------------------------ simple routes
+    async def health(self, request: web.Request) -> web.Response:
+        if self.bridge is None:
+            return json_response({"status": "loading"}, status=503)
+        if not self.bridge.alive:
+            return json_response({"status": "engine_dead"}, status=503)
+        if self.draining:
+            return json_response({"status": "draining"}, status=503)
+        return json_response({"status": "ok"})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return json_response({"version": specdec.__version__})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        return json_response({"object": "list", "data": [{
+            "id": self.model_name, "object": "model", "created": self.created,
+            "owned_by": "specdec", "max_model_len": self.engine.max_model_len}]})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self._require_ready()
+        stats = await self.bridge.stats()
+        return web.Response(body=self.metrics.render(stats),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    def _check_admitting(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down",
+                           headers={"Retry-After": RETRY_AFTER_S})
+        self._require_ready()
+
+    def _require_ready(self) -> None:
+        if self.bridge is None:
+            raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+
+    # ------------------------------------------------------------------ generation
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, "completion")
+
+    async def _read_json(self, request: web.Request) -> dict:
+        raw = await request.read()  # raises HTTPRequestEntityTooLarge (413) past the limit
+        try:
+            body = protocol.loads(raw)
+        except ValueError as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object")
+        return body
+
+    async def _generate(self, request: web.Request, kind: str) -> web.StreamResponse:
+        self._check_admitting()
+        body = await self._read_json(request)
+        self._check_admitting()  # again: SIGTERM may have come while the body was read
+        if kind == "chat":
+            gen = protocol.parse_chat(body, self.engine.tokenizer)
+        else:
+            gen = protocol.parse_completion(body)
+        if gen.model is not None and gen.model != self.model_name:
+            raise APIError(404, f"model {gen.model!r} does not exist; this server serves "
+                                f"{self.model_name!r}", param="model", code="model_not_found")
+        num_choices = len(gen.prompts) * gen.n
+        bridge = self.bridge
+        if bridge.num_in_flight + num_choices > bridge.max_in_flight:
+            raise APIError(503, f"too many requests in flight ({bridge.num_in_flight} + "
+                                f"{num_choices} > max_num_seqs + max_queued_requests = "
+                                f"{bridge.max_in_flight}); retry later",
+                           headers={"Retry-After": RETRY_AFTER_S})
+        request_ids = [f"{gen.request_id}-{i}" for i in range(num_choices)]
+        prompts = [p for p in gen.prompts for _ in range(gen.n)]
+        params = [sp for _ in gen.prompts for sp in gen.params]
+        self._enter()
+        try:
+            try:
+                collector = await bridge.add(request_ids, prompts, params)
+            except ValueError as exc:
+                raise protocol.from_value_error(exc) from None
+            except EngineDeadError as exc:
+                raise APIError(500, str(exc)) from None
+            state = ResponseState(gen, num_choices, LogprobFormatter(
+                self.engine.tokenizer), self.model_name)
+            try:
+                if gen.stream:
+                    return await self._stream(request, gen, collector, state)
+                return await self._complete(request, gen, collector, state)
+            finally:
+                self._finish(gen, collector, state)
+        finally:
+            self._exit()
+
+    def _enter(self) -> None:
+        self.num_active += 1
+        self._idle.clear()
+
+    def _exit(self) -> None:
+        self.num_active -= 1
+        if self.num_active == 0:
+            self._idle.set()
+
+    async def _next(self, request: web.Request, collector) -> list | None:
+        """Wait for merged deltas; None when the client has gone away."""
+        while not await collector.wait(DISCONNECT_POLL_S):
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return None
+        if collector.error is not None:
+            raise collector.error
+        return collector.take()
+
+    async def _complete(self, request, gen: GenerationRequest, collector, state
+                        ) -> web.StreamResponse | None:
+        while not state.all_finished:
+            try:
+                deltas = await self._next(request, collector)
+            except EngineDeadError as exc:
+                raise APIError(500, str(exc)) from None
+            if deltas is None:
+                state.disconnected = True
+                return web.Response(status=499)
+            state.absorb(deltas, self.metrics)
+        return json_response(state.full_response())
+
+    async def _stream(self, request, gen: GenerationRequest, collector, state
+                      ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        try:
+            await response.prepare(request)
+            if gen.kind == "chat":
+                await response.write(b"".join(frame(state.role_chunk(i))
+                                              for i in range(state.num_choices)))
+            while not state.all_finished:
+                try:
+                    deltas = await self._next(request, collector)
+                except EngineDeadError as exc:
+                    err = APIError(500, str(exc))
+                    await response.write(frame(err.body()) + b"data: [DONE]\n\n")
+                    return response
+                if deltas is None:
+                    state.disconnected = True
+                    return response
+                frames = [frame(chunk) for chunk in state.absorb(deltas, self.metrics)]
+                if frames:
+                    await response.write(b"".join(frames))
+            if gen.include_usage:
+                await response.write(frame(state.usage_chunk()))
+            await response.write(b"data: [DONE]\n\n")
+        except ConnectionError:  # the client went away; _generate's finally aborts the rest
+            state.disconnected = True
+        except asyncio.CancelledError:
+            state.disconnected = True
+            raise
+        return response
+
+    def _finish(self, gen: GenerationRequest, collector, state) -> None:
+        unfinished = collector.unfinished_ids()
+        self.bridge.release(collector)
+        for _ in unfinished:
+            self.metrics.observe_finished("abort", None)
+        if self.config.server.log_requests:
+            self.log.info("request", **state.log_fields(gen, len(unfinished)))

@@ -1,0 +1,327 @@
+"""OpenAI request shapes: validate a JSON body into SamplingParams; the error type and body.
+
+Validation is explicit (no schema library): each known field is checked for its type and range,
+and every failure raises APIError naming the parameter, the value and the limit. Range checks that
+SamplingParams already owns are mapped from its ValueError("<param> must be ...").
+
+Glossary
+- choice: one generated sequence of a response; a request with P prompts and n choices per
+  prompt fans out into P * n engine requests, choice index = prompt_index * n + i.
+- delta: the part of a choice produced since the last frame (several verified tokens may share one).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from specdec.request import MAX_LOGPROBS, SamplingParams
+
+try:
+    import orjson
+
+    def dumps(obj) -> bytes:
+        return orjson.dumps(obj)
+
+    def loads(data: bytes):
+        return orjson.loads(data)
+except ImportError:  # NOTE: the GPU machine may lack orjson; stdlib json is the fallback.
+    import json
+
+    def dumps(obj) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def loads(data: bytes):
+        return json.loads(data)
+
+MAX_N = 16
+MAX_PROMPTS = 64
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class APIError(Exception):
+    """An error that becomes `{"error": {...}}` with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or _ERROR_TYPES.get(status, "server_error")
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                404: "not_found_error", 405: "invalid_request_error",
+                413: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
+
+
+def bad_request(param: str | None, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def from_value_error(exc: ValueError) -> APIError:
+    """Map ValueError("<param> must be ...") from SamplingParams or the engine to a 400."""
+    message = str(exc) or "invalid request"
+    param = message.split(" ", 1)[0].rstrip(":,")
+    if param.split("[", 1)[0] not in _PARAM_NAMES:
+        param = None
+    return APIError(400, message, param=param)
+
+
+_PARAM_NAMES = frozenset(SamplingParams.__dataclass_fields__) | {
+    "prompt", "input_tokens", "messages", "max_completion_tokens", "top_logprobs", "model"}
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """A validated chat or completions request, ready for the bridge."""
+
+    kind: str                               # "chat" | "completion"
+    model: str | None
+    prompts: list[str | list[int]]          # one per prompt; chat has exactly one
+    params: list[SamplingParams]            # one per choice of one prompt (n entries)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None             # top-N when logprobs are on
+    echo: bool = False
+    user: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def n(self) -> int:
+        return len(self.params)
+
+    @property
+    def response_id(self) -> str:
+        return ("chatcmpl-" if self.kind == "chat" else "cmpl-") + self.request_id
+
+
+# ---------------------------------------------------------------------------------- field checks
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _get(body: dict, name: str, kind: str, default=None):
+    """Read an optional field and check its JSON type; null means the default."""
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = {"int": _is_int, "num": _is_num, "bool": lambda v: isinstance(v, bool),
+          "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict),
+          "list": lambda v: isinstance(v, list)}[kind](value)
+    if not ok:
+        names = {"int": "an integer", "num": "a number", "bool": "a boolean", "str": "a string",
+                 "dict": "an object", "list": "an array"}
+        raise bad_request(name, f"{name} must be {names[kind]}, got {value!r}")
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad_request("stop", f"stop must be a string or a list of strings, got {stop!r}")
+    return stop
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    bias = _get(body, "logit_bias", "dict")
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except (TypeError, ValueError):
+            raise bad_request("logit_bias", f"logit_bias keys must be token ids, got {key!r}")
+        if not _is_num(value):
+            raise bad_request("logit_bias", f"logit_bias[{key}] must be a number, got {value!r}")
+        out[token_id] = float(value)
+    return out
+
+
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None
+                     ) -> list[SamplingParams]:
+    n = _get(body, "n", "int", 1)
+    if not 1 <= n <= MAX_N:
+        raise bad_request("n", f"n must be an integer in [1, {MAX_N}], got {n}")
+    seed = _get(body, "seed", "int")
+    stop_token_ids = _get(body, "stop_token_ids", "list", [])
+    if not all(_is_int(t) for t in stop_token_ids):
+        raise bad_request("stop_token_ids",
+                          f"stop_token_ids must be a list of integers, got {stop_token_ids!r}")
+    kwargs = dict(
+        temperature=float(_get(body, "temperature", "num", 1.0)),
+        top_p=float(_get(body, "top_p", "num", 1.0)),
+        top_k=_get(body, "top_k", "int", 0),
+        min_p=float(_get(body, "min_p", "num", 0.0)),
+        repetition_penalty=float(_get(body, "repetition_penalty", "num", 1.0)),
+        presence_penalty=float(_get(body, "presence_penalty", "num", 0.0)),
+        frequency_penalty=float(_get(body, "frequency_penalty", "num", 0.0)),
+        logit_bias=_logit_bias(body),
+        max_tokens=max_tokens,
+        min_tokens=_get(body, "min_tokens", "int", 0),
+        stop=_stop(body),
+        stop_token_ids=stop_token_ids,
+        ignore_eos=_get(body, "ignore_eos", "bool", False),
+        include_stop_str_in_output=_get(body, "include_stop_str_in_output", "bool", False),
+        skip_special_tokens=_get(body, "skip_special_tokens", "bool", True),
+        logprobs=logprobs,
+        num_speculative_tokens=_get(body, "num_speculative_tokens", "int"),
+    )
+    params = []
+    for i in range(n):
+        try:
+            params.append(SamplingParams(n=1, seed=None if seed is None else seed + i, **kwargs))
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+    return params
+
+
+def _common(body: dict) -> tuple[bool, bool, str | None]:
+    stream = _get(body, "stream", "bool", False)
+    options = _get(body, "stream_options", "dict")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad_request("stream_options",
+                              "stream_options is only allowed when stream is true")
+        include_usage = options.get("include_usage") or False
+        if not isinstance(include_usage, bool):
+            raise bad_request("stream_options.include_usage",
+                              f"stream_options.include_usage must be a boolean, "
+                              f"got {include_usage!r}")
+    for unsupported in ("tools", "functions", "suffix"):
+        if body.get(unsupported):
+            raise bad_request(unsupported, f"{unsupported} is not supported by this server")
+    fmt = body.get("response_format")
+    if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad_request("response_format", 'response_format must be {"type": "text"}')
+    _get(body, "model", "str")
+    return stream, include_usage, _get(body, "user", "str")
+
+
+def _max_tokens(body: dict, *names: str, default: int | None) -> int | None:
+    for name in names:
+        value = _get(body, name, "int")
+        if value is not None:
+            if value < 1:
+                raise bad_request(name, f"{name} must be an integer >= 1, got {value}")
+            return value
+    return default
+
+
+def parse_chat(body: dict, tokenizer) -> GenerationRequest:
+    """Validate a /v1/chat/completions body; renders the chat template into token ids."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "messages must be a non-empty array of messages")
+    rendered = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role",
+                              f"messages[{i}].role must be one of {list(CHAT_ROLES)}")
+        rendered.append({"role": message["role"],
+                         "content": _message_text(message.get("content"), i)})
+    stream, include_usage, user = _common(body)
+    logprobs_on = _get(body, "logprobs", "bool", False)
+    top_logprobs = _get(body, "top_logprobs", "int")
+    if top_logprobs is not None:
+        if not logprobs_on:
+            raise bad_request("top_logprobs", "top_logprobs requires logprobs to be true")
+        if not 0 <= top_logprobs <= MAX_LOGPROBS:
+            raise bad_request("top_logprobs", f"top_logprobs must be an integer in "
+                                              f"[0, {MAX_LOGPROBS}], got {top_logprobs}")
+    logprobs = (top_logprobs or 0) if logprobs_on else None
+    max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens", default=None)
+    params = _sampling_params(body, max_tokens, logprobs)
+    try:
+        text = tokenizer.apply_chat_template(rendered, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # a template may raise on role order (e.g. two system messages)
+        raise bad_request("messages", f"messages could not be rendered by the chat template: "
+                                      f"{type(exc).__name__}: {exc}") from None
+    prompt = tokenizer.encode(text, add_special_tokens=False)
+    return GenerationRequest("chat", body.get("model"), [prompt], params, stream, include_usage,
+                             logprobs, user=user)
+
+
+def _message_text(content, i: int) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not (isinstance(part, dict) and part.get("type") == "text"
+                    and isinstance(part.get("text"), str)):
+                raise bad_request(f"messages[{i}].content",
+                                  f"messages[{i}].content parts must be "
+                                  '{"type": "text", "text": "..."}')
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad_request(f"messages[{i}].content",
+                      f"messages[{i}].content must be a string or an array of text parts")
+
+
+def parse_completion(body: dict) -> GenerationRequest:
+    """Validate a /v1/completions body; prompts stay strings or token-id lists."""
+    prompts = _prompts(body.get("prompt"))
+    stream, include_usage, user = _common(body)
+    logprobs = _get(body, "logprobs", "int")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise bad_request("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], "
+                                      f"got {logprobs}")
+    echo = _get(body, "echo", "bool", False)
+    if echo:
+        raise bad_request("echo", "echo is not supported by this server")
+    max_tokens = _max_tokens(body, "max_tokens", default=16)
+    params = _sampling_params(body, max_tokens, logprobs)
+    return GenerationRequest("completion", body.get("model"), prompts, params, stream,
+                             include_usage, logprobs, user=user)
+
+
+def _prompts(prompt) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of lists of token ids."""
+    msg = ("prompt must be a non-empty string, a list of strings, a list of token ids "
+           "or a list of lists of token ids")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif (isinstance(prompt, list) and prompt and all(isinstance(p, list) for p in prompt)
+          and all(_is_int(t) for p in prompt for t in p)):
+        prompts = [list(p) for p in prompt]
+    else:
+        raise bad_request("prompt", msg)
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request("prompt", f"prompt must hold at most {MAX_PROMPTS} prompts, "
+                                    f"got {len(prompts)}")
+    for p in prompts:
+        if len(p) == 0:
+            raise bad_request("prompt", "prompt must not be empty")
+        if not isinstance(p, str) and min(p) < 0:
+            raise bad_request("prompt", f"prompt token ids must be >= 0, got {min(p)}")
+    return prompts

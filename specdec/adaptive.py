@@ -1,0 +1,125 @@
+"""Adaptive speculation: choose k per request per step from measured acceptance and costs.
+
+Model: request i accepts each successive draft token with probability alpha_i (estimated from its
+own history), so k drafts yield 1 + alpha + ... + alpha^k tokens in expectation. A step costs
+one target forward over (decodes + drafts) tokens plus max(k) draft forwards; both costs come from
+the runners' measured cost tables. For each candidate K = 0..k_max every request gets
+min(K, its cap, its useful depth) drafts, where the useful depth stops where alpha^j would add
+less than the tokens per second of plain decoding would buy with the same time. The K with the
+best expected tokens per second wins. K = 0 (no speculation) is always a candidate, so the
+expected throughput is never planned below no-spec — under load the per-token verify cost rises
+and K falls to 0 by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specdec.request import Request
+from specdec.runner import CostModel
+
+PRIOR_ACCEPT = 0.7
+PRIOR_WEIGHT = 2.0
+DECAY = 0.9
+EXPLORE_RATE = 0.02  # per idle step, alpha drifts back toward the prior so k can recover
+# NOTE: a draft token also costs work the cost tables do not see (its logits row is processed
+# and verified on the host), so one whose chance of acceptance is below this never pays.
+MIN_GAIN = 0.1
+
+
+@dataclass(slots=True)
+class AcceptanceStats:
+    accepted: float = PRIOR_ACCEPT * PRIOR_WEIGHT
+    rejected: float = (1 - PRIOR_ACCEPT) * PRIOR_WEIGHT
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+
+class SpeculationController:
+    """Sets `request.num_lookahead_tokens` before each schedule()."""
+
+    def __init__(self, k_max: int, adaptive: bool, target_cost: CostModel,
+                 draft_cost: CostModel | None, max_model_len: int):
+        self.k_max = k_max
+        self.adaptive = adaptive
+        self.target_cost = target_cost
+        self.draft_cost = draft_cost  # None: drafting is free (n-gram)
+        self.max_model_len = max_model_len
+        self.stats: dict[str, AcceptanceStats] = {}
+        self.last_k: list[int] = []
+
+    def cap(self, req: Request) -> int:
+        """The most drafts that can still be useful for this request."""
+        params = req.sampling_params
+        k = self.k_max if params.num_speculative_tokens is None else min(
+            params.num_speculative_tokens, self.k_max)
+        if params.max_tokens is not None:
+            k = min(k, params.max_tokens - len(req.output_token_ids) - 1)
+        k = min(k, self.max_model_len - req.num_tokens - 1)
+        return max(k, 0)
+
+    def choose(self, decodes: list[Request]) -> None:
+        adaptive_reqs: list[tuple[Request, int, float]] = []
+        for req in decodes:
+            cap = self.cap(req)
+            if not self.adaptive or req.sampling_params.num_speculative_tokens is not None:
+                req.num_lookahead_tokens = cap
+            else:
+                st = self.stats.setdefault(req.request_id, AcceptanceStats())
+                adaptive_reqs.append((req, cap, st.alpha))
+        if adaptive_reqs:
+            ks = self._plan(adaptive_reqs, len(decodes))
+            for (req, _, _), k in zip(adaptive_reqs, ks):
+                req.num_lookahead_tokens = k
+                if k == 0:
+                    st = self.stats[req.request_id]
+                    st.accepted += EXPLORE_RATE * PRIOR_ACCEPT
+                    st.rejected += EXPLORE_RATE * (1 - PRIOR_ACCEPT)
+        self.last_k = [r.num_lookahead_tokens for r in decodes]
+
+    def _draft_time(self, num_tokens: int) -> float:
+        return 0.0 if self.draft_cost is None else self.draft_cost.predict(num_tokens)
+
+    def _plan(self, reqs: list[tuple[Request, int, float]], num_decodes: int) -> list[int]:
+        if not self.target_cost.ready:
+            return [cap for _, cap, _ in reqs]
+        base_time = self.target_cost.predict(num_decodes)
+        base_rate = num_decodes / max(base_time, 1e-9)  # tokens per second without drafts
+        per_token = max(self.target_cost.predict(num_decodes + 1) - base_time, 1e-9)
+        per_draft = per_token + max(self._draft_time(num_decodes + 1)
+                                    - self._draft_time(num_decodes), 0.0)
+        # Useful depth: the j-th draft adds alpha^j tokens for per_draft seconds.
+        depth = []
+        for _, cap, alpha in reqs:
+            j = 0
+            while j < cap and alpha ** (j + 1) >= max(per_draft * base_rate, MIN_GAIN):
+                j += 1
+            depth.append(j)
+        best_k, best_rate = [0] * len(reqs), base_rate
+        for big_k in range(1, self.k_max + 1):
+            ks = [min(big_k, d) for d in depth]
+            if not any(ks):
+                continue
+            tokens = num_decodes + sum(sum(a ** j for j in range(1, k + 1))
+                                       for (_, _, a), k in zip(reqs, ks))
+            seconds = self.target_cost.predict(num_decodes + sum(ks))
+            for step in range(max(ks)):
+                active = sum(1 for k in ks if k > step)
+                # The first draft step also catches up one or two tokens per request.
+                seconds += self._draft_time(active * (2 if step == 0 else 1))
+            rate = tokens / max(seconds, 1e-9)
+            if rate > best_rate:
+                best_k, best_rate = ks, rate
+        return best_k
+
+    def observe(self, request_id: str, num_draft: int, num_accepted: int) -> None:
+        if num_draft == 0:
+            return
+        st = self.stats.setdefault(request_id, AcceptanceStats())
+        st.accepted = st.accepted * DECAY + num_accepted
+        st.rejected = st.rejected * DECAY + (1 if num_accepted < num_draft else 0)
+
+    def forget(self, request_id: str) -> None:
+        self.stats.pop(request_id, None)

@@ -1,0 +1,116 @@
+"""Drafters: propose up to k tokens per request for the target to verify in one pass.
+
+- `DraftModelDrafter`: a smaller model with the same tokenizer. Its KV lives in its own tensors in
+  the target's block layout and reuses the target's block ids, so one allocation covers both. Each
+  step it first catches up on the tokens it has not seen (the prompt on the first step, then the
+  one or two tokens the last verify produced), then runs k-1 single-token steps batched across
+  requests. Draft tokens are sampled from the draft's *processed* distribution (the request's own
+  temperature, top-k/p, penalties), which is what rejection sampling needs.
+- `NgramDrafter` (prompt lookup): match the last n tokens against prompt + output so far and
+  propose what followed the latest earlier match. No model; its distribution is one-hot.
+
+Draft KV bookkeeping: `request.draft_num_computed_tokens` counts positions whose draft KV is
+valid. After a verify that kept `num_computed_tokens` target positions, the engine lowers it to
+`min(draft_num_computed_tokens, num_computed_tokens)`: rejected draft positions are rewritten next
+time, exactly like the target's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from specdec.request import Request
+from specdec.runner import ModelRunner, SeqSlice
+from specdec.sampling import (STREAM_DRAFT, RowState, compute_probs, process_logits,
+                              row_generator, sample)
+
+
+
+@dataclass(slots=True)
+class Proposal:
+    draft_token_ids: list[int]
+    draft_probs: torch.Tensor | None  # [len(draft_token_ids), vocab] processed; None: one-hot
+
+
+class Drafter(Protocol):
+    has_model: bool
+
+    def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
+        """For each (request, k) with k >= 1, up to k draft tokens following all_token_ids."""
+        ...
+
+
+class NgramDrafter:
+    """Prompt-lookup drafting: the longest recent n-gram match (n from max down to min)."""
+
+    has_model = False
+
+    def __init__(self, ngram_min: int = 1, ngram_max: int = 4):
+        self.ngram_min = ngram_min
+        self.ngram_max = ngram_max
+
+    def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
+        return [Proposal(self.lookup(req.all_token_ids, k), None) for req, k in requests]
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        num_tokens = len(tokens)
+        for n in range(min(self.ngram_max, num_tokens - 1), self.ngram_min - 1, -1):
+            suffix = tokens[num_tokens - n:]
+            first = suffix[0]
+            # Latest earlier occurrence whose continuation exists: start i < num_tokens - n.
+            for i in range(num_tokens - n - 1, -1, -1):
+                if tokens[i] == first and tokens[i:i + n] == suffix:
+                    return tokens[i + n:i + n + k]
+        return []
+
+
+class DraftModelDrafter:
+    """Runs the draft model batched across requests; returns tokens and their draft probs."""
+
+    has_model = True
+
+    def __init__(self, runner: ModelRunner, global_generator: torch.Generator | None = None):
+        self.runner = runner
+        self.generator = global_generator
+
+    def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
+        if not requests:
+            return []
+        drafts: list[list[int]] = [[] for _ in requests]
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        max_k = max(k for _, k in requests)
+        for step in range(max_k):
+            active = [i for i, (_, k) in enumerate(requests) if k > step]
+            seqs = []
+            for i in active:
+                req = requests[i][0]
+                if step == 0:
+                    start = min(req.draft_num_computed_tokens, req.num_tokens - 1)
+                    tokens = req.all_token_ids[start:]
+                else:
+                    start = req.num_tokens + step - 1
+                    tokens = [drafts[i][-1]]
+                seqs.append(SeqSlice(tokens, start, req.block_ids, 1))
+            logits = self.runner.execute(seqs, observe=step > 0)  # [len(active), vocab]
+            rows = [RowState(requests[i][0].sampling_params, requests[i][0].prompt_token_ids,
+                             requests[i][0].output_token_ids + drafts[i],
+                             requests[i][0].eos_token_id) for i in active]
+            row_probs = compute_probs(process_logits(logits, rows), rows)
+            generators = []
+            for i in active:
+                req = requests[i][0]
+                seed = req.sampling_params.seed
+                index = len(req.output_token_ids) + step
+                generators.append(None if seed is None
+                                  else row_generator(seed, index, STREAM_DRAFT))
+            token_ids = sample(row_probs, generators).tolist()
+            for row, i in enumerate(active):
+                drafts[i].append(token_ids[row])
+                probs[i].append(row_probs[row])
+            for i in active:
+                req = requests[i][0]
+                req.draft_num_computed_tokens = req.num_tokens + step
+        return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]

@@ -1,0 +1,584 @@
+"""Engine.step(): schedule -> draft -> verify -> accept/reject -> update; and the offline LLM API.
+
+One step, for all running requests at once:
+1. the speculation controller picks k per decoding request; the scheduler fills the token budget
+   (prefill chunks, one position per decode plus its k draft slots) and allocates KV blocks;
+2. the drafter proposes up to k tokens per decoding request;
+3. one target forward over every request's window: prefill chunks and [last token, d1..dk];
+4. greedy requests keep the longest prefix equal to the target's argmax, sampled requests use
+   exact rejection sampling on the processed distributions; then one bonus/recovered token;
+5. stop checks and detokenization trim the new tokens; the scheduler's update moves
+   num_computed_tokens past the verified positions only (rollback is bookkeeping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from specdec.adaptive import SpeculationController
+from specdec.config import Config, load, parse_overrides
+from specdec.drafters import DraftModelDrafter, NgramDrafter, Proposal
+from specdec.output import IncrementalDetokenizer
+from specdec.rejection import draft_uniforms, greedy_verify, rejection_sample
+from specdec.request import Request, RequestStatus, SamplingParams
+from specdec.runner import ModelRunner, SeqSlice
+from specdec.sampling import RowState, compute_logprobs, compute_probs, process_logits
+from specdec.scheduler import Scheduler
+from specdec.weights import load_model, load_tokenizer
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_length(self) -> float:
+        """vLLM's mean acceptance length: 1 + accepted / drafts (1.0 without speculation)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    # Per token: (logprob of the chosen token, [(token id, logprob), ...] top-N); None if off.
+    logprobs: list | None = None
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+    logprobs_delta: list | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_blocks_total: int
+    num_blocks_free: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    spec_num_drafts: int
+    spec_num_draft_tokens: int
+    spec_num_accepted_tokens: int
+    spec_accepted_per_pos: list[int]
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """Engine-side state of one request: its detokenizer and what was already reported."""
+
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    stop_token_ids: frozenset[int]
+    text: str = ""
+    logprobs: list | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Engine:
+    """Owns the models, their KV caches, the scheduler and the drafter. Not thread-safe."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        dev = config.device
+        if dev.num_threads:
+            torch.set_num_threads(dev.num_threads)
+        torch.manual_seed(dev.seed)
+        self.device = resolve_device(dev.device)
+        self.generator = torch.Generator().manual_seed(dev.seed)
+        self.tokenizer = load_tokenizer(config.model.path)
+        target = load_model(config.model.path, config.model.dtype, str(self.device),
+                            config.model.quantization)
+        self.vocab_size = target.vocab_size
+        hf_max = getattr(target.config, "max_position_embeddings", None) or 1 << 30
+        self.max_model_len = min(config.model.max_model_len, hf_max)
+        self.model_name = config.server.served_model_name or os.path.basename(
+            os.path.normpath(config.model.path))
+        spec = config.spec
+        draft = None
+        if spec.enabled and spec.method == "draft":
+            draft = load_model(spec.draft_model, spec.draft_dtype or config.model.dtype,
+                               str(self.device), spec.draft_quantization)
+            if draft.vocab_size != target.vocab_size:
+                raise ValueError(f"spec.draft_model vocabulary ({draft.vocab_size}) differs from "
+                                 f"the target's ({target.vocab_size}); they must share a tokenizer")
+        block_size = config.cache.block_size
+        self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
+        self.target_runner = ModelRunner(target, self.num_blocks, block_size)
+        self.draft_runner = ModelRunner(draft, self.num_blocks, block_size) if draft else None
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
+                                   self.max_model_len)
+        self.drafter = None
+        if spec.enabled:
+            self.drafter = (DraftModelDrafter(self.draft_runner) if draft is not None
+                            else NgramDrafter(spec.ngram_min, spec.ngram_max))
+        self.k_max = spec.num_speculative_tokens if spec.enabled else 0
+        self.controller = SpeculationController(
+            self.k_max, spec.adaptive, self.target_runner.cost,
+            self.draft_runner.cost if self.draft_runner else None, self.max_model_len)
+        self.eos_token_ids = self._eos_token_ids(config.model.path)
+        self.tracked: dict[str, _Tracked] = {}
+        self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
+                             accepted_tokens=0)
+        self.accepted_per_pos = [0] * max(self.k_max, 1)
+        if self.k_max and spec.adaptive:
+            self._calibrate()
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Engine":
+        return cls(config)
+
+    # ---- set-up helpers -------------------------------------------------------------------
+
+    def _auto_num_blocks(self, target, draft) -> int:
+        bs = self.config.cache.block_size
+        per_block = target.kv_bytes_per_block(bs) + (draft.kv_bytes_per_block(bs) if draft else 0)
+        budget = int(self.config.cache.memory_gb * (1 << 30))
+        max_useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // bs) + 1
+        return max(min(budget // per_block, max_useful), -(-self.max_model_len // bs) + 1)
+
+    def _eos_token_ids(self, path: str) -> list[int]:
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        from specdec.fetch import resolve_model_path
+        gen_path = os.path.join(resolve_model_path(path), "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                eos = json.load(f).get("eos_token_id")
+            for t in ([eos] if isinstance(eos, int) else eos or []):
+                if t not in ids:
+                    ids.append(t)
+        return ids
+
+    def _calibrate(self) -> None:
+        k = self.k_max
+        self.target_runner.calibrate(sorted({1, 2, k + 1, 2 * (k + 1)}))
+        if self.draft_runner is not None:
+            self.draft_runner.calibrate([1, 2, 4])
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        if request_id in self.tracked:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(prompt, str):
+            prompt_text, prompt_ids = prompt, self.tokenizer(prompt).input_ids
+        elif not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt must be a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        else:
+            prompt_text, prompt_ids = None, list(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        for t in prompt_ids:
+            if not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise ValueError(f"prompt contains token id {t!r} outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+        for t in (params.logit_bias or {}):
+            if t >= self.vocab_size:
+                raise ValueError(f"logit_bias token id {t} is outside the vocabulary "
+                                 f"[0, {self.vocab_size})")
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"input_tokens: the prompt has {len(prompt_ids)} tokens, which "
+                             f"leaves no room to generate within max_model_len "
+                             f"{self.max_model_len}")
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=room,
+                                         min_tokens=min(params.min_tokens, room))
+        elif params.max_tokens > room:
+            raise ValueError(f"input_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens "
+                             f"({params.max_tokens}) = {len(prompt_ids) + params.max_tokens} "
+                             f"exceeds max_model_len {self.max_model_len}")
+        # NOTE: every EOS id (tokenizer + generation_config) so min_tokens masks all of them.
+        eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
+        req = Request(request_id, prompt_ids, params, eos_token_id=eos,
+                      arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
+        if params.logprobs is not None:
+            req.output_logprobs = []
+        self.scheduler.add_request(req)  # raises ValueError if it can never fit
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids.update(self.eos_token_ids)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
+                                       params.stop, params.include_stop_str_in_output)
+        self.tracked[request_id] = _Tracked(req, detok, frozenset(stop_ids),
+                                            logprobs=[] if params.logprobs is not None else None)
+        self.counters["prompt_tokens"] += len(prompt_ids)
+
+    def abort_request(self, request_id: str) -> None:
+        if self.tracked.pop(request_id, None) is not None:
+            self.scheduler.abort_request(request_id)
+            self.controller.forget(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.tracked)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        decodes = [r for r in self.scheduler.running if not r.is_prefill]
+        self.controller.choose(decodes)
+        output = self.scheduler.schedule()
+        if not output.scheduled:
+            return []
+        now = time.monotonic()
+        proposals: dict[str, Proposal] = {}
+        wanted = [(s.request, s.num_lookahead_tokens) for s in output.scheduled
+                  if s.num_lookahead_tokens > 0]
+        if wanted and self.drafter is not None:
+            for (req, _), prop in zip(wanted, self.drafter.propose(wanted)):
+                proposals[req.request_id] = prop
+
+        seqs: list[SeqSlice] = []
+        sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
+        for s in output.scheduled:
+            req = s.request
+            start = req.num_computed_tokens
+            tokens = req.all_token_ids[start:start + s.num_new_tokens]
+            prop = proposals.get(req.request_id)
+            drafts = prop.draft_token_ids if prop else []
+            final = start + s.num_new_tokens == req.num_tokens
+            seqs.append(SeqSlice(tokens + drafts, start, req.block_ids,
+                                 1 + len(drafts) if final else 0))
+            if final:
+                sampled.append((req, drafts, prop.draft_probs if prop and drafts else None))
+        all_decode = all(s.num_new_tokens == 1 for s in output.scheduled)
+        logits = self.target_runner.execute(seqs, observe=all_decode)  # [rows, vocab]
+
+        new_tokens, num_accepted = self._accept(sampled, logits)
+        return self._update(output, new_tokens, num_accepted, now)
+
+    def _accept(self, sampled, logits: torch.Tensor):
+        """Verify drafts and sample; returns new tokens and accepted-draft counts per request."""
+        rows: list[RowState] = []
+        for req, drafts, _ in sampled:
+            for j in range(len(drafts) + 1):
+                rows.append(RowState(req.sampling_params, req.prompt_token_ids,
+                                     req.output_token_ids + drafts[:j], req.eos_token_id))
+        new_tokens: dict[str, list[int]] = {}
+        num_accepted: dict[str, int] = {}
+        if not rows:
+            return new_tokens, num_accepted
+        processed = process_logits(logits, rows)
+        offsets = list(itertools.accumulate([len(d) + 1 for _, d, _ in sampled], initial=0))
+        greedy = [i for i, (req, _, _) in enumerate(sampled) if req.sampling_params.greedy]
+        random = [i for i, (req, _, _) in enumerate(sampled) if not req.sampling_params.greedy]
+        results: dict[int, list[int]] = {}
+        if greedy:
+            idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in greedy])
+            argmax = processed[idx].argmax(dim=-1)
+            drafts = [sampled[i][1] for i in greedy]
+            out, _ = greedy_verify(argmax, torch.tensor(sum(drafts, []), dtype=torch.long),
+                                   list(itertools.accumulate(map(len, drafts), initial=0)))
+            results.update(zip(greedy, out))
+        if random:
+            idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in random])
+            random_rows = [rows[j] for j in idx.tolist()]
+            target_probs = compute_probs(processed[idx], random_rows)
+            out = self._rejection(sampled, random, target_probs)
+            results.update(zip(random, out))
+        for i, (req, drafts, _) in enumerate(sampled):
+            tokens = results[i]
+            accepted = len(tokens) - 1
+            new_tokens[req.request_id] = tokens
+            num_accepted[req.request_id] = accepted
+            if drafts:
+                self._count_spec(req, len(drafts), accepted)
+            if req.output_logprobs is not None:
+                top_n = req.sampling_params.logprobs
+                raw = logits[offsets[i]:offsets[i] + len(tokens)]
+                lp = compute_logprobs(raw, torch.tensor(tokens), [top_n] * len(tokens))
+                self.tracked[req.request_id].logprobs.extend(lp)
+        return new_tokens, num_accepted
+
+    def _rejection(self, sampled, which: list[int], target_probs: torch.Tensor):
+        draft_ids, cu, draft_probs, seeds, starts, onehot = [], [0], [], [], [], True
+        for i in which:
+            req, drafts, probs = sampled[i]
+            draft_ids.extend(drafts)
+            cu.append(cu[-1] + len(drafts))
+            if drafts and probs is not None:
+                draft_probs.append(probs)
+                onehot = False
+            seeds.append(req.sampling_params.seed)
+            starts.append(len(req.output_token_ids))
+        vocab = target_probs.shape[-1]
+        if onehot:
+            dp = None
+        else:
+            # Mixed model/one-hot rows cannot happen: one drafter per engine.
+            dp = torch.cat(draft_probs) if draft_probs else torch.empty(0, vocab)
+        uniforms = draft_uniforms(seeds, starts, cu)
+        out, _ = rejection_sample(torch.tensor(draft_ids, dtype=torch.long), cu, dp, target_probs,
+                                  uniforms, seeds=seeds, num_output_tokens=starts)
+        return out
+
+    def _count_spec(self, req: Request, num_draft: int, accepted: int) -> None:
+        req.num_drafts += 1
+        req.num_draft_tokens += num_draft
+        req.num_accepted_tokens += accepted
+        self.counters["drafts"] += 1
+        self.counters["draft_tokens"] += num_draft
+        self.counters["accepted_tokens"] += accepted
+        for pos in range(accepted):
+            self.accepted_per_pos[pos] += 1
+        self.controller.observe(req.request_id, num_draft, accepted)
+
+    def _update(self, output, new_tokens, num_accepted, now) -> list[RequestOutput]:
+        finished: list[tuple[str, RequestStatus, str | int | None]] = []
+        deltas: dict[str, tuple[list[int], str]] = {}
+        for rid, tokens in new_tokens.items():
+            tr = self.tracked[rid]
+            req = tr.request
+            tokens, status, reason = self._check_stop(tr, tokens)
+            delta_text = ""
+            if tokens:
+                delta = tr.detokenizer.add_tokens(tokens)
+                delta_text = delta.text_delta
+                if delta.stop_string is not None:
+                    tokens = tokens[:delta.num_tokens_used]
+                    status, reason = RequestStatus.FINISHED_STOPPED, delta.stop_string
+            if status is not None and not isinstance(reason, str):
+                delta_text += tr.detokenizer.flush()  # release text held back for stop strings
+            new_tokens[rid] = tokens
+            num_accepted[rid] = min(num_accepted[rid], len(tokens))
+            if tr.logprobs is not None:
+                del tr.logprobs[len(req.output_token_ids) + len(tokens):]
+            deltas[rid] = (tokens, delta_text)
+            if status is not None:
+                finished.append((rid, status, reason))
+        self.scheduler.update(output, new_tokens, num_accepted)
+        for s in output.scheduled:
+            req = s.request
+            req.draft_num_computed_tokens = min(req.draft_num_computed_tokens,
+                                                req.num_computed_tokens)
+        done_time = time.monotonic()
+        outputs: list[RequestOutput] = []
+        finished_status = {rid: (status, reason) for rid, status, reason in finished}
+        for rid, (tokens, delta_text) in deltas.items():
+            tr = self.tracked[rid]
+            req = tr.request
+            if req.first_token_time is None and tokens:
+                req.first_token_time = done_time
+            self.counters["generation_tokens"] += len(tokens)
+            tr.text += delta_text
+            status, reason = finished_status.get(rid, (None, None))
+            if status is not None:
+                req.finished_time = done_time
+                self.scheduler.finish_request(rid, status)
+                self.controller.forget(rid)
+                del self.tracked[rid]
+            if not tokens and status is None:
+                continue
+            outputs.append(self._make_output(tr, tokens, delta_text, status, reason))
+        return outputs
+
+    def _check_stop(self, tr: _Tracked, tokens: list[int]):
+        """Trim tokens at EOS / stop token ids / max_tokens / max_model_len."""
+        req = tr.request
+        params = req.sampling_params
+        have = len(req.output_token_ids)
+        for i, t in enumerate(tokens):
+            n = have + i + 1
+            if t in tr.stop_token_ids and n > params.min_tokens:
+                reason = None if t in self.eos_token_ids and t not in params.stop_token_ids else t
+                return tokens[:i + 1], RequestStatus.FINISHED_STOPPED, reason
+            if n >= params.max_tokens or req.num_prompt_tokens + n >= self.max_model_len:
+                return tokens[:i + 1], RequestStatus.FINISHED_LENGTH, None
+        return tokens, None, None
+
+    def _make_output(self, tr: _Tracked, tokens, delta_text, status, reason) -> RequestOutput:
+        req = tr.request
+        n_new = len(tokens)
+        logprobs_delta = tr.logprobs[len(tr.logprobs) - n_new:] if tr.logprobs is not None \
+            else None
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time, first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time, finished_time=req.finished_time,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_generation_tokens=len(req.output_token_ids), num_cached_tokens=req.num_cached_tokens,
+            num_preemptions=req.num_preemptions, num_drafts=req.num_drafts,
+            num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens)
+        completion = CompletionOutput(
+            index=0, text=tr.text, token_ids=list(req.output_token_ids),
+            finish_reason=status.finish_reason if status is not None else None,
+            stop_reason=reason, logprobs=list(tr.logprobs) if tr.logprobs is not None else None,
+            text_delta=delta_text, token_ids_delta=list(tokens), logprobs_delta=logprobs_delta)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
+                             status is not None, metrics)
+
+    def stats(self) -> EngineStats:
+        pool = self.scheduler.block_pool
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=pool.usage, num_blocks_total=self.num_blocks,
+            num_blocks_free=pool.num_free_blocks,
+            prefix_cache_queries=pool.num_queried_tokens, prefix_cache_hits=pool.num_hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.counters["prompt_tokens"],
+            generation_tokens_total=self.counters["generation_tokens"],
+            spec_num_drafts=self.counters["drafts"],
+            spec_num_draft_tokens=self.counters["draft_tokens"],
+            spec_num_accepted_tokens=self.counters["accepted_tokens"],
+            spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]))
+
+
+class LLM:
+    """Offline API in vLLM's shape: `LLM(config)`, `generate(prompts, params)`, `chat(...)`."""
+
+    def __init__(self, config: Config | None = None, **overrides):
+        config = config or Config()
+        if overrides:
+            config = config.replace(**overrides)
+        self.engine = Engine(config)
+        self._counter = itertools.count()
+
+    @classmethod
+    def from_config(cls, path: str, **overrides) -> "LLM":
+        return cls(load(path, overrides))
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """A prompt is a string or {"prompt_token_ids": [...]} (or {"prompt": str})."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        children: dict[str, tuple[int, int]] = {}
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                if isinstance(prompt, dict):
+                    prompt = (prompt["prompt_token_ids"] if "prompt_token_ids" in prompt
+                              else prompt.get("prompt"))
+                base = f"gen-{next(self._counter)}"
+                for j in range(p.n):
+                    child = dataclasses.replace(p, n=1, seed=None if p.seed is None else p.seed + j)
+                    rid = f"{base}-{j}"
+                    self.engine.add_request(rid, prompt, child)
+                    children[rid] = (i, j)
+            finals = self._run(set(children), use_tqdm)
+        except BaseException:
+            for rid in children:
+                self.engine.abort_request(rid)
+            raise
+        merged: list[RequestOutput | None] = [None] * len(prompts)
+        for rid, (i, j) in sorted(children.items(), key=lambda kv: kv[1]):
+            out = finals[rid]
+            out.outputs[0].index = j
+            if merged[i] is None:
+                merged[i] = RequestOutput(f"gen-{i}", out.prompt, out.prompt_token_ids,
+                                          [], True, out.metrics)
+            merged[i].outputs.append(out.outputs[0])
+        return merged
+
+    def _run(self, pending: set[str], use_tqdm: bool) -> dict[str, RequestOutput]:
+        finals: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(pending), desc="generate")
+        while pending:
+            for out in self.engine.step():
+                if out.finished and out.request_id in pending:
+                    finals[out.request_id] = out
+                    pending.discard(out.request_id)
+                    if bar is not None:
+                        bar.update(1)
+            if not self.engine.has_unfinished_requests() and pending:
+                raise RuntimeError(f"requests vanished without finishing: {sorted(pending)}")
+        if bar is not None:
+            bar.close()
+        return finals
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        """`messages` is one conversation (a list of {"role", "content"}) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+
+def generate_main(argv: list[str]) -> int:
+    """`specdec generate --config X.toml --prompt "..." [--max-tokens N] [--section.key V ...]`."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="specdec generate")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--prompt", action="append", required=True)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--chat", action="store_true", help="apply the chat template")
+    args, rest = parser.parse_known_args(argv)
+    llm = LLM.from_config(args.config, **parse_overrides(rest))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    t0 = time.perf_counter()
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outs = llm.generate(args.prompt, params)
+    seconds = time.perf_counter() - t0
+    total = 0
+    for prompt, out in zip(args.prompt, outs):
+        c = out.outputs[0]
+        total += len(c.token_ids)
+        print(f"--- {prompt!r}\n{c.text}\n[{len(c.token_ids)} tokens, {c.finish_reason}, "
+              f"acceptance length {out.metrics.acceptance_length:.2f}]")
+    print(f"{total} tokens in {seconds:.2f}s = {total / seconds:.1f} tok/s")
+    return 0

@@ -1,0 +1,252 @@
+"""CuPy raw CUDA kernels for the hot ops, launched on torch's current stream.
+
+`specdec.ops` dispatches CUDA tensors here with the same signatures as its torch reference.
+The sources live in `cuda/*.cu`; each is compiled once (NVRTC through `cupy.RawModule`) the
+first time `load()` or `available()` runs, and every kernel function is looked up then, so
+nothing is compiled or loaded during CUDA graph capture. A launch reads only device tensors
+(the CPU lists of the reference path are ignored), passes raw `data_ptr()`s, and allocates
+nothing through CuPy, which keeps it capturable.
+
+Kernel behaviour the callers rely on:
+- paged_attention: rows that belong to no sequence or whose context length is <= 0 (padding
+  sequences with seq_len 0) are written with zeros; a row whose context needs more blocks than
+  the block table has is written with NaN (never an out-of-bounds read).
+- write_kv: slots < 0 (padding) and slots >= num_blocks * block_size are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+SOURCES = ("paged_attention.cu", "kv_cache.cu")
+NVRTC_OPTIONS = ("--std=c++17",)
+HEAD_DIMS = (32, 64, 128, 256)
+DTYPE_TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+ATTN_THREADS = 128  # must match kAttnThreads in paged_attention.cu
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: longer batches launch in row chunks
+WRITE_KV_WORDS = (16, 4, 2)  # bytes per copied word, widest first
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+
+def read_source(name: str, cuda_dir: Path = CUDA_DIR) -> str:
+    """A .cu file with its local `#include "x.cuh"` lines inlined (recursively, once each).
+
+    NOTE: inlining (instead of `-I cuda/`) makes the source text the whole compile input, so
+    CuPy's on-disk kernel cache is keyed on header changes too.
+    """
+    seen: set[str] = set()
+
+    def expand(file_name: str) -> str:
+        if file_name in seen:
+            return ""
+        seen.add(file_name)
+        text = (cuda_dir / file_name).read_text()
+        return _INCLUDE.sub(lambda m: expand(m.group(1)), text)
+
+    return expand(name)
+
+
+class _Loaded:
+    """The compiled modules and their kernel functions (one per dtype/head_dim/word size)."""
+
+    __slots__ = ("cupy", "modules", "functions", "streams")
+
+    def __init__(self) -> None:
+        import cupy
+
+        self.cupy = cupy
+        self.modules = {}
+        self.functions = {}
+        self.streams: dict[int, object] = {}
+        names = {
+            "paged_attention.cu": [f"paged_attention_{tag}_d{d}"
+                                   for tag in DTYPE_TAGS.values() for d in HEAD_DIMS],
+            "kv_cache.cu": [f"write_kv_w{w}" for w in WRITE_KV_WORDS],
+        }
+        for source in SOURCES:
+            module = cupy.RawModule(code=read_source(source), options=NVRTC_OPTIONS)
+            module.compile()
+            self.modules[source] = module
+            for name in names[source]:
+                self.functions[name] = module.get_function(name)
+
+    def stream(self, device: torch.device):
+        """CuPy's view of torch's current stream on `device` (cached per stream handle)."""
+        ptr = torch.cuda.current_stream(device).cuda_stream
+        stream = self.streams.get(ptr)
+        if stream is None:
+            try:
+                stream = self.cupy.cuda.ExternalStream(ptr, device.index or 0)
+            except TypeError:  # older CuPy: no device_id argument
+                stream = self.cupy.cuda.ExternalStream(ptr)
+            self.streams[ptr] = stream
+        return stream
+
+    def launch(self, name: str, device: torch.device, grid: tuple, block: tuple,
+               args: tuple) -> None:
+        with self.cupy.cuda.Device(device.index or 0), self.stream(device):
+            self.functions[name](grid, block, args)
+
+
+_lock = threading.Lock()
+_loaded: _Loaded | None = None
+_load_error: str | None = None
+
+
+def load() -> _Loaded:
+    """Compile and load every kernel once; raises RuntimeError naming the reason on failure."""
+    global _loaded, _load_error
+    if _loaded is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None and _load_error is None:
+            try:
+                if not torch.cuda.is_available():
+                    raise RuntimeError("torch.cuda.is_available() is False")
+                _loaded = _Loaded()
+            except Exception as e:  # ImportError, NVRTC CompileException, driver errors
+                _load_error = f"{type(e).__name__}: {e}"
+    if _loaded is None:
+        raise RuntimeError(f"specdec CUDA kernels unavailable: {_load_error}")
+    return _loaded
+
+
+def available() -> bool:
+    """True when CUDA, CuPy and a successful compile of every kernel are all present."""
+    try:
+        load()
+    except RuntimeError:
+        return False
+    return True
+
+
+def load_error() -> str | None:
+    """Why `available()` is False (None if it is True or was never asked)."""
+    return _load_error
+
+
+def supports(head_dim: int, dtype: torch.dtype) -> bool:
+    return head_dim in HEAD_DIMS and dtype in DTYPE_TAGS
+
+
+def _int32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                    query_lens: list[int] | None = None,
+                    seq_lens_list: list[int] | None = None) -> Tensor:
+    """Same contract as `specdec.ops.paged_attention`; the CPU lists are ignored."""
+    # query: [num_rows, num_heads, head_dim] -> out: [num_rows, num_heads, head_dim]
+    # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    # block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32
+    # query_start_loc: [num_seqs + 1] int32
+    num_rows, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    dtype = query.dtype
+    if not supports(head_dim, dtype):
+        raise ValueError(f"paged_attention: head_dim={head_dim}, dtype={dtype} not supported; "
+                         f"head_dim must be one of {HEAD_DIMS}, dtype one of "
+                         f"{list(DTYPE_TAGS)}")
+    if cache_head_dim != head_dim or k_cache.dtype != dtype or v_cache.dtype != dtype \
+            or v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged_attention: k_cache {tuple(k_cache.shape)} {k_cache.dtype} and "
+                         f"v_cache {tuple(v_cache.shape)} {v_cache.dtype} must match query "
+                         f"head_dim={head_dim} dtype={dtype}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"paged_attention: num_heads={num_heads} must be a multiple of "
+                         f"num_kv_heads={num_kv_heads}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("paged_attention: k_cache and v_cache must be contiguous")
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc.shape[0] != num_seqs + 1 or block_tables.shape[0] < num_seqs:
+        raise ValueError(f"paged_attention: query_start_loc has {query_start_loc.shape[0]} "
+                         f"entries and block_tables {block_tables.shape[0]} rows; need "
+                         f"num_seqs + 1 = {num_seqs + 1} and >= num_seqs = {num_seqs}")
+    out = torch.empty((num_rows, num_heads, head_dim), dtype=dtype, device=query.device)
+    if num_rows == 0 or num_seqs == 0:
+        return out.zero_()
+    per_lane = head_dim // 32
+    align = per_lane * query.element_size()
+    if (query.stride(2) != 1 or query.stride(0) % per_lane or query.stride(1) % per_lane
+            or query.data_ptr() % align):
+        query = query.contiguous()
+    if k_cache.data_ptr() % align or v_cache.data_ptr() % align:
+        raise ValueError(f"paged_attention: k_cache/v_cache must be {align}-byte aligned")
+    block_tables = _int32(block_tables)
+    seq_lens = _int32(seq_lens)
+    query_start_loc = _int32(query_start_loc)
+    kernels = load()
+    name = f"paged_attention_{DTYPE_TAGS[dtype]}_d{head_dim}"
+    for row_offset in range(0, num_rows, MAX_GRID_Y):
+        grid = (num_heads, min(MAX_GRID_Y, num_rows - row_offset), 1)
+        args = (out.data_ptr(), query.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                block_tables.data_ptr(), seq_lens.data_ptr(), query_start_loc.data_ptr(),
+                _i32(num_seqs), _i32(num_heads), _i32(num_kv_heads), _i64(query.stride(0)),
+                _i64(query.stride(1)), _i32(block_size), _i32(block_tables.shape[1]),
+                _f32(scale), _i32(row_offset))
+        kernels.launch(name, query.device, grid, (ATTN_THREADS, 1, 1), args)
+    return out
+
+
+def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
+             slot_mapping: Tensor) -> None:
+    """Same contract as `specdec.ops.write_kv`: slot -1 (and any slot out of range) skipped."""
+    # key, value: [num_tokens, num_kv_heads, head_dim]
+    # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens]
+    num_tokens, num_kv_heads, head_dim = key.shape
+    num_blocks, block_size, cache_kv_heads, cache_head_dim = k_cache.shape
+    if (cache_kv_heads, cache_head_dim) != (num_kv_heads, head_dim) or value.shape != key.shape \
+            or v_cache.shape != k_cache.shape:
+        raise ValueError(f"write_kv: key {tuple(key.shape)}, value {tuple(value.shape)} do not "
+                         f"fit k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    if not (key.dtype == value.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"write_kv: dtypes differ: key {key.dtype}, value {value.dtype}, "
+                         f"k_cache {k_cache.dtype}, v_cache {v_cache.dtype}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("write_kv: k_cache and v_cache must be contiguous")
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"write_kv: slot_mapping has {slot_mapping.shape[0]} entries, "
+                         f"key has {num_tokens} tokens")
+    if num_tokens == 0:
+        return None
+    if key.stride(2) != 1 or key.stride(1) != head_dim:
+        key = key.contiguous()
+    if value.stride(2) != 1 or value.stride(1) != head_dim:
+        value = value.contiguous()
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+        slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    elem = key.element_size()
+    row_bytes = num_kv_heads * head_dim * elem
+    byte_quantities = (row_bytes, key.stride(0) * elem, value.stride(0) * elem, key.data_ptr(),
+                       value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr())
+    word = next(w for w in WRITE_KV_WORDS if all(q % w == 0 for q in byte_quantities))
+    row_words = row_bytes // word
+    threads = min(256, max(32, (row_words + 31) // 32 * 32))
+    args = (key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            slot_mapping.data_ptr(), _i64(key.stride(0) * elem // word),
+            _i64(value.stride(0) * elem // word), _i32(row_words),
+            _i64(num_blocks * block_size))
+    load().launch(f"write_kv_w{word}", key.device, (num_tokens, 1, 1), (threads, 1, 1), args)
+    return None
+
+
+def _i32(x: int) -> np.int32:
+    return np.int32(x)
+
+
+def _i64(x: int) -> np.int64:
+    return np.int64(x)
+
+
+def _f32(x: float) -> np.float32:
+    return np.float32(x)

@@ -1,0 +1,339 @@
+"""A Llama-family decoder over the paged KV cache: Llama 2/3 (incl. llama3 rope scaling),
+Mistral, Qwen2/2.5 (q/k/v bias), SmolLM2. Grouped-query attention, tied or untied embeddings.
+
+One forward takes a flat ragged batch (prefill chunks, single-token decodes and verify windows
+from many sequences at once), writes K/V through `slot_mapping`, attends over the paged cache,
+and returns float32 logits for `logits_indices` rows only.
+
+NOTE: q/k/v and gate/up are fused into one Linear each at load time (`load_weights` maps the
+Hugging Face names onto slices), so a layer runs four matmuls. On CUDA tensors the forward
+never reads the CPU lists nor synchronizes, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from specdec import ops
+
+
+@dataclass(slots=True)
+class ForwardBatch:
+    """One ragged batch of tokens from many sequences (see docs/INTERFACES.md)."""
+
+    input_ids: Tensor        # [num_tokens] int64
+    positions: Tensor        # [num_tokens] int64
+    slot_mapping: Tensor     # [num_tokens] int64; -1 = skip
+    block_tables: Tensor     # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: Tensor         # [num_seqs] int32, including this step's window
+    query_start_loc: Tensor  # [num_seqs + 1] int32
+    logits_indices: Tensor   # [num_logits] int64
+    query_lens: list[int]
+    seq_lens_list: list[int]
+
+
+def _get(cfg, name: str, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(name, default)
+    return getattr(cfg, name, default)
+
+
+def rope_parameters(cfg) -> dict:
+    """The rope settings as one dict, from transformers 5 `rope_parameters` or the older
+    `rope_theta` + `rope_scaling` fields."""
+    params = dict(_get(cfg, "rope_parameters") or {})
+    scaling = _get(cfg, "rope_scaling") or {}
+    for key, value in scaling.items():
+        params.setdefault(key, value)
+    if "rope_type" not in params:
+        params["rope_type"] = params.pop("type", "default")
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = _get(cfg, "rope_theta") or 10000.0
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        params.setdefault("original_max_position_embeddings",
+                          _get(cfg, "original_max_position_embeddings")
+                          or _get(cfg, "max_position_embeddings"))
+    return params
+
+
+def rope_inv_freq(params: dict, head_dim: int) -> tuple[Tensor, float]:
+    """Inverse frequencies [head_dim // 2] (float32) and the cos/sin scaling factor."""
+    rope_type = params["rope_type"]
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float()
+                               / head_dim))
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / float(params["factor"]), 1.0
+    if rope_type == "llama3":
+        factor = float(params["factor"])
+        low_freq_factor = float(params.get("low_freq_factor", 1.0))
+        high_freq_factor = float(params.get("high_freq_factor", 4.0))
+        old_len = float(params["original_max_position_embeddings"])
+        low_freq_wavelen = old_len / low_freq_factor
+        high_freq_wavelen = old_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled), 1.0
+    raise NotImplementedError(f"rope_type={rope_type!r} is not supported "
+                              "(supported: default, linear, llama3)")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device="meta"))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [num_tokens, hidden_size]
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # NOTE: like transformers: normalize in float32, cast back, then scale.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg, layer_id: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        hidden = cfg.hidden_size
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        meta = dict(device="meta", dtype=dtype)
+        self.input_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
+        self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.qkv_bias, **meta)
+        self.o_proj = nn.Linear(self.q_size, hidden, bias=cfg.o_bias, **meta)
+        self.post_attention_layernorm = RMSNorm(hidden, cfg.rms_norm_eps, dtype)
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(hidden, 2 * cfg.intermediate_size,
+                                      bias=cfg.mlp_bias, **meta)
+        self.down_proj = nn.Linear(cfg.intermediate_size, hidden, bias=cfg.mlp_bias, **meta)
+
+    def forward(self, hidden: Tensor, cos: Tensor, sin: Tensor, batch: ForwardBatch,
+                kv_cache: tuple[Tensor, Tensor]) -> Tensor:
+        # hidden: [num_tokens, hidden_size]; cos, sin: [num_tokens, 1, head_dim // 2]
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(self.input_layernorm(hidden))  # [num_tokens, q + 2 kv]
+        query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = _rotate(query.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+        key = _rotate(key.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        ops.write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+        attn = ops.paged_attention(query, k_cache, v_cache, batch.block_tables, batch.seq_lens,
+                                   batch.query_start_loc, self.scale, batch.query_lens,
+                                   batch.seq_lens_list)  # [num_tokens, num_heads, head_dim]
+        hidden = hidden + self.o_proj(attn.reshape(num_tokens, self.q_size))
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(hidden))
+        gate, up = gate_up.split([self.intermediate_size, self.intermediate_size], dim=-1)
+        return hidden + self.down_proj(F.silu(gate) * up)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding, half-split layout (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    # x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, 1, head_dim // 2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Arch:
+    """The few config fields the decoder needs, normalized across model families."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    rope: dict
+
+    @classmethod
+    def from_hf(cls, cfg) -> "_Arch":
+        hidden = _get(cfg, "hidden_size")
+        heads = _get(cfg, "num_attention_heads")
+        act = _get(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise NotImplementedError(f"hidden_act={act!r} is not supported (only silu)")
+        attention_bias = bool(_get(cfg, "attention_bias", False))
+        is_qwen2 = _get(cfg, "model_type") == "qwen2"
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=_get(cfg, "intermediate_size"),
+            num_layers=_get(cfg, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=_get(cfg, "num_key_value_heads") or heads,
+            head_dim=_get(cfg, "head_dim") or hidden // heads,
+            vocab_size=_get(cfg, "vocab_size"),
+            rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(_get(cfg, "max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+            qkv_bias=attention_bias or is_qwen2,
+            o_bias=attention_bias and not is_qwen2,
+            mlp_bias=bool(_get(cfg, "mlp_bias", False)),
+            rope=rope_parameters(cfg),
+        )
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only Llama-family model over a paged KV cache.
+
+    `max_model_len` (optional) bounds the precomputed rotary table; default
+    max_position_embeddings."""
+
+    def __init__(self, hf_config, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 max_model_len: int | None = None) -> None:
+        super().__init__()
+        arch = _Arch.from_hf(hf_config)
+        self.config = hf_config
+        self.arch = arch
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.num_layers = arch.num_layers
+        self.num_kv_heads = arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        self.vocab_size = arch.vocab_size
+        self.hidden_size = arch.hidden_size
+        if arch.num_attention_heads % arch.num_key_value_heads != 0:
+            raise ValueError(f"num_attention_heads={arch.num_attention_heads} must be a "
+                             f"multiple of num_key_value_heads={arch.num_key_value_heads}")
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, device="meta",
+                                         dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype)
+                                    for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, device="meta",
+                                 dtype=dtype)
+        self.to_empty(device=self.device)  # NOTE: no random init; weights come from load
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # Rotary table, float32 math then cast (as transformers does).
+        inv_freq, scaling = rope_inv_freq(arch.rope, arch.head_dim)
+        table_len = max_model_len or arch.max_position_embeddings
+        freqs = torch.arange(table_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.register_buffer("rope_cos", (freqs.cos() * scaling).to(dtype).to(self.device),
+                             persistent=False)  # [table_len, head_dim // 2]
+        self.register_buffer("rope_sin", (freqs.sin() * scaling).to(dtype).to(self.device),
+                             persistent=False)
+
+    # ------------------------------------------------------------------ forward
+
+    @torch.no_grad()  # NOTE: not inference_mode: callers may edit the logits in place
+    def forward(self, batch: ForwardBatch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Returns float32 logits [num_logits, vocab_size] for batch.logits_indices."""
+        hidden = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden_size]
+        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+        sin = self.rope_sin[batch.positions].unsqueeze(1)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, cos, sin, batch, kv_cache)
+        hidden = hidden.index_select(0, batch.logits_indices)  # [num_logits, hidden_size]
+        return self.lm_head(self.norm(hidden)).float()  # [num_logits, vocab_size]
+
+    # ------------------------------------------------------------------ cache
+
+    def make_kv_caches(self, num_blocks: int, block_size: int) -> list[tuple[Tensor, Tensor]]:
+        """Per layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device))
+                for _ in range(self.num_layers)]
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * block_size * self.num_kv_heads * self.head_dim * element_size
+
+    # ------------------------------------------------------------------ weights
+
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the (fused) parameters. Raises ValueError
+        naming any missing parameter."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            for target, offset in self._map_name(hf_name):
+                if target is None:
+                    continue
+                param = params.get(target)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter here")
+                with torch.no_grad():
+                    dst = param.data if offset is None else \
+                        param.data.narrow(0, offset, tensor.shape[0])
+                    if dst.shape != tensor.shape:
+                        raise ValueError(f"checkpoint tensor {hf_name!r} has shape "
+                                         f"{tuple(tensor.shape)}, expected {tuple(dst.shape)}")
+                    dst.copy_(tensor)
+                loaded.add(f"{target}@{offset}")
+        expected = self._expected_slices()
+        missing = sorted(expected - loaded)
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+
+    def _map_name(self, hf_name: str) -> list[tuple[str | None, int | None]]:
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" or hf_name == "lm_head.weight":
+            if self.arch.tie_word_embeddings:
+                return [(None, None)]  # NOTE: tied; the embedding is the source of truth
+            return [("lm_head.weight", None)]
+        if not name.startswith("layers."):
+            return [(name, None)]
+        prefix, _, rest = name.partition(".self_attn.")
+        if rest:
+            proj, _, kind = rest.partition(".")
+            layer = self.layers[int(prefix.split(".")[1])]
+            offsets = {"q_proj": 0, "k_proj": layer.q_size,
+                       "v_proj": layer.q_size + layer.kv_size}
+            if proj in offsets:
+                return [(f"{prefix}.qkv_proj.{kind}", offsets[proj])]
+            if "rotary_emb" in proj:
+                return [(None, None)]
+            return [(f"{prefix}.{proj}.{kind}", None)]
+        prefix, _, rest = name.partition(".mlp.")
+        if rest:
+            proj, _, kind = rest.partition(".")
+            layer = self.layers[int(prefix.split(".")[1])]
+            offsets = {"gate_proj": 0, "up_proj": layer.intermediate_size}
+            if proj in offsets:
+                return [(f"{prefix}.gate_up_proj.{kind}", offsets[proj])]
+            return [(f"{prefix}.down_proj.{kind}", None)]
+        return [(name, None)]
+
+    def _expected_slices(self) -> set[str]:
+        expected = set()
+        for name, _ in self.named_parameters():
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue
+            if ".qkv_proj." in name:
+                layer = self.layers[int(name.split(".")[1])]
+                expected |= {f"{name}@{o}" for o in
+                             (0, layer.q_size, layer.q_size + layer.kv_size)}
+            elif ".gate_up_proj." in name:
+                layer = self.layers[int(name.split(".")[1])]
+                expected |= {f"{name}@0", f"{name}@{layer.intermediate_size}"}
+            else:
+                expected.add(f"{name}@None")
+        return expected

@@ -1,0 +1,114 @@
+"""The hot ops over the paged KV cache, in pure torch. On the CPU this IS the fast path; CUDA
+tensors dispatch to `specdec.kernels` (CuPy kernels with the same signatures).
+
+Glossary:
+    slot        block_id * block_size + offset: one token's row in the flattened cache
+    window      the query rows of one sequence in this step (a prefill chunk, one decode token,
+                or a verify window [last token, d1..dk]); positions seq_len - query_len ...
+                seq_len - 1, causal inside itself, attending to the whole cached context
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
+             slot_mapping: Tensor) -> None:
+    """Scatter this step's keys/values into the paged cache; slot -1 is skipped (padding)."""
+    # key, value: [num_tokens, num_kv_heads, head_dim]
+    # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    # slot_mapping: [num_tokens] int64
+    if key.is_cuda:
+        from specdec import kernels
+        return kernels.write_kv(key, value, k_cache, v_cache, slot_mapping)
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, num_kv_heads, head_dim]
+    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 1:
+        slot = int(slot_mapping[0])
+        if slot >= 0:
+            k_flat[slot] = key[0]
+            v_flat[slot] = value[0]
+        return None
+    valid = slot_mapping >= 0
+    if bool(valid.all()):
+        k_flat.index_copy_(0, slot_mapping, key)
+        v_flat.index_copy_(0, slot_mapping, value)
+    else:
+        slots = slot_mapping[valid]
+        k_flat.index_copy_(0, slots, key[valid])
+        v_flat.index_copy_(0, slots, value[valid])
+    return None
+
+
+def _gather_context(cache: Tensor, block_table: Tensor, seq_len: int) -> Tensor:
+    """The first seq_len cached rows of one sequence, heads first for SDPA."""
+    # cache: [num_blocks, block_size, num_kv_heads, head_dim]; block_table: [max_blocks] int32
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache.index_select(0, block_table[:num_blocks])
+    ctx = blocks.flatten(0, 1)[:seq_len]  # [seq_len, num_kv_heads, head_dim]
+    return ctx.transpose(0, 1)  # [num_kv_heads, seq_len, head_dim]
+
+
+def window_mask(query_len: int, seq_len: int, device: torch.device) -> Tensor:
+    """Bool mask [query_len, seq_len]: query row i (position seq_len - query_len + i) sees keys
+    at positions <= its own."""
+    key_pos = torch.arange(seq_len, device=device)
+    query_pos = torch.arange(seq_len - query_len, seq_len, device=device)
+    return key_pos[None, :] <= query_pos[:, None]
+
+
+def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    seq_lens: Tensor, query_start_loc: Tensor, scale: float,
+                    query_lens: list[int], seq_lens_list: list[int]) -> Tensor:
+    """Attention of each sequence's window over its cached context (which already holds this
+    step's keys/values). GQA: num_heads % num_kv_heads == 0."""
+    # query: [num_tokens, num_heads, head_dim] -> out: [num_tokens, num_heads, head_dim]
+    # block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32
+    # query_start_loc: [num_seqs + 1] int32
+    if query.is_cuda:
+        from specdec import kernels
+        return kernels.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
+                                       query_start_loc, scale, query_lens, seq_lens_list)
+    num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} must be a multiple of "
+                         f"num_kv_heads={num_kv_heads}")
+    if len(query_lens) == 1:  # NOTE: batch-1 decode/prefill: no split, no copy of the output
+        return _attend_one(query, k_cache, v_cache, block_tables[0], query_lens[0],
+                           seq_lens_list[0], scale)
+    out = torch.empty_like(query)
+    start = 0
+    for seq, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens_list)):
+        end = start + query_len
+        if query_len > 0:
+            out[start:end] = _attend_one(query[start:end], k_cache, v_cache, block_tables[seq],
+                                         query_len, seq_len, scale)
+        start = end
+    return out
+
+
+def _attend_one(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                query_len: int, seq_len: int, scale: float) -> Tensor:
+    # query: [query_len, num_heads, head_dim] -> [query_len, num_heads, head_dim]
+    keys = _gather_context(k_cache, block_table, seq_len)  # [num_kv_heads, seq_len, head_dim]
+    values = _gather_context(v_cache, block_table, seq_len)
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = keys.shape[0]
+    group = num_heads // num_kv_heads
+    # NOTE: GQA without expanding K/V: the `group` query heads that share a KV head become
+    # rows of one attention problem per KV head. (SDPA's enable_gqa path is ~6x slower on
+    # the CPU for decode shapes.)
+    rows = query.view(query_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)
+    rows = rows.reshape(num_kv_heads, group * query_len, head_dim)
+    mask = None
+    if query_len > 1:
+        mask = window_mask(query_len, seq_len, query.device).repeat(group, 1)
+    out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)
+    out = out.view(num_kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
+    return out.reshape(query_len, num_heads, head_dim)

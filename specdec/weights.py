@@ -1,0 +1,77 @@
+"""Load a Llama-family model and its tokenizer from a local Hugging Face directory (single or
+sharded safetensors), or from a name that `specdec fetch` knows."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from specdec.fetch import resolve_model_path
+from specdec.models.llama import LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = (None, "int8")
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_config(path: str):
+    """The transformers config of a model directory."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path)
+
+
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of a directory: the shards named by model.safetensors.index.json, or
+    every *.safetensors file."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model path {path!r} has no *.safetensors files")
+    return files
+
+
+def iter_weights(path: str):
+    """(name, tensor) for every tensor of every safetensors file of the directory."""
+    for file in safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               quantization: str | None = None, max_model_len: int | None = None,
+               ) -> LlamaForCausalLM:
+    """Build the model from `path` (a local HF directory or a fetch name) and load its weights.
+    `quantization="int8"`: weight-only int8 Linear layers (logits stay float32)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    torch_dtype = parse_dtype(dtype)
+    path = resolve_model_path(path)
+    config = load_config(path)
+    model = LlamaForCausalLM(config, torch_dtype, device, max_model_len=max_model_len)
+    model.load_weights(iter_weights(path))
+    model.eval()
+    if quantization == "int8":
+        from specdec.quant import quantize_int8
+        quantize_int8(model)
+    return model
+
+
+def load_tokenizer(path: str):
+    """transformers AutoTokenizer of the same directory (or fetch name)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(resolve_model_path(path))

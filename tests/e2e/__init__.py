@@ -1,0 +1,1 @@
+"""End-to-end tests: a live server driven over HTTP."""

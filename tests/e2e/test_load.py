@@ -1,0 +1,115 @@
+"""Many streams with half the clients gone mid-stream: nothing leaks; overload gives 503."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from server.protocol import loads
+from tests.e2e.conftest import NGRAM_MODEL, SPEC_MODEL, LiveServer, http, scrape, sse_events
+
+NUM_STREAMS = 200
+
+
+async def _one_stream(session, url: str, i: int) -> tuple[str, list]:
+    cancel = i % 2 == 0
+    body = {"model": SPEC_MODEL, "prompt": f"Request {i}: the quick brown fox",
+            "max_tokens": 200 if cancel else 8, "stream": True, "ignore_eos": True,
+            "temperature": 0 if i % 4 < 2 else 0.8}
+    async with session.post(url, json=body) as resp:
+        assert resp.status == 200
+        if cancel:
+            first = await resp.content.readuntil(b"\n\n")
+            resp.close()  # drop the connection mid-stream
+            return "cancelled", sse_events(first)
+        return "done", sse_events(await resp.read())
+
+
+async def _wait_idle(server: LiveServer) -> dict:
+    """Poll /metrics until the engine has no running or waiting request (hang guard 120 s)."""
+    for _ in range(1200):
+        metrics = await asyncio.to_thread(scrape, server)
+        if (metrics["specdec:num_requests_running"] == 0
+                and metrics["specdec:num_requests_waiting"] == 0):
+            return metrics
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"engine never went idle: {metrics}")
+
+
+def test_200_streams_half_cancelled_free_every_block(spec_server):
+    aborted_before = scrape(spec_server)['specdec:request_success_total{finished_reason="abort",'
+                                         'model_name="tiny-spec"}']
+
+    async def run():
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            url = spec_server.base_url + "/v1/completions"
+            results = await asyncio.gather(*(_one_stream(session, url, i)
+                                             for i in range(NUM_STREAMS)))
+        return results, await _wait_idle(spec_server)
+
+    results, metrics = asyncio.run(run())
+    done = [events for kind, events in results if kind == "done"]
+    assert len(done) == NUM_STREAMS // 2
+    for events in done:
+        assert events[-1] == "[DONE]"
+        finishes = [e["choices"][0]["finish_reason"] for e in events[:-1]
+                    if e["choices"][0]["finish_reason"]]
+        assert finishes == ["length"]
+    assert metrics["specdec:kv_cache_usage_perc"] == 0
+    assert metrics["specdec:num_blocks_free"] == metrics["specdec:num_blocks_total"]
+    aborted = metrics['specdec:request_success_total{finished_reason="abort",'
+                      'model_name="tiny-spec"}'] - aborted_before
+    assert 1 <= aborted <= NUM_STREAMS // 2
+    # The server still serves.
+    out = spec_server.client().completions.create(model=SPEC_MODEL, prompt="Hi", max_tokens=3,
+                                                  extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3
+
+
+def test_overload_returns_503_with_retry_after(ngram_server):
+    url = ngram_server.base_url + "/v1/completions"
+    # max_num_seqs 2 + max_queued_requests 1 = 3 choices in flight; 4 never fit at once.
+    status, headers, body = http("POST", url, {"prompt": "x", "n": 4, "max_tokens": 2})
+    assert status == 503 and headers["Retry-After"] == "1"
+    err = loads(body)["error"]
+    assert err["type"] == "service_unavailable" and "max_queued_requests" in err["message"]
+
+    async def run():
+        async with aiohttp.ClientSession() as session:
+            held = await session.post(url, json={
+                "model": NGRAM_MODEL, "prompt": "Hello", "n": 3, "max_tokens": 480,
+                "stream": True, "ignore_eos": True, "num_speculative_tokens": 0})
+            assert held.status == 200
+            await held.content.readuntil(b"\n\n")
+            async with session.post(url, json={"prompt": "x", "max_tokens": 2}) as extra:
+                status, headers = extra.status, dict(extra.headers)
+            held.close()
+        return status, headers, await _wait_idle(ngram_server)
+
+    status, headers, metrics = asyncio.run(run())
+    assert status == 503 and headers["Retry-After"] == "1"
+    assert metrics["specdec:kv_cache_usage_perc"] == 0
+    out = ngram_server.client().completions.create(model=NGRAM_MODEL, prompt="Hi", max_tokens=3,
+                                                   extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3
+
+
+def test_metrics_names(spec_server):
+    status, headers, body = http("GET", spec_server.base_url + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    names = {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines()
+             if line.startswith("specdec:")}
+    expected = {
+        "num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
+        "prefix_cache_queries_total", "prefix_cache_hits_total", "num_preemptions_total",
+        "prompt_tokens_total", "generation_tokens_total", "request_success_total",
+        "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+        "e2e_request_latency_seconds_bucket", "request_queue_time_seconds_bucket",
+        "spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+        "spec_decode_num_accepted_tokens_total", "spec_decode_num_accepted_tokens_per_pos_total"}
+    assert {f"specdec:{n}" for n in expected} <= names
+    per_pos = [line for line in body.decode().splitlines()
+               if line.startswith("specdec:spec_decode_num_accepted_tokens_per_pos_total")]
+    assert [line.split('position="')[1].split('"')[0] for line in per_pos] == ["0", "1", "2"]

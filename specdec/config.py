@@ -227,8 +227,15 @@ def from_dict(data: dict, overrides: dict[str, object] | None = None) -> Config:
             if key not in hints:
                 raise ConfigError(f"unknown config key {section}.{key}; known: {sorted(hints)}")
             kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+        for key in _PATH_KEYS.get(section, ()):
+            if isinstance(kwargs.get(key), str):
+                kwargs[key] = os.path.expanduser(os.path.expandvars(kwargs[key]))
         sections[section] = cls(**kwargs)
     return Config(**sections)
+
+
+# Paths may use ~ and $VARS (tests point the tiny-random config at generated models this way).
+_PATH_KEYS = {"model": ("path",), "spec": ("draft_model",)}
 
 
 def load(path: str | os.PathLike, overrides: dict[str, object] | None = None) -> Config:

@@ -160,6 +160,14 @@ class Engine:
         self.controller = SpeculationController(
             self.k_max, spec.adaptive, self.target_runner.cost,
             self.draft_runner.cost if self.draft_runner else None, self.max_model_len)
+        self.cuda_graphs = False
+        if self.device.type == "cuda" and dev.cuda_graphs:
+            # The verify window is [last, d1..dk] for any k the controller may pick.
+            max_seqs = config.scheduler.max_num_seqs
+            self.cuda_graphs = self.target_runner.capture_graphs(
+                list(range(1, self.k_max + 2)), max_seqs, self.max_model_len)
+            if self.draft_runner is not None and self.cuda_graphs:
+                self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
         self.eos_token_ids = self._eos_token_ids(config.model.path)
         self.tracked: dict[str, _Tracked] = {}
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,

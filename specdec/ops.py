@@ -15,13 +15,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _use_kernels(tensor: Tensor, head_dim: int) -> bool:
+    """CUDA tensors go to the CuPy kernels when they load and support the shape; otherwise the
+    torch reference below runs on the GPU too (eager only: it reads the CPU lists)."""
+    if not tensor.is_cuda:
+        return False
+    from specdec import kernels
+    return kernels.available() and kernels.supports(head_dim, tensor.dtype)
+
+
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor) -> None:
     """Scatter this step's keys/values into the paged cache; slot -1 is skipped (padding)."""
     # key, value: [num_tokens, num_kv_heads, head_dim]
     # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     # slot_mapping: [num_tokens] int64
-    if key.is_cuda:
+    if _use_kernels(key, k_cache.shape[3]):
         from specdec import kernels
         return kernels.write_kv(key, value, k_cache, v_cache, slot_mapping)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -71,7 +80,7 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     # query: [num_tokens, num_heads, head_dim] -> out: [num_tokens, num_heads, head_dim]
     # block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32
     # query_start_loc: [num_seqs + 1] int32
-    if query.is_cuda:
+    if _use_kernels(query, query.shape[2]):
         from specdec import kernels
         return kernels.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
                                        query_start_loc, scale, query_lens, seq_lens_list)
@@ -82,6 +91,11 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     if len(query_lens) == 1:  # NOTE: batch-1 decode/prefill: no split, no copy of the output
         return _attend_one(query, k_cache, v_cache, block_tables[0], query_lens[0],
                            seq_lens_list[0], scale)
+    if min(query_lens) == max(query_lens) and query_lens[0] > 0:
+        # NOTE: a batch of decodes, or of verify windows with the same k: one padded SDPA
+        # instead of a Python loop over sequences.
+        return _attend_uniform(query, k_cache, v_cache, block_tables, seq_lens, query_lens[0],
+                               max(seq_lens_list), scale)
     out = torch.empty_like(query)
     start = 0
     for seq, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens_list)):
@@ -112,3 +126,36 @@ def _attend_one(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Te
     out = F.scaled_dot_product_attention(rows, keys, values, attn_mask=mask, scale=scale)
     out = out.view(num_kv_heads, group, query_len, head_dim).permute(2, 0, 1, 3)
     return out.reshape(query_len, num_heads, head_dim)
+
+
+def _attend_uniform(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    seq_lens: Tensor, query_len: int, max_seq_len: int, scale: float) -> Tensor:
+    """All sequences have the same window length: pad contexts to max_seq_len and mask."""
+    # query: [num_seqs * query_len, num_heads, head_dim]
+    num_seqs = block_tables.shape[0]
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = (max_seq_len + block_size - 1) // block_size
+    table = block_tables[:, :num_blocks]  # [num_seqs, num_blocks]
+
+    key_pos = torch.arange(max_seq_len, device=query.device)  # [max_seq_len]
+    # NOTE: the padded tail may hold stale or poisoned rows (NaN * 0 is NaN): zero them.
+    valid = key_pos[None, :] < seq_lens.to(torch.int64)[:, None]  # [num_seqs, max_seq_len]
+
+    def gather(cache: Tensor) -> Tensor:  # -> [num_seqs, num_kv_heads, max_seq_len, head_dim]
+        ctx = cache[table].flatten(1, 2)[:, :max_seq_len]
+        ctx = ctx.masked_fill(~valid[:, :, None, None], 0.0)
+        return ctx.transpose(1, 2)
+
+    rows = query.view(num_seqs, query_len, num_kv_heads, group, head_dim)
+    rows = rows.permute(0, 2, 3, 1, 4).reshape(num_seqs, num_kv_heads, group * query_len,
+                                               head_dim)
+    offsets = torch.arange(query_len, device=query.device) - query_len + 1  # [query_len]
+    last_pos = seq_lens.to(torch.int64)[:, None] - 1 + offsets[None, :]  # [num_seqs, q]
+    mask = key_pos[None, None, :] <= last_pos[:, :, None]  # [num_seqs, q, max_seq_len]
+    mask = mask.repeat(1, group, 1).unsqueeze(1)  # [num_seqs, 1, group * q, max_seq_len]
+    out = F.scaled_dot_product_attention(rows, gather(k_cache), gather(v_cache),
+                                         attn_mask=mask, scale=scale)
+    out = out.view(num_seqs, num_kv_heads, group, query_len, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(num_seqs * query_len, num_heads, head_dim)

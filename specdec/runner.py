@@ -27,14 +27,13 @@ class SeqSlice:
 class ModelRunner:
     """Owns one model and its paged KV cache; `execute` returns float32 logits rows."""
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 graph_runner=None):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
         self.model = model
         self.device = model.device
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
-        self.graph_runner = graph_runner
+        self.graph_runners: dict = {}  # query_len -> CudaGraphRunner
         # Timing model for adaptive speculation: seconds = fixed + per_token * num_tokens.
         self.cost = CostModel()
 
@@ -89,8 +88,9 @@ class ModelRunner:
             assert len(s.block_ids) >= needed, "scheduler allocated too few KV blocks"
         batch = self.build_batch(seqs)
         t0 = time.perf_counter()
-        if self.graph_runner is not None and self.graph_runner.can_run(batch):
-            logits = self.graph_runner.run(batch)
+        graphs = self.graph_runners.get(batch.query_lens[0])
+        if graphs is not None and graphs.can_run(batch):
+            logits = graphs.run(batch)
         else:
             logits = self.model(batch, self.kv_caches)
         logits = logits.float().cpu()
@@ -98,6 +98,22 @@ class ModelRunner:
             self.cost.observe(len(batch.query_lens), int(batch.input_ids.shape[0]),
                               time.perf_counter() - t0)
         return logits
+
+    def capture_graphs(self, query_lens: list[int], max_num_seqs: int, max_model_len: int,
+                       debug: bool = False) -> bool:
+        """Capture CUDA graphs for uniform batches of each query length; False if unsupported."""
+        from specdec import kernels
+        from specdec.graphs import CudaGraphRunner
+        model = self.model
+        if self.device.type != "cuda" or not kernels.available() or not kernels.supports(
+                model.head_dim, model.dtype):
+            return False
+        max_blocks = -(-max_model_len // self.block_size)
+        for q in query_lens:
+            runner = CudaGraphRunner(model, self.kv_caches, q, max_num_seqs, max_blocks, debug)
+            runner.capture()
+            self.graph_runners[q] = runner
+        return True
 
     @torch.inference_mode()
     def calibrate(self, token_counts: list[int], repeats: int = 2) -> None:

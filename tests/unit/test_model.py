@@ -67,13 +67,14 @@ def test_chunked_prefill_then_decode_matches(model_pair):
         rows.append(ours(seqs.batch([("a", chunk)]), caches))
     assert (torch.cat(rows) - expected).abs().max().item() <= ATOL
     tokens = list(prompt)
-    last = rows[-1][-1]
+    decode_rows = [rows[-1][-1]]
     for _ in range(20):
-        next_token = int(last.argmax())
-        tokens.append(next_token)
-        last = ours(seqs.batch([("a", [next_token])]), caches)[0]
-        assert (last - _ref_logits(ref, tokens)[-1]).abs().max().item() <= ATOL
+        tokens.append(int(decode_rows[-1].argmax()))
+        decode_rows.append(ours(seqs.batch([("a", [tokens[-1]])]), caches)[0])
     assert seqs.lens["a"] == 70
+    # one reference forward over the whole sequence checks every decode step's logits
+    expected = _ref_logits(ref, tokens)[49:]  # [21, vocab]
+    assert (torch.stack(decode_rows) - expected).abs().max().item() <= ATOL
 
 
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -193,3 +194,20 @@ def test_int8_model_is_close_to_float(kind, dtype, request):
 def test_bad_quantization_is_named(tiny_draft_dir):
     with pytest.raises(ValueError, match="quantization must be one of .* got 'int4'"):
         load_model(tiny_draft_dir, "float32", quantization="int4")
+
+
+def test_batched_decode_and_verify_steps_match(model_pair):
+    _, ours, ref = model_pair
+    seqs = PagedSequences(num_blocks=32, block_size=16, seed=7)
+    caches = ours.make_kv_caches(32, 16)
+    tokens = {s: _prompt(40 + s, n) for s, n in enumerate([5, 30, 16])}
+    ours(seqs.batch(list(tokens.items())), caches)
+    for step, width in enumerate([1, 1, 3, 3]):  # decodes, then verify windows of 3
+        windows = [(s, _prompt(100 * step + s, width)) for s in (2, 0, 1)]
+        logits = ours(seqs.batch(windows), caches)
+        start = 0
+        for s, window in windows:
+            tokens[s] += window
+            expected = _ref_logits(ref, tokens[s])[-width:]
+            assert (logits[start:start + width] - expected).abs().max().item() <= ATOL
+            start += width

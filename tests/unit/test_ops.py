@@ -41,6 +41,13 @@ def _make_case(block_size, num_heads, num_kv_heads, windows, seed, head_dim=16):
     for n in blocks_needed:
         table = [free.pop() for _ in range(n)]
         tables.append(table)
+    # poison every slot outside the sequences' contexts: a reader of padding would see NaN
+    used = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    for table, (_, seq_len) in zip(tables, windows):
+        for pos in range(seq_len):
+            used[table[pos // block_size] * block_size + pos % block_size] = True
+    k_cache.view(-1, num_kv_heads, head_dim)[~used] = float("nan")
+    v_cache.view(-1, num_kv_heads, head_dim)[~used] = float("nan")
     width = max(blocks_needed)
     for table, (_, seq_len) in zip(tables, windows):
         ks = k_cache[table].flatten(0, 1)[:seq_len]
@@ -54,12 +61,21 @@ def _make_case(block_size, num_heads, num_kv_heads, windows, seed, head_dim=16):
     return query, k_cache, v_cache, block_tables, seq_lens, qsl, query_lens, contexts
 
 
+WINDOWS = {
+    # ragged: a decode, a verify window, a prefill chunk mid-sequence, a full prefill,
+    # a window that ends exactly on a block boundary (per-sequence path)
+    "ragged": [(1, 37), (5, 21), (19, 70), (33, 33), (3, 64)],
+    # the batched paths: all decodes, all verify windows of the same length
+    "decodes": [(1, 37), (1, 1), (1, 64), (1, 17)],
+    "verify": [(4, 9), (4, 4), (4, 70), (4, 33)],
+}
+
+
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2), (14, 2)])
-def test_paged_attention_matches_naive(block_size, num_heads, num_kv_heads):
-    # ragged: a decode, a verify window, a prefill chunk mid-sequence, a full prefill,
-    # a window that ends exactly on a block boundary
-    windows = [(1, 37), (5, 21), (19, 70), (33, 33), (3, 2 * block_size)]
+@pytest.mark.parametrize("case", list(WINDOWS))
+def test_paged_attention_matches_naive(block_size, num_heads, num_kv_heads, case):
+    windows = WINDOWS[case]
     query, k_cache, v_cache, block_tables, seq_lens, qsl, query_lens, contexts = _make_case(
         block_size, num_heads, num_kv_heads, windows, seed=block_size + num_heads)
     scale = 16 ** -0.5

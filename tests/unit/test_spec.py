@@ -148,7 +148,8 @@ def test_adaptive_k_falls_to_zero_with_a_bad_drafter(tiny_llama_dir):
     assert ks[0] > 0, "the prior should start by speculating"
     assert all(n >= 1 for n in produced), "every decode step yields at least one token"
     tail = ks[-30:]
-    assert sum(k == 0 for k in tail) >= 0.8 * len(tail), ks
+    # Mostly 0, with an occasional k = 1 probe (alpha drifts back toward the prior when idle).
+    assert sum(k == 0 for k in tail) >= 0.6 * len(tail) and max(tail) <= 1, ks
     ref = make_llm(tiny_llama_dir).generate([{"prompt_token_ids": [5, 6, 7, 8]}],
                                             SamplingParams(temperature=0.0, max_tokens=80,
                                                            ignore_eos=True))

@@ -294,7 +294,7 @@ def _save_hf_model(shape: dict, out_dir: str, seed: int, device: str) -> str:
 
 def section_spec_e2e(args, res: dict) -> None:
     from specdec.config import from_dict
-    from specdec.engine import LLM
+    from specdec.llm import LLM
     from specdec.request import SamplingParams
 
     shapes = SMOKE_SHAPES if args.smoke else SHAPES

@@ -204,15 +204,16 @@ def run_hf(name: str, args, target_path: str, draft_path: str | None, prompt_ids
     kwargs: dict = {}
     settings: dict = {"model": target_path}
     if name == "hf-assisted":
-        assistant = _load_hf(draft_path, args.draft_dtype or args.dtype, args.device,
-                             args.draft_quantization)
+        # NOTE: transformers gets its draft unquantized: torch's dynamic int8 also quantizes
+        # activations, which ruins its acceptance; weight-only int8 is our own design choice.
+        assistant = _load_hf(draft_path, args.draft_dtype or args.dtype, args.device)
         # NOTE: transformers adapts its own k (confidence threshold, heuristic schedule);
         # we only set where it starts, and record what it used.
         assistant.generation_config.num_assistant_tokens = args.k
         kwargs["assistant_model"] = assistant
         settings.update(draft=draft_path, num_assistant_tokens=args.k,
                         schedule=assistant.generation_config.num_assistant_tokens_schedule,
-                        draft_quantization=args.draft_quantization)
+                        draft_quantization=None)
     elif name == "hf-ngram":
         kwargs["prompt_lookup_num_tokens"] = args.k
         settings["prompt_lookup_num_tokens"] = args.k

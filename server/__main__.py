@@ -51,7 +51,7 @@ def describe_engine(engine) -> dict:
     config = engine.config
     stats = engine.stats()
     device = str(getattr(engine, "device", config.device.device))
-    graphs = getattr(getattr(engine, "target_runner", None), "graph_runner", None)
+    graphs_active = bool(getattr(engine, "cuda_graphs", False))
     kernels_active = False
     if device.startswith("cuda"):
         try:
@@ -68,7 +68,7 @@ def describe_engine(engine) -> dict:
         "kv_blocks": stats.num_blocks_total, "kv_block_size": config.cache.block_size,
         "kv_tokens": stats.num_blocks_total * config.cache.block_size,
         "cuda_kernels": kernels_active,
-        "cuda_graphs": graphs is not None,
+        "cuda_graphs": graphs_active,
     }
 
 

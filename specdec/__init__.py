@@ -7,7 +7,10 @@ from specdec.request import SamplingParams  # noqa: E402
 
 def __getattr__(name):
     # The engine pulls in torch; keep `import specdec` light for the bookkeeping modules.
-    if name in ("LLM", "RequestOutput", "CompletionOutput", "Engine"):
+    if name == "LLM":
+        from specdec.llm import LLM
+        return LLM
+    if name in ("RequestOutput", "CompletionOutput", "Engine"):
         from specdec import engine
         return getattr(engine, name)
     raise AttributeError(name)

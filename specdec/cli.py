@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         from server.__main__ import main as serve_main
         return serve_main(rest)
     if command == "generate":
-        from specdec.engine import generate_main
+        from specdec.llm import generate_main
         return generate_main(rest)
     parser.parse_args(argv)
     return 2

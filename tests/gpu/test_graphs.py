@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from tests.conftest import PagedSequences, make_tiny_config, save_tiny_model
 from tests.gpu.cases import relative_error
@@ -63,7 +62,7 @@ def test_graph_replay_matches_eager(kernels, tiny_dirs, dtype, tol, query_len) -
 def _generate(config_dict: dict, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     try:
         from specdec.config import from_dict
-        from specdec.engine import LLM
+        from specdec.llm import LLM
         from specdec.request import SamplingParams
     except ImportError as e:
         pytest.skip(f"engine import failed: {e}")

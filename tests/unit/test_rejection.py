@@ -7,6 +7,7 @@ import torch
 from specdec.rejection import (draft_uniforms, greedy_verify, rejection_sample,
                                rejection_sample_reference)
 from specdec.sampling import STREAM_ACCEPT, STREAM_SAMPLE, row_generator, sample
+from tests.stats import chi_square_pvalue
 
 V = 8
 
@@ -17,12 +18,6 @@ def one_hot(*token_ids: int, vocab: int = V) -> torch.Tensor:
     return rows
 
 
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    n = counts.sum().double()
-    expected = probs.double() * n
-    stat = ((counts.double() - expected) ** 2 / expected).sum()
-    df = torch.tensor((probs.numel() - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(df, stat / 2))
 
 
 def both(*args, **kwargs):

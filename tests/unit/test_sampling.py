@@ -9,6 +9,7 @@ import torch
 from specdec.request import SamplingParams
 from specdec.sampling import (STREAM_ACCEPT, STREAM_SAMPLE, RowState, compute_logprobs,
                               compute_probs, process_logits, row_generator, sample)
+from tests.stats import chi_square_pvalue
 
 INF = float("inf")
 
@@ -17,13 +18,6 @@ def row(prompt=(), output=(), eos=None, **params) -> RowState:
     return RowState(SamplingParams(**params), list(prompt), list(output), eos)
 
 
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square goodness of fit; df = number of cells - 1."""
-    n = counts.sum().double()
-    expected = probs.double() * n
-    stat = ((counts.double() - expected) ** 2 / expected).sum()
-    df = torch.tensor((probs.numel() - 1) / 2, dtype=torch.float64)
-    return float(torch.special.gammaincc(df, stat / 2))
 
 
 def test_min_tokens_masks_eos_and_stop_token_ids_until_reached():

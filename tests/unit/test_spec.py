@@ -13,6 +13,7 @@ import torch
 from specdec import LLM, SamplingParams
 from specdec.config import Config
 from tests.conftest import make_tiny_config, save_tiny_model
+from tests.stats import chi_square_pvalue
 
 MAX_NEAR_TIE_GAP = 1e-3  # fp32: a flipped token with a bigger top-2 logit gap is a bug
 
@@ -198,19 +199,6 @@ def exact_joint(target_dir: str, params: SamplingParams) -> torch.Tensor:
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def chi_square_p(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
-    """Pearson chi-square p-value; cells with expected count < min_expected are pooled."""
-    counts, probs = counts.flatten().double(), probs.flatten().double()
-    expected = probs * counts.sum()
-    big = expected >= min_expected
-    obs = torch.cat([counts[big], counts[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = exp > 0
-    stat = (((obs - exp) ** 2)[keep] / exp[keep]).sum()
-    df = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2.0, dtype=torch.float64), stat / 2))
-
-
 def sample_joint(llm: LLM) -> torch.Tensor:
     outs = llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, DIST_PARAMS)
     counts = torch.zeros(VOCAB, VOCAB, VOCAB)
@@ -235,18 +223,18 @@ def test_distribution_matches_target_and_catches_a_biased_rule(small_vocab_pair,
     stats = llm.engine.stats()
     rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
     assert 0.05 < rate < 0.95, f"acceptance {rate:.2f}: the test needs both outcomes"
-    p_first = chi_square_p(counts.sum(dim=(1, 2)), joint.sum(dim=(1, 2)))
-    p_pair = chi_square_p(counts.sum(dim=2), joint.sum(dim=2))
-    p_third = chi_square_p(counts.sum(dim=(0, 1)), joint.sum(dim=(0, 1)))
-    p_joint = chi_square_p(counts, joint)
+    p_first = chi_square_pvalue(counts.sum(dim=(1, 2)), joint.sum(dim=(1, 2)))
+    p_pair = chi_square_pvalue(counts.sum(dim=2), joint.sum(dim=2))
+    p_third = chi_square_pvalue(counts.sum(dim=(0, 1)), joint.sum(dim=(0, 1)))
+    p_joint = chi_square_pvalue(counts, joint)
     assert min(p_first, p_pair, p_third, p_joint) > 1e-3, (p_first, p_pair, p_third, p_joint)
 
     # The same test must fail for a real bias: accepting with min(1, draft / target).
     import specdec.engine as engine_module
     monkeypatch.setattr(engine_module, "rejection_sample", biased_rejection_sample)
     biased_counts = sample_joint(dist_llm(target, draft))
-    p_biased = chi_square_p(biased_counts, joint)
-    p_biased_pair = chi_square_p(biased_counts.sum(dim=2), joint.sum(dim=2))
+    p_biased = chi_square_pvalue(biased_counts, joint)
+    p_biased_pair = chi_square_pvalue(biased_counts.sum(dim=2), joint.sum(dim=2))
     assert min(p_biased, p_biased_pair) < 1e-6, (p_biased, p_biased_pair)
 
 

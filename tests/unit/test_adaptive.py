@@ -1,0 +1,83 @@
+"""The speculation controller on fixed cost tables: k follows acceptance and costs, K = 0 wins
+when verify tokens are expensive, load turns speculation down, probes revisit a low alpha."""
+
+from __future__ import annotations
+
+from specdec.adaptive import SpeculationController
+from specdec.request import Request, SamplingParams
+from specdec.runner import CostModel
+
+
+def cost(fixed: float, per_token: float) -> CostModel:
+    model = CostModel()
+    model.table = {n: fixed + per_token * n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)}
+    return model
+
+
+def decoding(n: int, **params) -> list[Request]:
+    reqs = []
+    for i in range(n):
+        req = Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=100, temperature=0.0,
+                                                         **params))
+        req.output_token_ids = [4]
+        reqs.append(req)
+    return reqs
+
+
+def controller(target: CostModel, draft: CostModel | None = None, k_max: int = 5):
+    return SpeculationController(k_max, True, target, draft, max_model_len=1024)
+
+
+def test_cheap_verify_and_good_acceptance_speculate_deeply():
+    ctl = controller(cost(0.100, 0.001), cost(0.002, 0.0001))  # bf16-like: verify ~ free
+    reqs = decoding(1)
+    for _ in range(5):
+        ctl.observe("r0", 5, 5)  # everything accepted
+    ctl.choose(reqs)
+    assert reqs[0].num_lookahead_tokens == 5
+
+
+def test_expensive_verify_tokens_mean_no_speculation():
+    ctl = controller(cost(0.010, 0.050))  # each extra token costs 5x the fixed part
+    reqs = decoding(1)
+    ctl.choose(reqs)
+    assert reqs[0].num_lookahead_tokens == 0
+
+
+def test_load_turns_speculation_down():
+    # Compute-bound at batch size: per-token cost dominates once the batch is large.
+    target = cost(0.050, 0.004)
+    alone, crowd = decoding(1), decoding(32)
+    ctl = controller(target, cost(0.005, 0.001))
+    ctl.choose(alone)
+    ctl.choose(crowd)
+    assert alone[0].num_lookahead_tokens > 0
+    assert sum(r.num_lookahead_tokens for r in crowd) == 0
+
+
+def test_low_acceptance_falls_to_zero_then_recovers_slowly():
+    ctl = controller(cost(0.100, 0.001))
+    reqs = decoding(1)
+    for _ in range(20):
+        ctl.observe("r0", 4, 0)
+    ks = []
+    for _ in range(400):
+        ctl.choose(reqs)
+        ks.append(reqs[0].num_lookahead_tokens)
+    assert ks[:50] == [0] * 50  # no draft while acceptance is poor
+    assert ks[-1] > 0  # alpha drifted back toward the prior: speculation resumes
+
+
+def test_fixed_and_seeded_requests_are_not_adapted():
+    ctl = controller(cost(0.010, 0.050))  # adaptive would pick 0
+    fixed = decoding(1, num_speculative_tokens=3)
+    ctl.choose(fixed)
+    assert fixed[0].num_lookahead_tokens == 3
+    seeded = [Request("s", [1, 2], SamplingParams(temperature=0.8, seed=1, max_tokens=50))]
+    seeded[0].output_token_ids = [3]
+    ctl.choose(seeded)
+    assert seeded[0].num_lookahead_tokens == 5
+    near_end = decoding(1)
+    near_end[0].output_token_ids = [4] * 98  # max_tokens 100: one more token, then the bonus
+    ctl.choose(near_end)
+    assert near_end[0].num_lookahead_tokens <= 1

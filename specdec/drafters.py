@@ -72,9 +72,8 @@ class DraftModelDrafter:
 
     has_model = True
 
-    def __init__(self, runner: ModelRunner, global_generator: torch.Generator | None = None):
+    def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.generator = global_generator
 
     def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
         if not requests:
@@ -89,7 +88,7 @@ class DraftModelDrafter:
                 req = requests[i][0]
                 if step == 0:
                     start = min(req.draft_num_computed_tokens, req.num_tokens - 1)
-                    tokens = req.all_token_ids[start:]
+                    tokens = req.token_ids_slice(start, req.num_tokens)
                 else:
                     start = req.num_tokens + step - 1
                     tokens = [drafts[i][-1]]

@@ -129,7 +129,6 @@ class Engine:
             torch.set_num_threads(dev.num_threads)
         torch.manual_seed(dev.seed)
         self.device = resolve_device(dev.device)
-        self.generator = torch.Generator().manual_seed(dev.seed)
         self.tokenizer = load_tokenizer(config.model.path)
         target = load_model(config.model.path, config.model.dtype, str(self.device),
                             config.model.quantization)
@@ -246,8 +245,6 @@ class Engine:
         eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
                       arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
-        if params.logprobs is not None:
-            req.output_logprobs = []
         self.scheduler.add_request(req)  # raises ValueError if it can never fit
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -287,7 +284,7 @@ class Engine:
         for s in output.scheduled:
             req = s.request
             start = req.num_computed_tokens
-            tokens = req.all_token_ids[start:start + s.num_new_tokens]
+            tokens = req.token_ids_slice(start, start + s.num_new_tokens)
             prop = proposals.get(req.request_id)
             drafts = prop.draft_token_ids if prop else []
             final = start + s.num_new_tokens == req.num_tokens
@@ -337,11 +334,12 @@ class Engine:
             num_accepted[req.request_id] = accepted
             if drafts:
                 self._count_spec(req, len(drafts), accepted)
-            if req.output_logprobs is not None:
+            logprobs = self.tracked[req.request_id].logprobs
+            if logprobs is not None:
                 top_n = req.sampling_params.logprobs
                 raw = logits[offsets[i]:offsets[i] + len(tokens)]
                 lp = compute_logprobs(raw, torch.tensor(tokens), [top_n] * len(tokens))
-                self.tracked[req.request_id].logprobs.extend(lp)
+                logprobs.extend(lp)
         return new_tokens, num_accepted
 
     def _rejection(self, sampled, which: list[int], target_probs: torch.Tensor):

@@ -147,8 +147,6 @@ class Request:
     prompt: str | None = None
 
     output_token_ids: list[int] = field(default_factory=list)
-    # Per output token: (logprob of the chosen token, [(token id, logprob), ...]); None if off.
-    output_logprobs: list | None = None
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     # Draft model bookkeeping: how many tokens the draft's KV holds (it may lag by one).
@@ -179,6 +177,15 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    def token_ids_slice(self, start: int, end: int) -> list[int]:
+        """all_token_ids[start:end] without concatenating prompt and output (per-step path)."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt:end - num_prompt]
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:end - num_prompt]
 
     @property
     def max_tokens(self) -> int | None:

@@ -203,3 +203,12 @@ def test_chat_template(tiny_llm):
     ids = tiny_llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}],
                                                  add_generation_prompt=True, tokenize=False)
     assert out[0].prompt_token_ids == tiny_llm.tokenizer(ids).input_ids
+
+
+def test_token_ids_slice_equals_all_token_ids_slice():
+    from specdec.request import Request
+    req = Request("x", [1, 2, 3, 4], SamplingParams())
+    req.output_token_ids = [5, 6, 7]
+    for start in range(8):
+        for end in range(start, 8):
+            assert req.token_ids_slice(start, end) == req.all_token_ids[start:end]

@@ -23,11 +23,9 @@ import argparse
 import gc
 import json
 import os
-import platform
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -35,7 +33,11 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.append(REPO_ROOT)
 
-from prompts import BenchPrompt, load_code_prompts, load_mtbench, take  # noqa: E402
+from latency_common import (RequestResult, SystemResult, encode_prompts,  # noqa: E402
+                            eos_token_ids, machine_info, strip_eos, sync)
+from latency_hf import run_hf  # noqa: E402
+from prompts import load_code_prompts, load_mtbench, take  # noqa: E402
+
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 ALL_SYSTEMS = ("hf", "hf-assisted", "hf-ngram", "ours", "ours-draft", "ours-ngram")
 DRAFT_SYSTEMS = ("hf-assisted", "ours-draft")
@@ -53,197 +55,6 @@ PAIRS = {
                  "configs/qwen2.5-coder-1.5b+0.5b.toml"),
     "smollm2": Pair("smollm2-135m-instruct", None, "configs/smollm2-135m-ngram.toml"),
 }
-
-
-@dataclass(slots=True)
-class RequestResult:
-    prompt_id: str
-    num_prompt_tokens: int
-    token_ids: list[int]
-    wall_s: float
-    ttft_s: float | None = None
-    num_drafts: int = 0
-    num_draft_tokens: int = 0
-    num_accepted_tokens: int = 0
-
-
-@dataclass(slots=True)
-class SystemResult:
-    name: str
-    load_s: float
-    settings: dict
-    requests: list[RequestResult] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.requests)
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.num_tokens / max(sum(r.wall_s for r in self.requests), 1e-9)
-
-    @property
-    def num_drafts(self) -> int:
-        return sum(r.num_drafts for r in self.requests)
-
-    @property
-    def acceptance_length(self) -> float | None:
-        """vLLM's mean acceptance length: 1 + accepted draft tokens per draft."""
-        if not self.num_drafts:
-            return None
-        return 1.0 + sum(r.num_accepted_tokens for r in self.requests) / self.num_drafts
-
-    @property
-    def mean_k(self) -> float | None:
-        if not self.num_drafts:
-            return None
-        return sum(r.num_draft_tokens for r in self.requests) / self.num_drafts
-
-    def summary(self) -> dict:
-        walls = [r.wall_s for r in self.requests]
-        ttfts = [r.ttft_s for r in self.requests if r.ttft_s is not None]
-        per_request = [len(r.token_ids) / r.wall_s for r in self.requests if r.wall_s > 0]
-        return {
-            "num_requests": len(self.requests), "num_output_tokens": self.num_tokens,
-            "total_wall_s": sum(walls), "tokens_per_s": self.tokens_per_s,
-            "mean_request_tokens_per_s": statistics.fmean(per_request) if per_request else None,
-            "median_ttft_s": statistics.median(ttfts) if ttfts else None,
-            "acceptance_length": self.acceptance_length, "mean_k": self.mean_k,
-            "num_drafts": self.num_drafts,
-        }
-
-
-# ---------------------------------------------------------------- shared helpers
-
-
-def machine_info(threads: int, device: str) -> dict:
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import transformers
-    info = {"cpu_model": cpu_model, "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "torch_threads": threads, "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def _strip_eos(token_ids: list[int], eos_ids: list[int]) -> list[int]:
-    while token_ids and token_ids[-1] in eos_ids:
-        token_ids = token_ids[:-1]
-    return token_ids
-
-
-def eos_token_ids(model_path: str, tokenizer) -> list[int]:
-    """Stop ids from the model's generation_config (a list for Qwen), else the tokenizer's."""
-    from transformers import GenerationConfig
-    try:
-        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-    except OSError:
-        eos = None
-    eos = tokenizer.eos_token_id if eos is None else eos
-    return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
-
-def encode_prompts(tokenizer, prompts: list[BenchPrompt]) -> list[list[int]]:
-    ids = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.text}],
-                                             add_generation_prompt=True, tokenize=False)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return ids
-
-
-# ---------------------------------------------------------------- transformers systems
-
-
-class _FirstTokenTimer:
-    """A generate() streamer that notes when the first generated token arrives."""
-
-    def __init__(self):
-        self.num_puts = 0
-        self.first_token_time: float | None = None
-
-    def put(self, value) -> None:
-        self.num_puts += 1
-        if self.num_puts == 2 and self.first_token_time is None:  # the first put is the prompt
-            self.first_token_time = time.perf_counter()
-
-    def end(self) -> None:
-        pass
-
-
-def _load_hf(path: str, dtype: str, device: str, quantization: str | None = None):
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
-    model.eval()
-    if quantization == "int8":
-        if not device.startswith("cpu"):
-            raise ValueError(f"--draft-quantization int8 for transformers needs the CPU, "
-                             f"got --device {device}")
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
-    return model
-
-
-def run_hf(name: str, args, target_path: str, draft_path: str | None, prompt_ids, prompts,
-           eos_ids: list[int], pad_id: int) -> SystemResult:
-    start = time.perf_counter()
-    model = _load_hf(target_path, args.dtype, args.device)
-    kwargs: dict = {}
-    settings: dict = {"model": target_path}
-    if name == "hf-assisted":
-        # NOTE: transformers gets its draft unquantized: torch's dynamic int8 also quantizes
-        # activations, which ruins its acceptance; weight-only int8 is our own design choice.
-        assistant = _load_hf(draft_path, args.draft_dtype or args.dtype, args.device)
-        # NOTE: transformers adapts its own k (confidence threshold, heuristic schedule);
-        # we only set where it starts, and record what it used.
-        assistant.generation_config.num_assistant_tokens = args.k
-        kwargs["assistant_model"] = assistant
-        settings.update(draft=draft_path, num_assistant_tokens=args.k,
-                        schedule=assistant.generation_config.num_assistant_tokens_schedule,
-                        draft_quantization=None)
-    elif name == "hf-ngram":
-        kwargs["prompt_lookup_num_tokens"] = args.k
-        settings["prompt_lookup_num_tokens"] = args.k
-    load_s = time.perf_counter() - start
-    result = SystemResult(name, load_s, settings)
-
-    def generate(ids: list[int], max_tokens: int) -> RequestResult:
-        input_ids = torch.tensor([ids], device=args.device)
-        timer = _FirstTokenTimer()
-        extra = {"min_new_tokens": max_tokens} if args.ignore_eos else {}
-        _sync(args.device)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                 max_new_tokens=max_tokens, do_sample=False, temperature=None,
-                                 top_p=None, top_k=None, eos_token_id=eos_ids or None,
-                                 pad_token_id=pad_id, streamer=timer, **kwargs, **extra)
-        _sync(args.device)
-        wall = time.perf_counter() - t0
-        ttft = None if timer.first_token_time is None else timer.first_token_time - t0
-        return RequestResult("", len(ids), out[0, len(ids):].tolist(), wall, ttft)
-
-    generate(prompt_ids[0], args.warmup_tokens)
-    for prompt, ids in zip(prompts, prompt_ids):
-        request = generate(ids, args.max_tokens)
-        request.prompt_id = prompt.prompt_id
-        result.requests.append(request)
-    del model, kwargs
-    gc.collect()
-    return result
 
 
 # ---------------------------------------------------------------- specdec systems
@@ -288,10 +99,10 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
     def generate(ids: list[int], max_tokens: int) -> RequestResult:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=eos_ids,
                                 min_tokens=max_tokens if args.ignore_eos else 0)
-        _sync(args.device)
+        sync(args.device)
         t0 = time.perf_counter()
         (out,) = llm.generate([{"prompt_token_ids": ids}], params)
-        _sync(args.device)
+        sync(args.device)
         wall = time.perf_counter() - t0
         m = out.metrics
         ttft = None
@@ -312,11 +123,60 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
     return result
 
 
+def first_difference(got: list[int], want: list[int]) -> int | None:
+    """Index of the first token where two greedy outputs differ (None: identical)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return i
+    return None if len(got) == len(want) else min(len(got), len(want))
+
+
+def explain_differences(results: dict[str, SystemResult], args, pair: Pair | None,
+                        target_path: str, prompt_ids, eos_ids: list[int]) -> list[dict]:
+    """Every ours-* request whose greedy tokens differ from ours: where, and how close the
+    no-spec run's top two candidates were there (an untimed re-run with logprobs=2). A gap
+    near zero is a tie that dtype rounding may break either way; a large one is a bug."""
+    ours = results.get("ours")
+    if ours is None:
+        return []
+    diffs = []
+    for name, res in results.items():
+        if not name.startswith("ours-"):
+            continue
+        for i, (got, want) in enumerate(zip(res.requests, ours.requests)):
+            got_ids = strip_eos(got.token_ids, eos_ids)
+            want_ids = strip_eos(want.token_ids, eos_ids)
+            pos = first_difference(got_ids, want_ids)
+            if pos is not None:
+                diffs.append({"system": name, "prompt_id": want.prompt_id, "prompt_index": i,
+                              "token_index": pos,
+                              "ours_token": want_ids[pos] if pos < len(want_ids) else None,
+                              "spec_token": got_ids[pos] if pos < len(got_ids) else None})
+    if not diffs:
+        return diffs
+    from specdec import LLM, SamplingParams
+    max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 1
+    llm = LLM(our_config("ours", args, pair, target_path, None, max_len))
+    for d in diffs:
+        num_tokens = d["token_index"] + 1
+        params = SamplingParams(temperature=0.0, max_tokens=num_tokens, stop_token_ids=eos_ids,
+                                min_tokens=num_tokens if args.ignore_eos else 0, logprobs=2)
+        (out,) = llm.generate([{"prompt_token_ids": prompt_ids[d["prompt_index"]]}], params)
+        logprobs = out.outputs[0].logprobs
+        if len(logprobs) >= num_tokens:
+            _, top = logprobs[d["token_index"]]
+            d["top2_logprob_gap"] = top[0][1] - top[1][1]
+            d["top2_tokens"] = [top[0][0], top[1][0]]
+    del llm
+    gc.collect()
+    return diffs
+
+
 # ---------------------------------------------------------------- report
 
 
 def count_same(result: SystemResult, reference: SystemResult, eos_ids: list[int]) -> int:
-    return sum(_strip_eos(a.token_ids, eos_ids) == _strip_eos(b.token_ids, eos_ids)
+    return sum(strip_eos(a.token_ids, eos_ids) == strip_eos(b.token_ids, eos_ids)
                for a, b in zip(result.requests, reference.requests))
 
 
@@ -366,7 +226,7 @@ def parse_args(argv: list[str] | None):
                    help="always generate --max-tokens (min_tokens / min_new_tokens)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--draft-quantization", choices=["int8"], default=None)
+    p.add_argument("--draft-quantization", choices=["int8", "int4"], default=None)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--k", type=int, default=4, help="speculative tokens (k max when adaptive)")
@@ -430,11 +290,18 @@ def main(argv: list[str] | None = None) -> int:
                                      prompts, eos_ids)
     table, rows = report(results, eos_ids)
     print(table)
+    differences = explain_differences(results, args, pair, target_path, prompt_ids, eos_ids)
+    for d in differences:
+        gap = d.get("top2_logprob_gap")
+        print(f"differs: {d['system']} prompt {d['prompt_id']} token {d['token_index']}: "
+              f"ours {d['ours_token']} vs {d['spec_token']}; ours' top-2 logprob gap there "
+              f"{'-' if gap is None else format(gap, '.4f')} (tokens {d.get('top2_tokens')})")
 
     out = {
         "benchmark": "latency", "pair": args.pair, "target": target_path, "draft": draft_path,
         "dataset": args.dataset, "args": vars(args), "machine": machine_info(threads, args.device),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "summary": rows,
+        "differences": differences,
         "systems": {
             name: {"load_s": res.load_s, "settings": res.settings,
                    "requests": [{k: v for k, v in asdict(r).items()

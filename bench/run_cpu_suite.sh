@@ -9,7 +9,7 @@ PORT=${PORT:-8011}
 mkdir -p bench/results "$LOGS"
 
 lat() { $PY bench/latency.py --pair qwen --dataset code --num-prompts 5 --max-tokens 96 \
-          --threads 2 --k 5 --draft-quantization int8 "$@"; }
+          --threads 2 --k 5 --draft-quantization int4 "$@"; }
 lat --dtype float32 --draft-dtype float32 --systems hf,hf-assisted,ours,ours-draft \
     --output bench/results/latency-qwen-code-fp32.json 2>&1 | tee "$LOGS/lat-fp32.log" | tail -8
 lat --dtype bfloat16 --draft-dtype float32 --systems hf,hf-assisted,ours,ours-draft,ours-ngram \

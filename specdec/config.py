@@ -40,15 +40,15 @@ class ModelConfig:
     path: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     max_model_len: int = 2048
-    quantization: str | None = None  # None or "int8" (weight-only)
+    quantization: str | None = None  # None, "int8" or "int4" (weight-only, CPU)
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", self.path, "a directory or a model name")
         _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {DTYPES}")
         _check(self.max_model_len >= 16, "model.max_model_len", self.max_model_len, ">= 16")
-        _check(self.quantization in (None, "int8"), "model.quantization", self.quantization,
-               'unset or "int8"')
+        _check(self.quantization in (None, "int8", "int4"), "model.quantization",
+               self.quantization, 'unset, "int8" or "int4"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,7 @@ class SpecConfig:
     method: str = "none"
     draft_model: str | None = None
     draft_dtype: str | None = None  # None: the target's dtype
-    draft_quantization: str | None = None  # None or "int8"
+    draft_quantization: str | None = None  # None, "int8" or "int4" (weight-only, CPU)
     num_speculative_tokens: int = 4
     adaptive: bool = True
     ngram_min: int = 1
@@ -100,8 +100,8 @@ class SpecConfig:
                self.draft_model, 'set when spec.method = "draft"')
         _check(self.draft_dtype in (None, *DTYPES), "spec.draft_dtype", self.draft_dtype,
                f"unset or one of {DTYPES}")
-        _check(self.draft_quantization in (None, "int8"), "spec.draft_quantization",
-               self.draft_quantization, 'unset or "int8"')
+        _check(self.draft_quantization in (None, "int8", "int4"), "spec.draft_quantization",
+               self.draft_quantization, 'unset, "int8" or "int4"')
         _check(0 <= self.num_speculative_tokens <= 16, "spec.num_speculative_tokens",
                self.num_speculative_tokens, "in [0, 16]")
         _check(1 <= self.ngram_min <= self.ngram_max, "spec.ngram_min", self.ngram_min,

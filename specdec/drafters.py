@@ -32,7 +32,9 @@ from specdec.sampling import (STREAM_DRAFT, RowState, compute_probs, process_log
 @dataclass(slots=True)
 class Proposal:
     draft_token_ids: list[int]
-    draft_probs: torch.Tensor | None  # [len(draft_token_ids), vocab] processed; None: one-hot
+    # [len(draft_token_ids), vocab] processed; None: one-hot (n-gram), or a greedy request
+    # (greedy verification compares tokens and never reads probs)
+    draft_probs: torch.Tensor | None
 
 
 class Drafter(Protocol):
@@ -97,18 +99,24 @@ class DraftModelDrafter:
             rows = [RowState(requests[i][0].sampling_params, requests[i][0].prompt_token_ids,
                              requests[i][0].output_token_ids + drafts[i],
                              requests[i][0].eos_token_id) for i in active]
-            row_probs = compute_probs(process_logits(logits, rows), rows)
-            generators = []
-            for i in active:
-                req = requests[i][0]
-                seed = req.sampling_params.seed
-                index = len(req.output_token_ids) + step
-                generators.append(None if seed is None
-                                  else row_generator(seed, index, STREAM_DRAFT))
-            token_ids = sample(row_probs, generators).tolist()
+            processed = process_logits(logits, rows)
+            # Greedy rows propose the draft's argmax (what compute_probs makes one-hot) and
+            # keep no probs: greedy verification compares tokens only.
+            token_ids = processed.argmax(dim=-1).tolist()
+            sampled = [r for r, row in enumerate(rows) if not row.params.greedy]
+            if sampled:
+                sampled_rows = [rows[r] for r in sampled]
+                row_probs = compute_probs(processed[torch.tensor(sampled)], sampled_rows)
+                generators = []
+                for row in sampled_rows:
+                    index = len(row.output_token_ids)  # this draft token's output index
+                    generators.append(None if row.params.seed is None
+                                      else row_generator(row.params.seed, index, STREAM_DRAFT))
+                for j, token_id in enumerate(sample(row_probs, generators).tolist()):
+                    token_ids[sampled[j]] = token_id
+                    probs[active[sampled[j]]].append(row_probs[j])
             for row, i in enumerate(active):
                 drafts[i].append(token_ids[row])
-                probs[i].append(row_probs[row])
             for i in active:
                 req = requests[i][0]
                 req.draft_num_computed_tokens = req.num_tokens + step

@@ -1,24 +1,33 @@
-"""Weight-only int8 for the draft model on the CPU: every nn.Linear of the decoder (q/k/v,
-o, gate/up, down, lm_head) becomes an Int8Linear: int8 weights with one scale per output
-channel, bfloat16 activations through `torch._weight_int8pack_mm`. Logits stay float32.
+"""Weight-only quantization for the draft model on the CPU. Every nn.Linear of the decoder
+(q/k/v, o, gate/up, down, lm_head) becomes an Int8Linear or an Int4Linear; activations run in
+bfloat16; logits stay float32. The tied embedding table keeps the model dtype.
+
+- int8: one scale per output channel, `torch._weight_int8pack_mm`.
+- int4: asymmetric, one (scale, zero) per group of 32 input channels,
+  `torch._weight_int4pack_mm_for_cpu`. A layer whose shape the kernel cannot take (out_features
+  not a multiple of 16, in_features not a multiple of the group) stays int8.
 
 NOTE: measured on the 2-core dev CPU (1 thread, min of 5 runs; M = 1 / 3 / 5 rows):
 - fbgemm dynamic quantization (`torch.ao.quantization.quantize_dynamic`, per-channel) is the
-  fastest kernel (lm_head 49152x576: 1.8 / 2.2 / 1.1 ms; fp32 12.7 / 64.7 / 27.2 ms), but it
-  also quantizes the activations per tensor, and SmolLM2-135M's greedy argmax then agrees
+  fastest int8 kernel (lm_head 49152x576: 1.8 / 2.2 / 1.1 ms; fp32 12.7 / 64.7 / 27.2 ms), but
+  it also quantizes the activations per tensor, and SmolLM2-135M's greedy argmax then agrees
   with float32 on only 54% of prompt positions (per-tensor weights: 38%) -- a draft that
   bad loses more in acceptance than it saves.
-- weight-only int8 (this file) keeps 95% agreement (bfloat16: 97%), and
-  `_weight_int8pack_mm` with bfloat16 activations runs close to fbgemm on the small shapes
-  (q/k/v 960x576: 32 / 53 / 183 us vs 29 / 32 / 37 us) and 2-4x faster than float32 on the
-  big ones (gate/up 9728x896: 0.9 / 0.8 / 1.4 ms vs 5.0 / 12.4 / 4.8 ms). With float32
-  activations the same op is 10-20x slower, so activations go through bfloat16.
+- weight-only int8 keeps 95% agreement (bfloat16: 97%), and `_weight_int8pack_mm` with
+  bfloat16 activations runs close to fbgemm on the small shapes and 2-4x faster than float32
+  on the big ones. With float32 activations the same op is 10-20x slower.
+- int4 (2 threads, one batch-1 decode step of Qwen2.5-Coder-0.5B's 24 layers, weights out of
+  cache): 11.1 ms against int8's 22.7 ms; its 151936x896 lm_head 3.8 ms against 8.5 ms. The
+  GGUF files we serve were 4-bit already (Q4_K: groups of 32 on a 16-level grid), so a group's
+  min/max grid mostly lands back on the values the file held.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+INT4_GROUP_SIZE = 32
 
 
 class Int8Linear(nn.Module):
@@ -50,17 +59,83 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace the model's nn.Linear layers in place with Int8Linear (CPU only). The tied
-    embedding table stays in the model dtype. Returns the model."""
+def int4_groups(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Asymmetric 4-bit codes of `weight` [out, in] per group of `group_size` inputs:
+    weight ~= (codes - 8) * scales + zeros, scale and zero broadcast over each group.
+    Returns codes [out, in] int32 in 0..15, scales and zeros [out, in / group_size] bfloat16."""
+    out_features, in_features = weight.shape
+    groups = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low = groups.amin(dim=-1)  # [out, num_groups]
+    high = groups.amax(dim=-1)
+    scales = ((high - low) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
+    # NOTE: the kernel computes (code - 8) * scale + zero; zero is the value of code 8.
+    zeros = (low + 8.0 * scales.float()).to(torch.bfloat16)
+    # Round against the bfloat16 scale and zero the kernel will use.
+    codes = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None]) + 8
+    codes = codes.clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+    return codes, scales, zeros
+
+
+def int4_dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """The float32 weight [out, in] the int4 kernel multiplies by (the plain reference)."""
+    out_features, in_features = codes.shape
+    groups = codes.float().reshape(out_features, in_features // group_size, group_size) - 8
+    weight = groups * scales.float()[..., None] + zeros.float()[..., None]
+    return weight.reshape(out_features, in_features)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ dequant(int4_weight).T + bias, computed in bfloat16, returned in x's dtype."""
+
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        if not int4_fits(linear, group_size):
+            raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % "
+                             f"{group_size} == 0, got {linear.out_features}x{linear.in_features}")
+        codes, scales, zeros = int4_groups(linear.weight.detach(), group_size)
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.group_size = group_size
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)  # [out, in / 2] uint8
+        self.register_buffer("packed_weight", packed)
+        # [num_groups, out, 2] bfloat16: (scale, zero) per group and output channel
+        self.register_buffer("scales_and_zeros",
+                             torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [num_tokens, in_features] -> [num_tokens, out_features]
+        out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(),
+                                                self.packed_weight, self.group_size,
+                                                self.scales_and_zeros).to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"int4 group={self.group_size}")
+
+
+def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
+    return linear.out_features % 16 == 0 and linear.in_features % group_size == 0
+
+
+def quantize_weights(model: nn.Module, quantization: str) -> nn.Module:
+    """Replace the model's nn.Linear layers in place with Int8Linear ("int8") or Int4Linear
+    ("int4"; int8 for a layer the int4 kernel cannot take). CPU only. Returns the model."""
+    if quantization not in ("int8", "int4"):
+        raise ValueError(f"quantization must be 'int8' or 'int4', got {quantization!r}")
     device = torch.device(getattr(model, "device", "cpu"))
     if device.type != "cpu":
-        raise ValueError(f"quantization='int8' runs on the CPU only, got device={device}")
+        raise ValueError(f"quantization={quantization!r} runs on the CPU only, got device={device}")
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear)]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(linear))
-    model.quantization = "int8"
+        use_int4 = quantization == "int4" and int4_fits(linear)
+        setattr(parent, child, Int4Linear(linear) if use_int4 else Int8Linear(linear))
+    model.quantization = quantization
     return model

@@ -13,7 +13,7 @@ from specdec.fetch import resolve_model_path
 from specdec.models.llama import LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZATIONS = (None, "int8")
+QUANTIZATIONS = (None, "int8", "int4")
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -56,7 +56,8 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
                quantization: str | None = None, max_model_len: int | None = None,
                ) -> LlamaForCausalLM:
     """Build the model from `path` (a local HF directory or a fetch name) and load its weights.
-    `quantization="int8"`: weight-only int8 Linear layers (logits stay float32)."""
+    `quantization="int8"` / `"int4"`: weight-only quantized Linear layers (logits stay
+    float32; see specdec/quant.py)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     torch_dtype = parse_dtype(dtype)
@@ -65,9 +66,9 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
     model = LlamaForCausalLM(config, torch_dtype, device, max_model_len=max_model_len)
     model.load_weights(iter_weights(path))
     model.eval()
-    if quantization == "int8":
-        from specdec.quant import quantize_int8
-        quantize_int8(model)
+    if quantization is not None:
+        from specdec.quant import quantize_weights
+        quantize_weights(model, quantization)
     return model
 
 

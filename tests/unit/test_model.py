@@ -171,29 +171,66 @@ def test_int8_linear_matches_dequantized_weights():
     assert (dequant - linear.weight).abs().max() <= qlinear.scales.float().max() * 0.51
 
 
-@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("qwen2", "float32"),
-                                        ("qwen2", "bfloat16")])
-def test_int8_model_is_close_to_float(kind, dtype, request):
-    from specdec.quant import Int8Linear
+def test_int4_linear_matches_its_reference_and_the_weights():
+    from specdec.quant import Int4Linear, int4_dequantize, int4_groups
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=True)
+    qlinear = Int4Linear(linear)
+    codes, scales, zeros = int4_groups(linear.weight.detach(), 32)
+    assert codes.shape == (48, 96) and scales.shape == zeros.shape == (48, 3)
+    assert int(codes.min()) == 0 and int(codes.max()) == 15
+    dequant = int4_dequantize(codes, scales, zeros, 32)  # [48, 96]
+    # Every weight within half a step (plus bfloat16 rounding of scale and zero) of its grid.
+    step = scales.float().repeat_interleave(32, dim=1)
+    assert ((dequant - linear.weight).abs() <= 0.6 * step).all()
+    x = torch.randn(5, 96)
+    expected = x.bfloat16().float() @ dequant.T + linear.bias
+    out = qlinear(x)
+    assert out.dtype == torch.float32 and out.shape == (5, 48)
+    torch.testing.assert_close(out, expected.detach(), atol=0.05, rtol=0.02)
+
+
+def test_int4_falls_back_to_int8_for_shapes_the_kernel_cannot_take():
+    from specdec.quant import Int4Linear, Int8Linear, quantize_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40))
+    quantize_weights(model, "int4")
+    assert isinstance(model[0], Int4Linear)  # 48 outputs, 64 inputs: fits
+    assert isinstance(model[1], Int8Linear)  # 48 inputs is not a multiple of the group (32)
+    with pytest.raises(ValueError, match="int4 needs out_features % 16 == 0"):
+        Int4Linear(torch.nn.Linear(64, 40))
+
+
+# NOTE: measured on these tiny random models: int8 logits are within 2-3 % (relative norm) of
+# float32 and agree on 97.5 % of argmaxes; int4 within 26-29 %, agreeing on 57-60 % (their
+# near-flat logits make argmaxes fragile; the real 0.5B draft keeps 88 %).
+@pytest.mark.parametrize("kind,dtype,quantization,max_rel_err,min_agree", [
+    ("llama", "float32", "int8", 0.05, 0.9), ("qwen2", "float32", "int8", 0.05, 0.9),
+    ("qwen2", "bfloat16", "int8", 0.05, 0.9), ("llama", "float32", "int4", 0.4, 0.45),
+    ("qwen2", "float32", "int4", 0.4, 0.45)])
+def test_quantized_model_is_close_to_float(kind, dtype, quantization, max_rel_err, min_agree,
+                                           request):
+    from specdec.quant import Int4Linear, Int8Linear
 
     path = request.getfixturevalue(f"tiny_{kind}_dir")
     reference = load_model(path, "float32")
-    model = load_model(path, dtype, quantization="int8")
+    model = load_model(path, dtype, quantization=quantization)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears == []
-    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.lm_head, Int4Linear if quantization == "int4" else Int8Linear)
     prompt = _prompt(11, 40)
     got = model(PagedSequences(8, 16).batch([("a", prompt)]), model.make_kv_caches(8, 16))
     want = reference(PagedSequences(8, 16).batch([("a", prompt)]),
                      reference.make_kv_caches(8, 16))
     assert got.dtype == torch.float32
-    assert (got - want).abs().max().item() <= 0.15
-    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+    assert ((got - want).norm() / want.norm()).item() <= max_rel_err
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= min_agree
 
 
 def test_bad_quantization_is_named(tiny_draft_dir):
-    with pytest.raises(ValueError, match="quantization must be one of .* got 'int4'"):
-        load_model(tiny_draft_dir, "float32", quantization="int4")
+    with pytest.raises(ValueError, match="quantization must be one of .* got 'int3'"):
+        load_model(tiny_draft_dir, "float32", quantization="int3")
 
 
 def test_batched_decode_and_verify_steps_match(model_pair):

@@ -102,7 +102,7 @@ def test_qwen_pair_greedy_exact(qwen_pair_dirs):
     reference = reference_llm.generate(prompts, params)
     del reference_llm
     spec = make_llm(target_dir, **{"spec.method": "draft", "spec.draft_model": draft_dir,
-                                   "spec.draft_quantization": "int8",
+                                   "spec.draft_quantization": "int4",
                                    "spec.num_speculative_tokens": 4, "spec.adaptive": False,
                                    "scheduler.max_num_seqs": 8})
     plain = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)

@@ -76,6 +76,26 @@ def test_greedy_exact_tiny_pair(tiny_llama_dir, tiny_draft_dir, reference, k):
     assert stats.num_blocks_free == stats.num_blocks_total
 
 
+def test_mixed_greedy_and_seeded_sampled_batch_with_an_int4_draft(tiny_llama_dir, tiny_draft_dir,
+                                                                   reference):
+    """Greedy rows (argmax drafts, no draft probs) and seeded sampled rows (sampled drafts with
+    probs) in one batch: greedy equals the no-spec reference, each sampled request equals
+    itself run alone -- a row mix-up between the two kinds would break one or the other."""
+    batch, expected = reference
+    llm = spec_llm(tiny_llama_dir, tiny_draft_dir, 3, **{"spec.draft_quantization": "int4"})
+    sampled = [SamplingParams(temperature=0.8, top_p=0.9, max_tokens=32, ignore_eos=True,
+                              seed=100 + i) for i in range(4)]
+    alone = [llm.generate([p], s)[0] for p, s in zip(batch[:4], sampled)]
+    mixed = llm.generate(batch[:4] + batch[:4], [GREEDY] * 4 + sampled)
+    assert_same_greedy(mixed[:4], expected[:4])
+    for got, want in zip(mixed[4:], alone):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len({tuple(o.outputs[0].token_ids) for o in alone}) == 4
+    stats = llm.engine.stats()
+    assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
 def test_greedy_exact_self_draft_accepts_everything(tiny_llama_dir, reference):
     batch, expected = reference
     llm = spec_llm(tiny_llama_dir, tiny_llama_dir, 4)

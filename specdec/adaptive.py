@@ -6,7 +6,12 @@ one target forward over (decodes + drafts) tokens plus max(k) draft forwards; bo
 the runners' measured cost tables. For each candidate K = 0..k_max every request gets
 min(K, its cap, its useful depth) drafts, where the useful depth stops where alpha^j would add
 less than the tokens per second of plain decoding would buy with the same time. The K with the
-best expected tokens per second wins. K = 0 (no speculation) is always a candidate, so the
+best expected tokens per second wins.
+
+Catch-up: a request the draft has not followed (a new one, or one held at k = 0 for a while)
+must first run every token the draft has not seen. That one-time cost is charged spread over
+the steps the request has left (remaining tokens / expected tokens per step): worth paying at
+the start of a long request, never for the last few tokens of one under load. K = 0 (no speculation) is always a candidate, so the
 expected throughput is never planned below no-spec — under load the per-token verify cost rises
 and K falls to 0 by itself. A request held at k = 0 drafts nothing; its alpha drifts
 back toward the prior, so k can return when acceptance or load changes.
@@ -93,6 +98,35 @@ class SpeculationController:
     def _draft_time(self, num_tokens: int) -> float:
         return 0.0 if self.draft_cost is None else self.draft_cost.predict(num_tokens)
 
+    @staticmethod
+    def catch_up(req: Request) -> int:
+        """Tokens the draft runs before this request's first new draft (what it has not seen;
+        1 or 2 when it drafted last step)."""
+        return req.num_tokens - min(req.draft_num_computed_tokens, req.num_tokens - 1)
+
+    def remaining(self, req: Request) -> int:
+        """Tokens this request can still generate."""
+        left = self.max_model_len - req.num_tokens
+        if req.sampling_params.max_tokens is not None:
+            left = min(left, req.sampling_params.max_tokens - len(req.output_token_ids))
+        return max(left, 1)
+
+    def _catch_up_time(self, reqs, ks: list[int], first_step: int) -> float:
+        """Amortized time of catch-up tokens beyond the usual one or two per request."""
+        lags = [self.catch_up(req) for (req, _, _), k in zip(reqs, ks) if k]
+        excess = sum(lag - min(lag, 2) for lag in lags)
+        if not excess or self.draft_cost is None:
+            return 0.0
+        per_token = (self._draft_time(first_step + excess) - self._draft_time(first_step)) / excess
+        seconds = 0.0
+        for (req, _, alpha), k in zip(reqs, ks):
+            extra = self.catch_up(req) - 2
+            if k and extra > 0:
+                tokens_per_step = 1.0 + sum(alpha ** j for j in range(1, k + 1))
+                steps_left = max(self.remaining(req) / tokens_per_step, 1.0)
+                seconds += per_token * extra / steps_left
+        return seconds
+
     def _plan(self, reqs: list[tuple[Request, int, float]], num_decodes: int) -> list[int]:
         if not self.target_cost.ready:
             return [cap for _, cap, _ in reqs]
@@ -116,10 +150,13 @@ class SpeculationController:
             tokens = num_decodes + sum(sum(a ** j for j in range(1, k + 1))
                                        for (_, _, a), k in zip(reqs, ks))
             seconds = self.target_cost.predict(num_decodes + sum(ks))
-            for step in range(max(ks)):
-                active = sum(1 for k in ks if k > step)
-                # The first draft step also catches up one or two tokens per request.
-                seconds += self._draft_time(active * (2 if step == 0 else 1))
+            # The first draft step also catches up one or two tokens per request (more for a
+            # request the draft has not followed: amortized below).
+            first_step = sum(min(self.catch_up(req), 2) for (req, _, _), k in zip(reqs, ks) if k)
+            seconds += self._draft_time(first_step)
+            for step in range(1, max(ks)):
+                seconds += self._draft_time(sum(1 for k in ks if k > step))
+            seconds += self._catch_up_time(reqs, ks, first_step)
             rate = tokens / max(seconds, 1e-9)
             if rate > best_rate:
                 best_k, best_rate = ks, rate

@@ -204,7 +204,9 @@ class Engine:
         k = self.k_max
         self.target_runner.calibrate(sorted({1, 2, k + 1, 2 * (k + 1)}))
         if self.draft_runner is not None:
-            self.draft_runner.calibrate([1, 2, 4])
+            # NOTE: the larger sizes price catch-up (a new request's prompt, or the tokens a
+            # request missed while held at k = 0); a forward of 256 tokens is compute-bound.
+            self.draft_runner.calibrate([1, 2, 4, 16, 64, 256])
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -18,8 +18,12 @@ NOTE: measured on the 2-core dev CPU (1 thread, min of 5 runs; M = 1 / 3 / 5 row
   on the big ones. With float32 activations the same op is 10-20x slower.
 - int4 (2 threads, one batch-1 decode step of Qwen2.5-Coder-0.5B's 24 layers, weights out of
   cache): 11.1 ms against int8's 22.7 ms; its 151936x896 lm_head 3.8 ms against 8.5 ms. The
-  GGUF files we serve were 4-bit already (Q4_K: groups of 32 on a 16-level grid), so a group's
-  min/max grid mostly lands back on the values the file held.
+  price is accuracy: relative weight error ~8 % (int8: 0.8 %), and the 0.5B's greedy argmax
+  agrees with float32 on 88 % of 600 code positions (int8: 96.7 %). Speculation still gains:
+  the Qwen pair's batch-1 code run went from 10.6-11.8 tok/s (int8 draft) to 13.3-15.0.
+  (The GGUF source was Q4_K_M, yet the min/max grid reproduces none of the groups of the
+  896-input layers to within 0.05 of a step, and ~77 % of some 4864-input down_proj layers':
+  most of this model was evidently not stored as 4-bit groups of 32.)
 """
 
 from __future__ import annotations

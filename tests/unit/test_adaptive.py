@@ -81,3 +81,28 @@ def test_fixed_and_seeded_requests_are_not_adapted():
     near_end[0].output_token_ids = [4] * 98  # max_tokens 100: one more token, then the bonus
     ctl.choose(near_end)
     assert near_end[0].num_lookahead_tokens <= 1
+
+
+def test_catch_up_is_paid_only_where_enough_tokens_are_left():
+    # The draft's catch-up forward costs 4 ms per token; a draft step 5 ms; verify is cheap.
+    ctl = controller(cost(0.100, 0.001), cost(0.005, 0.004))
+    for rid in ("fresh-long", "fresh-short", "followed-short"):
+        for _ in range(5):
+            ctl.observe(rid, 5, 5)
+
+    def request(rid: str, max_tokens: int, num_output: int, followed: bool) -> Request:
+        req = Request(rid, list(range(3, 403)), SamplingParams(max_tokens=max_tokens,
+                                                               temperature=0.0))
+        req.output_token_ids = [7] * num_output
+        req.draft_num_computed_tokens = req.num_tokens - 1 if followed else 0
+        return req
+
+    long_left = request("fresh-long", 500, 1, followed=False)  # 400 missed, 499 to go
+    short_left = request("fresh-short", 10, 6, followed=False)  # 406 missed, 4 to go
+    followed = request("followed-short", 10, 6, followed=True)  # 1 missed, 4 to go
+    assert ctl.catch_up(long_left) == 401 and ctl.catch_up(followed) == 1
+    for req in (long_left, short_left, followed):
+        ctl.choose([req])
+    assert long_left.num_lookahead_tokens > 0  # 1.6 s once, over ~100 steps: worth it
+    assert short_left.num_lookahead_tokens == 0  # 1.6 s for the last 4 tokens: never
+    assert followed.num_lookahead_tokens > 0

@@ -106,3 +106,18 @@ def test_catch_up_is_paid_only_where_enough_tokens_are_left():
     assert long_left.num_lookahead_tokens > 0  # 1.6 s once, over ~100 steps: worth it
     assert short_left.num_lookahead_tokens == 0  # 1.6 s for the last 4 tokens: never
     assert followed.num_lookahead_tokens > 0
+
+
+def test_catch_up_is_amortized_over_a_short_horizon_only():
+    # 400 missed tokens at 20 ms each: 8 s. Over the ~100 steps a 600-token request has left
+    # it would look cheap; under load k may fall to 0 right after, so only 8 steps count.
+    ctl = controller(cost(0.100, 0.001), cost(0.005, 0.020))
+    for _ in range(5):
+        ctl.observe("r", 5, 5)
+    req = Request("r", list(range(3, 403)), SamplingParams(max_tokens=600, temperature=0.0))
+    req.output_token_ids = [7]
+    ctl.choose([req])
+    assert req.num_lookahead_tokens == 0
+    req.draft_num_computed_tokens = req.num_tokens - 1  # followed: nothing to catch up
+    ctl.choose([req])
+    assert req.num_lookahead_tokens > 0

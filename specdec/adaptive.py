@@ -12,10 +12,12 @@ Catch-up: a request the draft has not followed (a new one, or one held at k = 0 
 must first run every token the draft has not seen. That one-time cost is charged spread over
 the steps the request has left (remaining tokens / expected tokens per step, at most
 CATCH_UP_HORIZON): worth paying for a prompt at batch 1, never for the last few tokens of a
-request, nor for a crowd of fresh requests under load. K = 0 (no speculation) is always a candidate, so the
-expected throughput is never planned below no-spec — under load the per-token verify cost rises
-and K falls to 0 by itself. A request held at k = 0 drafts nothing; its alpha drifts
-back toward the prior, so k can return when acceptance or load changes.
+request, nor for a crowd of fresh requests under load.
+
+K = 0 (no speculation) is always a candidate, so the expected throughput is never planned
+below no-spec — under load the per-token verify cost rises and K falls to 0 by itself. A
+request held at k = 0 drafts nothing; its alpha drifts back toward the prior, so k can return
+when acceptance or load changes.
 """
 
 from __future__ import annotations
@@ -116,26 +118,25 @@ class SpeculationController:
             left = min(left, req.sampling_params.max_tokens - len(req.output_token_ids))
         return max(left, 1)
 
-    def _catch_up_time(self, reqs, ks: list[int], first_step: int) -> float:
+    def _catch_up_time(self, reqs, ks: list[int], lags: list[int], first_step: int) -> float:
         """Amortized time of catch-up tokens beyond the usual one or two per request."""
-        lags = [self.catch_up(req) for (req, _, _), k in zip(reqs, ks) if k]
-        excess = sum(lag - min(lag, 2) for lag in lags)
+        excess = sum(lag - 2 for lag, k in zip(lags, ks) if k and lag > 2)
         if not excess or self.draft_cost is None:
             return 0.0
         per_token = (self._draft_time(first_step + excess) - self._draft_time(first_step)) / excess
         seconds = 0.0
-        for (req, _, alpha), k in zip(reqs, ks):
-            extra = self.catch_up(req) - 2
-            if k and extra > 0:
+        for (req, _, alpha), k, lag in zip(reqs, ks, lags):
+            if k and lag > 2:
                 tokens_per_step = 1.0 + sum(alpha ** j for j in range(1, k + 1))
                 steps_left = min(max(self.remaining(req) / tokens_per_step, 1.0),
                                  CATCH_UP_HORIZON)
-                seconds += per_token * extra / steps_left
+                seconds += per_token * (lag - 2) / steps_left
         return seconds
 
     def _plan(self, reqs: list[tuple[Request, int, float]], num_decodes: int) -> list[int]:
         if not self.target_cost.ready:
             return [cap for _, cap, _ in reqs]
+        lags = [self.catch_up(req) for req, _, _ in reqs]
         base_time = self.target_cost.predict(num_decodes)
         base_rate = num_decodes / max(base_time, 1e-9)  # tokens per second without drafts
         per_token = max(self.target_cost.predict(num_decodes + 1) - base_time, 1e-9)
@@ -158,11 +159,11 @@ class SpeculationController:
             seconds = self.target_cost.predict(num_decodes + sum(ks))
             # The first draft step also catches up one or two tokens per request (more for a
             # request the draft has not followed: amortized below).
-            first_step = sum(min(self.catch_up(req), 2) for (req, _, _), k in zip(reqs, ks) if k)
+            first_step = sum(min(lag, 2) for lag, k in zip(lags, ks) if k)
             seconds += self._draft_time(first_step)
             for step in range(1, max(ks)):
                 seconds += self._draft_time(sum(1 for k in ks if k > step))
-            seconds += self._catch_up_time(reqs, ks, first_step)
+            seconds += self._catch_up_time(reqs, ks, lags, first_step)
             rate = tokens / max(seconds, 1e-9)
             if rate > best_rate:
                 best_k, best_rate = ks, rate

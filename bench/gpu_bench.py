@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from specdec.models.llama import ForwardBatch, LlamaForCausalLM  # noqa: E402
+from specdec.model.llama import ForwardBatch, LlamaForCausalLM  # noqa: E402
 
 # Real configs (values from the models' config.json), random weights.
 SHAPES = {
@@ -104,7 +104,7 @@ def section_env(args, res: dict) -> None:
         res["cupy"] = cupy.__version__
     except Exception as e:
         res["cupy"] = f"unavailable: {e}"
-    from specdec import kernels
+    from specdec.kernels import cupy as kernels
     res["kernels_available"] = kernels.available()
     res["kernels_error"] = kernels.load_error()
 
@@ -152,7 +152,7 @@ def graphed(fn, device: str, repeats: int = 10):
 
 
 def section_kernels(args, res: dict) -> None:
-    from specdec import ops
+    from specdec.kernels import ops
     from tests.gpu.cases import make_attention_case
 
     dtype = torch.bfloat16
@@ -208,7 +208,7 @@ def _decode_setup(model, prompt_len: int, steps: int, device: str):
 
 
 def section_decode(args, res: dict) -> None:
-    from specdec.graphs import CudaGraphRunner
+    from specdec.kernels.graphs import CudaGraphRunner
 
     prompt_len, steps = (16, 4) if args.smoke else (128, 64)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -249,7 +249,7 @@ def section_decode(args, res: dict) -> None:
 
 
 def section_verify(args, res: dict) -> None:
-    from specdec.graphs import CudaGraphRunner
+    from specdec.kernels.graphs import CudaGraphRunner
 
     name = "qwen2.5-coder-1.5b"
     shape = (SMOKE_SHAPES if args.smoke else SHAPES)[name]
@@ -293,9 +293,9 @@ def _save_hf_model(shape: dict, out_dir: str, seed: int, device: str) -> str:
 
 
 def section_spec_e2e(args, res: dict) -> None:
-    from specdec.config import from_dict
+    from specdec.core.config import from_dict
     from specdec.llm import LLM
-    from specdec.request import SamplingParams
+    from specdec.core.request import SamplingParams
 
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     tmp = tempfile.mkdtemp(prefix="specdec_bench_")

@@ -62,7 +62,7 @@ PAIRS = {
 
 def our_config(name: str, args, pair: Pair | None, target_path: str, draft_path: str | None,
                max_len_needed: int):
-    from specdec import config as cfg
+    from specdec.core import config as cfg
     overrides: dict[str, object] = {
         "model.path": target_path, "model.dtype": args.dtype,
         "device.num_threads": args.threads, "device.device": args.device,

@@ -18,7 +18,7 @@ import sys
 
 from aiohttp import web
 
-from specdec.config import Config, ConfigError, from_dict, load, parse_overrides
+from specdec.core.config import Config, ConfigError, from_dict, load, parse_overrides
 
 
 def build_config(argv: list[str]) -> Config:
@@ -55,7 +55,7 @@ def describe_engine(engine) -> dict:
     kernels_active = False
     if device.startswith("cuda"):
         try:
-            from specdec import kernels
+            from specdec.kernels import cupy as kernels
             kernels_active = bool(kernels.available())
         except Exception:  # no cupy / no nvrtc: ops fall back to the torch reference
             kernels_active = False

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from specdec.request import SamplingParams
+from specdec.core.request import SamplingParams
 
 
 class EngineDeadError(RuntimeError):

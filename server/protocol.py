@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from specdec.request import MAX_LOGPROBS, SamplingParams
+from specdec.core.request import MAX_LOGPROBS, SamplingParams
 
 try:
     import orjson

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from specdec.request import SamplingParams  # noqa: E402
+from specdec.core.request import SamplingParams  # noqa: E402
 
 
 def __getattr__(name):

@@ -22,16 +22,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specdec.adaptive import SpeculationController
-from specdec.config import Config
-from specdec.drafters import DraftModelDrafter, NgramDrafter, Proposal
-from specdec.output import IncrementalDetokenizer
-from specdec.rejection import draft_uniforms, greedy_verify, rejection_sample
-from specdec.request import Request, RequestStatus, SamplingParams
+from specdec.spec.adaptive import SpeculationController
+from specdec.core.config import Config
+from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
+from specdec.core.detokenizer import IncrementalDetokenizer
+from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
+from specdec.core.request import Request, RequestStatus, SamplingParams
 from specdec.runner import ModelRunner, SeqSlice
-from specdec.sampling import RowState, compute_logprobs, compute_probs, process_logits
-from specdec.scheduler import Scheduler
-from specdec.weights import load_model, load_tokenizer
+from specdec.sample.sampling import RowState, compute_logprobs, compute_probs, process_logits
+from specdec.core.scheduler import Scheduler
+from specdec.model.weights import load_model, load_tokenizer
 
 
 @dataclass(slots=True)

@@ -7,9 +7,9 @@ import dataclasses
 import itertools
 import time
 
-from specdec.config import Config, load, parse_overrides
+from specdec.core.config import Config, load, parse_overrides
 from specdec.engine import Engine, RequestOutput
-from specdec.request import SamplingParams
+from specdec.core.request import SamplingParams
 
 class LLM:
     """Offline API in vLLM's shape: `LLM(config)`, `generate(prompts, params)`, `chat(...)`."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specdec.models.llama import ForwardBatch, LlamaForCausalLM
+from specdec.model.llama import ForwardBatch, LlamaForCausalLM
 
 
 @dataclass(slots=True)
@@ -102,8 +102,8 @@ class ModelRunner:
     def capture_graphs(self, query_lens: list[int], max_num_seqs: int, max_model_len: int,
                        debug: bool = False) -> bool:
         """Capture CUDA graphs for uniform batches of each query length; False if unsupported."""
-        from specdec import kernels
-        from specdec.graphs import CudaGraphRunner
+        from specdec.kernels import cupy as kernels
+        from specdec.kernels.graphs import CudaGraphRunner
         model = self.model
         if self.device.type != "cuda" or not kernels.available() or not kernels.supports(
                 model.head_dim, model.dtype):

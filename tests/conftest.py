@@ -126,7 +126,7 @@ class PagedSequences:
         """windows: (seq_id, new token ids) per sequence. logits_rows: "all" or "last"."""
         import torch
 
-        from specdec.models.llama import ForwardBatch
+        from specdec.model.llama import ForwardBatch
 
         input_ids, positions, slots, query_lens, seq_lens, tables, logits = [], [], [], [], [], [], []
         for seq_id, tokens in windows:

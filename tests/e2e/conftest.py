@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from server.protocol import dumps, loads
-from specdec.config import from_dict
+from specdec.core.config import from_dict
 
 SPEC_MODEL = "tiny-spec"
 NGRAM_MODEL = "tiny-ngram"

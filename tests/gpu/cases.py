@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specdec import ops
+from specdec.kernels import ops
 
 
 @dataclass(slots=True)

@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def kernels():
-    from specdec import kernels as module
+    from specdec.kernels import cupy as module
 
     assert module.available(), f"CUDA kernels failed to load: {module.load_error()}"
     return module

@@ -27,8 +27,8 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
 @pytest.mark.parametrize("query_len", [1, 4])
 def test_graph_replay_matches_eager(kernels, tiny_dirs, dtype, tol, query_len) -> None:
-    from specdec.graphs import CudaGraphRunner
-    from specdec.weights import load_model
+    from specdec.kernels.graphs import CudaGraphRunner
+    from specdec.model.weights import load_model
 
     model = load_model(tiny_dirs["target"], dtype, "cuda")
     num_blocks, block_size = 96, 16
@@ -61,9 +61,9 @@ def test_graph_replay_matches_eager(kernels, tiny_dirs, dtype, tol, query_len) -
 
 def _generate(config_dict: dict, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     try:
-        from specdec.config import from_dict
+        from specdec.core.config import from_dict
         from specdec.llm import LLM
-        from specdec.request import SamplingParams
+        from specdec.core.request import SamplingParams
     except ImportError as e:
         pytest.skip(f"engine import failed: {e}")
     llm = LLM(from_dict(config_dict))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specdec import ops
+from specdec.kernels import ops
 from tests.gpu.cases import WINDOW_MIXES, make_attention_case, relative_error
 from tests.gpu.conftest import poison_allocator
 

@@ -3,8 +3,8 @@ when verify tokens are expensive, load turns speculation down, probes revisit a 
 
 from __future__ import annotations
 
-from specdec.adaptive import SpeculationController
-from specdec.request import Request, SamplingParams
+from specdec.spec.adaptive import SpeculationController
+from specdec.core.request import Request, SamplingParams
 from specdec.runner import CostModel
 
 

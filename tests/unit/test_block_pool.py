@@ -5,7 +5,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from specdec.block_pool import (ROOT_HASH, BlockPool, extend_block_hashes,
+from specdec.core.block_pool import (ROOT_HASH, BlockPool, extend_block_hashes,
                                 hash_block_tokens)
 
 BS = 4

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from specdec.config import Config, ConfigError, from_dict, load, parse_overrides
+from specdec.core.config import Config, ConfigError, from_dict, load, parse_overrides
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from specdec import kernels
+from specdec.kernels import cupy as kernels
 from tests.gpu.cases import WINDOW_MIXES, make_attention_case, relative_error
 
 NVCC = shutil.which("nvcc")

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from specdec import LLM, SamplingParams
-from specdec.config import Config
+from specdec.core.config import Config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
@@ -206,7 +206,7 @@ def test_chat_template(tiny_llm):
 
 
 def test_token_ids_slice_equals_all_token_ids_slice():
-    from specdec.request import Request
+    from specdec.core.request import Request
     req = Request("x", [1, 2, 3, 4], SamplingParams())
     req.output_token_ids = [5, 6, 7]
     for start in range(8):

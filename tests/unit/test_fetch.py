@@ -135,7 +135,7 @@ def test_list_names_the_known_models(capsys):
 def test_tiny_gguf_round_trip(tmp_path, monkeypatch, tiny_tokenizer_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specdec.weights import load_model, load_tokenizer
+    from specdec.model.weights import load_model, load_tokenizer
 
     gguf_path = tmp_path / "tiny.gguf"
     write_tiny_gguf(str(gguf_path), tiny_tokenizer_dir)

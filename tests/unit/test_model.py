@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from specdec.weights import load_model
+from specdec.model.weights import load_model
 from tests.conftest import PagedSequences
 
 ATOL = 1e-4
@@ -155,7 +155,7 @@ def test_missing_tensor_is_named(tiny_llama_dir, tmp_path):
 
 
 def test_int8_linear_matches_dequantized_weights():
-    from specdec.quant import Int8Linear
+    from specdec.model.quant import Int8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=True)
@@ -172,7 +172,7 @@ def test_int8_linear_matches_dequantized_weights():
 
 
 def test_int4_linear_matches_its_reference_and_the_weights():
-    from specdec.quant import Int4Linear, int4_dequantize, int4_groups
+    from specdec.model.quant import Int4Linear, int4_dequantize, int4_groups
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 48, bias=True)
@@ -192,7 +192,7 @@ def test_int4_linear_matches_its_reference_and_the_weights():
 
 
 def test_int4_falls_back_to_int8_for_shapes_the_kernel_cannot_take():
-    from specdec.quant import Int4Linear, Int8Linear, quantize_weights
+    from specdec.model.quant import Int4Linear, Int8Linear, quantize_weights
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 40))
     quantize_weights(model, "int4")
@@ -211,7 +211,7 @@ def test_int4_falls_back_to_int8_for_shapes_the_kernel_cannot_take():
     ("qwen2", "float32", "int4", 0.4, 0.45)])
 def test_quantized_model_is_close_to_float(kind, dtype, quantization, max_rel_err, min_agree,
                                            request):
-    from specdec.quant import Int4Linear, Int8Linear
+    from specdec.model.quant import Int4Linear, Int8Linear
 
     path = request.getfixturevalue(f"tiny_{kind}_dir")
     reference = load_model(path, "float32")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from specdec import ops
+from specdec.kernels import ops
 
 
 def _naive_attention(query, keys, values, scale):

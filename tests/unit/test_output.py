@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from specdec.output import IncrementalDetokenizer
+from specdec.core.detokenizer import IncrementalDetokenizer
 
 CORPUS = ["Hello world! The quick brown fox jumps over the lazy dog.",
           "你好，世界。今天天气很好。我们去公园散步吧。",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from specdec import LLM, SamplingParams
-from specdec.config import Config
+from specdec.core.config import Config
 from tests.unit.test_spec import assert_same_greedy
 
 pytestmark = pytest.mark.slow

@@ -4,9 +4,9 @@ distribution tests that a wrong acceptance rule fails."""
 import pytest
 import torch
 
-from specdec.rejection import (draft_uniforms, greedy_verify, rejection_sample,
+from specdec.spec.rejection import (draft_uniforms, greedy_verify, rejection_sample,
                                rejection_sample_reference)
-from specdec.sampling import STREAM_ACCEPT, STREAM_SAMPLE, row_generator, sample
+from specdec.sample.sampling import STREAM_ACCEPT, STREAM_SAMPLE, row_generator, sample
 from tests.stats import chi_square_pvalue
 
 V = 8

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-from specdec.request import SamplingParams
-from specdec.sampling import (STREAM_ACCEPT, STREAM_SAMPLE, RowState, compute_logprobs,
+from specdec.core.request import SamplingParams
+from specdec.sample.sampling import (STREAM_ACCEPT, STREAM_SAMPLE, RowState, compute_logprobs,
                               compute_probs, process_logits, row_generator, sample)
 from tests.stats import chi_square_pvalue
 

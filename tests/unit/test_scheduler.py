@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specdec.config import CacheConfig, SchedulerConfig
-from specdec.request import Request, RequestStatus, SamplingParams
-from specdec.scheduler import Scheduler, cdiv
+from specdec.core.config import CacheConfig, SchedulerConfig
+from specdec.core.request import Request, RequestStatus, SamplingParams
+from specdec.core.scheduler import Scheduler, cdiv
 
 BS = 8
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -414,6 +414,6 @@ def test_random_workloads_finish_without_leaks(seed, num_blocks, max_num_seqs, b
 
 
 def test_bookkeeping_imports_no_torch():
-    code = ("import sys, specdec.scheduler, specdec.block_pool; "
+    code = ("import sys, specdec.core.scheduler, specdec.core.block_pool; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from specdec.weights import load_model, load_tokenizer
+from specdec.model.weights import load_model, load_tokenizer
 from tests.conftest import PagedSequences
 
 NUM_TOKENS = 64

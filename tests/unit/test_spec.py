@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specdec import LLM, SamplingParams
-from specdec.config import Config
+from specdec.core.config import Config
 from specdec.runner import CostModel
 from tests.conftest import make_tiny_config, save_tiny_model
 from tests.stats import chi_square_pvalue
@@ -150,7 +150,7 @@ class AlwaysWrongDrafter:
     has_model = False
 
     def propose(self, requests):
-        from specdec.drafters import Proposal
+        from specdec.spec.drafters import Proposal
         return [Proposal([0] * k, None) for _, k in requests]
 
 
@@ -209,7 +209,7 @@ def exact_joint(target_dir: str, params: SamplingParams) -> torch.Tensor:
     transformers' model (independent of our paged model and of speculation)."""
     from transformers import AutoModelForCausalLM
 
-    from specdec.sampling import RowState, compute_probs, process_logits
+    from specdec.sample.sampling import RowState, compute_probs, process_logits
     model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
 
     def step_probs(prefixes: list[list[int]]) -> torch.Tensor:

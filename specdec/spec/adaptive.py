@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specdec.request import Request
+from specdec.core.request import Request
 from specdec.runner import CostModel
 
 PRIOR_ACCEPT = 0.7

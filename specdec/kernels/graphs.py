@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specdec.models.llama import ForwardBatch
+from specdec.model.llama import ForwardBatch
 
 
 def batch_size_buckets(max_num_seqs: int) -> list[int]:
@@ -92,7 +92,7 @@ class CudaGraphRunner:
         NOTE: the capture inputs never touch the live cache: all slots are -1 (no KV writes)
         and each sequence attends to query_len positions of block 0 (reads only).
         """
-        from specdec import kernels
+        from specdec.kernels import cupy as kernels
 
         if not kernels.available():
             raise RuntimeError("CUDA graphs need the specdec CUDA kernels (the torch reference "

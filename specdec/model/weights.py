@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from specdec.fetch import resolve_model_path
-from specdec.models.llama import LlamaForCausalLM
+from specdec.model.llama import LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = (None, "int8", "int4")
@@ -57,7 +57,7 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
                ) -> LlamaForCausalLM:
     """Build the model from `path` (a local HF directory or a fetch name) and load its weights.
     `quantization="int8"` / `"int4"`: weight-only quantized Linear layers (logits stay
-    float32; see specdec/quant.py)."""
+    float32; see specdec/model/quant.py)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     torch_dtype = parse_dtype(dtype)
@@ -67,7 +67,7 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
     model.load_weights(iter_weights(path))
     model.eval()
     if quantization is not None:
-        from specdec.quant import quantize_weights
+        from specdec.model.quant import quantize_weights
         quantize_weights(model, quantization)
     return model
 

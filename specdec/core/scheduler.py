@@ -22,8 +22,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from specdec.block_pool import BlockPool, extend_block_hashes
-from specdec.request import Request, RequestStatus
+from specdec.core.block_pool import BlockPool, extend_block_hashes
+from specdec.core.request import Request, RequestStatus
 
 
 def cdiv(a: int, b: int) -> int:

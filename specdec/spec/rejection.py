@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specdec.sampling import (STREAM_ACCEPT, STREAM_RECOVER, STREAM_SAMPLE, exponential_noise,
+from specdec.sample.sampling import (STREAM_ACCEPT, STREAM_RECOVER, STREAM_SAMPLE, exponential_noise,
                               row_generator)
 
 

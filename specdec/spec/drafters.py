@@ -22,9 +22,9 @@ from typing import Protocol
 
 import torch
 
-from specdec.request import Request
+from specdec.core.request import Request
 from specdec.runner import ModelRunner, SeqSlice
-from specdec.sampling import (STREAM_DRAFT, RowState, compute_probs, process_logits,
+from specdec.sample.sampling import (STREAM_DRAFT, RowState, compute_probs, process_logits,
                               row_generator, sample)
 
 

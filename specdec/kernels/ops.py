@@ -1,5 +1,5 @@
 """The hot ops over the paged KV cache, in pure torch. On the CPU this IS the fast path; CUDA
-tensors dispatch to `specdec.kernels` (CuPy kernels with the same signatures).
+tensors dispatch to `specdec.kernels.cupy` (CuPy kernels with the same signatures).
 
 Glossary:
     slot        block_id * block_size + offset: one token's row in the flattened cache
@@ -20,7 +20,7 @@ def _use_kernels(tensor: Tensor, head_dim: int) -> bool:
     torch reference below runs on the GPU too (eager only: it reads the CPU lists)."""
     if not tensor.is_cuda:
         return False
-    from specdec import kernels
+    from specdec.kernels import cupy as kernels
     return kernels.available() and kernels.supports(head_dim, tensor.dtype)
 
 
@@ -31,7 +31,7 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
     # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     # slot_mapping: [num_tokens] int64
     if _use_kernels(key, k_cache.shape[3]):
-        from specdec import kernels
+        from specdec.kernels import cupy as kernels
         return kernels.write_kv(key, value, k_cache, v_cache, slot_mapping)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     k_flat = k_cache.view(-1, num_kv_heads, head_dim)  # [num_slots, num_kv_heads, head_dim]
@@ -81,7 +81,7 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     # block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32
     # query_start_loc: [num_seqs + 1] int32
     if _use_kernels(query, query.shape[2]):
-        from specdec import kernels
+        from specdec.kernels import cupy as kernels
         return kernels.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
                                        query_start_loc, scale, query_lens, seq_lens_list)
     num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec import ops
+from specdec.kernels import ops
 
 
 @dataclass(slots=True)

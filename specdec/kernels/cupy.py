@@ -1,6 +1,6 @@
 """CuPy raw CUDA kernels for the hot ops, launched on torch's current stream.
 
-`specdec.ops` dispatches CUDA tensors here with the same signatures as its torch reference.
+`specdec.kernels.ops` dispatches CUDA tensors here with the same signatures as its torch reference.
 The sources live in `cuda/*.cu`; each is compiled once (NVRTC through `cupy.RawModule`) the
 first time `load()` or `available()` runs, and every kernel function is looked up then, so
 nothing is compiled or loaded during CUDA graph capture. A launch reads only device tensors
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-CUDA_DIR = Path(__file__).resolve().parent.parent / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
 SOURCES = ("paged_attention.cu", "kv_cache.cu")
 NVRTC_OPTIONS = ("--std=c++17",)
 HEAD_DIMS = (32, 64, 128, 256)
@@ -145,7 +145,7 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
                     seq_lens: Tensor, query_start_loc: Tensor, scale: float,
                     query_lens: list[int] | None = None,
                     seq_lens_list: list[int] | None = None) -> Tensor:
-    """Same contract as `specdec.ops.paged_attention`; the CPU lists are ignored."""
+    """Same contract as `specdec.kernels.ops.paged_attention`; the CPU lists are ignored."""
     # query: [num_rows, num_heads, head_dim] -> out: [num_rows, num_heads, head_dim]
     # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     # block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32
@@ -200,7 +200,7 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
 
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor) -> None:
-    """Same contract as `specdec.ops.write_kv`: slot -1 (and any slot out of range) skipped."""
+    """Same contract as `specdec.kernels.ops.write_kv`: slot -1 (and any slot out of range) skipped."""
     # key, value: [num_tokens, num_kv_heads, head_dim]
     # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens]
     num_tokens, num_kv_heads, head_dim = key.shape

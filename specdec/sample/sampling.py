@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specdec.request import SamplingParams
+from specdec.core.request import SamplingParams
 
 # Purposes of random numbers for one output token; each gets an independent generator.
 STREAM_SAMPLE = 0  # the token itself (plain decoding, and the bonus token after all drafts pass)

@@ -235,18 +235,22 @@ def fetch(name: str, root: str | None = None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specdec fetch",
                                      description="download, verify and convert a known model")
-    parser.add_argument("name", nargs="?", help="a known model name, or 'all'")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help="known model names, or 'all'")
     parser.add_argument("--list", action="store_true", help="list the known models")
     parser.add_argument("--dir", default=None, help="models directory (default "
                         "$SPECDEC_MODEL_DIR or ~/.cache/specdec/models)")
     args = parser.parse_args(argv)
     root = args.dir or models_dir()
-    if args.list or not args.name:
+    if args.list or not args.names:
         for source in KNOWN_MODELS.values():
             state = "fetched" if is_complete(os.path.join(root, source.name)) else "-"
             print(f"{source.name:32s} {state:8s} {source.description}")
         return 0 if args.list else 2
-    names = list(KNOWN_MODELS) if args.name == "all" else [args.name]
+    names = list(KNOWN_MODELS) if "all" in args.names else args.names
+    unknown = [name for name in names if name not in KNOWN_MODELS]
+    if unknown:
+        parser.error(f"unknown model {', '.join(unknown)}; known: {', '.join(KNOWN_MODELS)}")
     for name in names:
         try:
             fetch(name, root)

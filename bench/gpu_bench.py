@@ -292,61 +292,100 @@ def _save_hf_model(shape: dict, out_dir: str, seed: int, device: str) -> str:
     return out_dir
 
 
-def section_spec_e2e(args, res: dict) -> None:
-    from specdec.core.config import from_dict
-    from specdec.llm import LLM
-    from specdec.core.request import SamplingParams
+NEAR_TIE_GAP = {"float32": 1e-3, "bfloat16": 0.25}  # top-2 logprob gap forgiven per dtype
 
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    tmp = tempfile.mkdtemp(prefix="specdec_bench_")
-    target = _save_hf_model(shapes["qwen2.5-coder-1.5b"], f"{tmp}/target", 0, args.device)
-    draft = _save_hf_model(shapes["qwen2.5-coder-0.5b"], f"{tmp}/draft", 1, args.device)
-    max_tokens = 16 if args.smoke else 128
-    vocab = shapes["qwen2.5-coder-1.5b"]["vocab_size"]
-    prompt = [(11 * i + 5) % (vocab - 2) + 2 for i in range(64)]
-    dtype = "bfloat16" if args.dtype == torch.bfloat16 else "float32"
-    base = {"model": {"path": target, "dtype": dtype, "max_model_len": 1024},
-            "cache": {"block_size": BLOCK_SIZE, "num_blocks": 256},
-            "device": {"device": args.device}}
-    runs = {"no_spec": base,
+
+def _greedy_runs(target: str, draft: str, base: dict) -> dict[str, dict]:
+    return {"no_spec": base,
             "draft_copy_k4": dict(base, spec={"method": "draft", "draft_model": target,
                                               "num_speculative_tokens": 4, "adaptive": False}),
             "draft_0.5b_k4": dict(base, spec={"method": "draft", "draft_model": draft,
                                               "num_speculative_tokens": 4, "adaptive": False}),
             "draft_0.5b_adaptive": dict(base, spec={"method": "draft", "draft_model": draft,
-                                                    "num_speculative_tokens": 4})}
-    outputs = {}
-    for label, cfg in runs.items():
-        if args.out_of_time():
-            res[label] = "skipped: out of time"
+                                                    "num_speculative_tokens": 4}),
+            "ngram_k4": dict(base, spec={"method": "ngram", "num_speculative_tokens": 4,
+                                         "adaptive": False})}
+
+
+def compare_greedy(outputs: dict[str, list[int]], top2: list, dtype: str) -> dict:
+    """Each run against no_spec: equal, or where it first differs and how close no_spec's top
+    two candidates were there (a near tie is a rounding flip, not a bug)."""
+    want = outputs.get("no_spec")
+    report = {}
+    for label, got in outputs.items():
+        if label == "no_spec" or want is None:
             continue
-        try:
-            llm = LLM(from_dict(cfg))
-            params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-            llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
-                temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
-            t0 = time.perf_counter()
-            out = llm.generate([{"prompt_token_ids": prompt}], params)
-            seconds = time.perf_counter() - t0
-            ids = list(out[0].outputs[0].token_ids)
-            outputs[label] = ids
-            entry = {"tok_s": len(ids) / seconds, "tokens": len(ids)}
+        pos = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if pos is None and len(got) != len(want):
+            pos = min(len(got), len(want))
+        if pos is None:
+            report[label] = {"equal": True}
+            continue
+        gap = None
+        if pos < len(top2) and len(top2[pos][1]) >= 2:
+            gap = top2[pos][1][0][1] - top2[pos][1][1][1]
+        report[label] = {"equal": False, "first_difference": pos, "top2_gap": gap,
+                         "near_tie": gap is not None and gap <= NEAR_TIE_GAP[dtype]}
+    return report
+
+
+def section_spec_e2e(args, res: dict) -> None:
+    """Spec vs no-spec end to end: speed in the bench dtype, greedy equality in float32 (the
+    exactness claim), both on a repetitive prompt so the n-gram drafter has matches."""
+    from specdec.core.config import from_dict
+    from specdec.core.request import SamplingParams
+    from specdec.llm import LLM
+
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    tmp = tempfile.mkdtemp(prefix="specdec_bench_")
+    target = _save_hf_model(shapes["qwen2.5-coder-1.5b"], f"{tmp}/target", 0, args.device)
+    draft = _save_hf_model(shapes["qwen2.5-coder-0.5b"], f"{tmp}/draft", 1, args.device)
+    vocab = shapes["qwen2.5-coder-1.5b"]["vocab_size"]
+    prompt = [(11 * (i % 16) + 5) % (vocab - 2) + 2 for i in range(64)]  # period 16
+    bench_dtype = "bfloat16" if args.dtype == torch.bfloat16 else "float32"
+    passes = [("speed", bench_dtype, 16 if args.smoke else 128)]
+    passes.append(("exact_float32", "float32", 16 if args.smoke else 48))
+    for pass_name, dtype, max_tokens in passes:
+        base = {"model": {"path": target, "dtype": dtype, "max_model_len": 1024},
+                "cache": {"block_size": BLOCK_SIZE, "num_blocks": 256},
+                "device": {"device": args.device}}
+        outputs, entries, top2 = {}, {}, []
+        for label, cfg in _greedy_runs(target, draft, base).items():
+            if args.out_of_time():
+                entries[label] = "skipped: out of time"
+                continue
             try:
-                stats = llm.engine.stats()
-                if stats.spec_num_draft_tokens:
-                    entry["acceptance"] = (stats.spec_num_accepted_tokens
-                                           / stats.spec_num_draft_tokens)
-            except Exception:
-                pass
-            res[label] = entry
-            del llm
-        except Exception as e:
-            res[label] = f"FAILED: {type(e).__name__}: {e}"
-            traceback.print_exc()
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-    if "no_spec" in outputs:
-        res["greedy_equal"] = {k: v == outputs["no_spec"] for k, v in outputs.items()}
+                llm = LLM(from_dict(cfg))
+                llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+                    temperature=0.0, max_tokens=8, ignore_eos=True))  # warm-up
+                params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+                t0 = time.perf_counter()
+                out = llm.generate([{"prompt_token_ids": prompt}], params)
+                seconds = time.perf_counter() - t0
+                ids = list(out[0].outputs[0].token_ids)
+                outputs[label] = ids
+                entry = {"tok_s": len(ids) / seconds, "tokens": len(ids)}
+                stats = llm.engine.counters
+                if stats.get("draft_tokens"):
+                    entry["acceptance"] = stats["accepted_tokens"] / stats["draft_tokens"]
+                    entry["acceptance_length"] = 1 + stats["accepted_tokens"] / stats["drafts"]
+                if label == "no_spec":  # untimed: the top-2 candidates at every position
+                    top2 = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+                        temperature=0.0, max_tokens=max_tokens, ignore_eos=True,
+                        logprobs=2))[0].outputs[0].logprobs or []
+                entries[label] = entry
+                del llm
+            except Exception as e:
+                entries[label] = f"FAILED: {type(e).__name__}: {e}"
+                args.failures.append(f"spec_e2e/{pass_name}/{label}")
+                traceback.print_exc()
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        res[pass_name] = {"dtype": dtype, "runs": entries,
+                          "greedy": compare_greedy(outputs, top2, dtype)}
+        if dtype == "float32":
+            res["float32_greedy_equal"] = all(
+                r["equal"] for r in res[pass_name]["greedy"].values())
 
 
 SECTIONS = [("env", section_env), ("copy_bandwidth", section_copy_bandwidth),
@@ -372,9 +411,11 @@ def print_table(results: dict) -> None:
     for k, entry in results.get("verify_steps", {}).items():
         if k.startswith("k"):
             print(f"  verify {k:6s} {entry}")
-    for label, entry in results.get("spec_e2e", {}).items():
-        if label != "seconds":
-            print(f"  e2e {label:20s} {entry}")
+    for pass_name, entry in results.get("spec_e2e", {}).items():
+        if isinstance(entry, dict) and "runs" in entry:
+            for label, run in entry["runs"].items():
+                print(f"  e2e {pass_name} {entry['dtype']} {label:20s} {run} "
+                      f"{entry['greedy'].get(label, '')}")
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value:
             print(f"  SECTION {name} FAILED: {value['error']}")
@@ -390,6 +431,7 @@ def main() -> int:
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     args.copy_bw = None
+    args.failures = []
     start = time.perf_counter()
     args.out_of_time = lambda: time.perf_counter() - start > args.budget
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_bench.json")
@@ -410,13 +452,21 @@ def main() -> int:
                 fn(args, res)
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"
+            args.failures.append(name)
             traceback.print_exc()
         res["seconds"] = round(time.perf_counter() - t0, 2)
         print(f"[{name}] {json.dumps(res, default=str)[:2000]}", flush=True)
         if out:
             Path(out).write_text(json.dumps(results, indent=1, default=str))
+    if results.get("spec_e2e", {}).get("float32_greedy_equal") is False:
+        args.failures.append("spec_e2e: float32 greedy output differs from no-spec")
+    results["failures"] = args.failures
+    if out:
+        Path(out).write_text(json.dumps(results, indent=1, default=str))
     print_table(results)
-    return 0
+    if args.failures:
+        print(f"FAILED: {', '.join(args.failures)}")
+    return 1 if args.failures else 0
 
 
 if __name__ == "__main__":

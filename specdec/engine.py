@@ -129,6 +129,10 @@ class Engine:
             torch.set_num_threads(dev.num_threads)
         torch.manual_seed(dev.seed)
         self.device = resolve_device(dev.device)
+        use_kernels = dev.kernels == "cupy"
+        if self.device.type == "cuda" and use_kernels:
+            from specdec.kernels import cupy as kernels
+            kernels.require(128, torch.float32)  # fail before loading any weights
         self.tokenizer = load_tokenizer(config.model.path)
         target = load_model(config.model.path, config.model.dtype, str(self.device),
                             config.model.quantization)
@@ -147,8 +151,9 @@ class Engine:
                                  f"the target's ({target.vocab_size}); they must share a tokenizer")
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
-        self.target_runner = ModelRunner(target, self.num_blocks, block_size)
-        self.draft_runner = ModelRunner(draft, self.num_blocks, block_size) if draft else None
+        self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels)
+        self.draft_runner = (ModelRunner(draft, self.num_blocks, block_size, use_kernels)
+                             if draft else None)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
                                    self.max_model_len)
         self.drafter = None

@@ -27,9 +27,16 @@ class SeqSlice:
 class ModelRunner:
     """Owns one model and its paged KV cache; `execute` returns float32 logits rows."""
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
+                 use_kernels: bool = True):
         self.model = model
         self.device = model.device
+        # CUDA: the CuPy kernels, checked here so that a missing or unsupported kernel is a
+        # start-up error rather than a silent torch fallback (device.kernels = "torch" opts out).
+        self.use_kernels = use_kernels and self.device.type == "cuda"
+        if self.use_kernels:
+            from specdec.kernels import cupy as kernels
+            kernels.require(model.head_dim, model.dtype)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
@@ -76,6 +83,7 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
             query_lens=query_lens,
             seq_lens_list=seq_lens,
+            use_kernels=self.use_kernels,
         )
 
     @torch.inference_mode()
@@ -102,11 +110,9 @@ class ModelRunner:
     def capture_graphs(self, query_lens: list[int], max_num_seqs: int, max_model_len: int,
                        debug: bool = False) -> bool:
         """Capture CUDA graphs for uniform batches of each query length; False if unsupported."""
-        from specdec.kernels import cupy as kernels
         from specdec.kernels.graphs import CudaGraphRunner
         model = self.model
-        if self.device.type != "cuda" or not kernels.available() or not kernels.supports(
-                model.head_dim, model.dtype):
+        if not self.use_kernels:  # NOTE: the torch reference reads CPU lists: eager only
             return False
         max_blocks = -(-max_model_len // self.block_size)
         for q in query_lens:

@@ -137,10 +137,15 @@ class DeviceConfig:
     num_threads: int = 0  # 0: torch's default
     cuda_graphs: bool = True
     seed: int = 0
+    # CUDA only: "cupy" requires the CuPy kernels (a failure to compile or load them is a
+    # start-up error); "torch" runs the pure-torch reference ops, eager, without CUDA graphs.
+    kernels: str = "cupy"
 
     def __post_init__(self) -> None:
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                "device.device", self.device, '"auto", "cpu", "cuda" or "cuda:N"')
+        _check(self.kernels in ("cupy", "torch"), "device.kernels", self.kernels,
+               '"cupy" or "torch"')
         _check(self.num_threads >= 0, "device.num_threads", self.num_threads, ">= 0")
 
 

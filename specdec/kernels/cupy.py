@@ -137,6 +137,21 @@ def supports(head_dim: int, dtype: torch.dtype) -> bool:
     return head_dim in HEAD_DIMS and dtype in DTYPE_TAGS
 
 
+def require(head_dim: int, dtype: torch.dtype) -> None:
+    """Raise RuntimeError, naming the reason and the way out, unless the kernels load and
+    support this head size and dtype."""
+    try:
+        load()
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}. Install CuPy for your CUDA version (pip install -e '.[cuda]') "
+                           "and make its headers findable (CUDA_PATH), or set "
+                           "device.kernels = \"torch\" for the slow reference path") from None
+    if not supports(head_dim, dtype):
+        raise RuntimeError(f"specdec CUDA kernels support head_dim in {HEAD_DIMS} and dtypes "
+                           f"{sorted(str(d) for d in DTYPE_TAGS)}, not head_dim={head_dim} "
+                           f"dtype={dtype}; set device.kernels = \"torch\" for this model")
+
+
 def _int32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
 

@@ -15,22 +15,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _use_kernels(tensor: Tensor, head_dim: int) -> bool:
-    """CUDA tensors go to the CuPy kernels when they load and support the shape; otherwise the
-    torch reference below runs on the GPU too (eager only: it reads the CPU lists)."""
-    if not tensor.is_cuda:
+def _use_kernels(tensor: Tensor, head_dim: int, use_kernels: bool) -> bool:
+    """CUDA tensors go to the CuPy kernels unless the caller asks for the torch reference.
+    NOTE: no silent fallback: the engine checks at start-up (`cupy.require`) that the kernels
+    load and support its shapes, so a failure here is an error, not a slow path."""
+    if not (tensor.is_cuda and use_kernels):
         return False
     from specdec.kernels import cupy as kernels
-    return kernels.available() and kernels.supports(head_dim, tensor.dtype)
+    kernels.require(head_dim, tensor.dtype)
+    return True
 
 
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
-             slot_mapping: Tensor) -> None:
+             slot_mapping: Tensor, use_kernels: bool = True) -> None:
     """Scatter this step's keys/values into the paged cache; slot -1 is skipped (padding)."""
     # key, value: [num_tokens, num_kv_heads, head_dim]
     # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     # slot_mapping: [num_tokens] int64
-    if _use_kernels(key, k_cache.shape[3]):
+    if _use_kernels(key, k_cache.shape[3], use_kernels):
         from specdec.kernels import cupy as kernels
         return kernels.write_kv(key, value, k_cache, v_cache, slot_mapping)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -74,13 +76,14 @@ def window_mask(query_len: int, seq_len: int, device: torch.device) -> Tensor:
 
 def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     seq_lens: Tensor, query_start_loc: Tensor, scale: float,
-                    query_lens: list[int], seq_lens_list: list[int]) -> Tensor:
+                    query_lens: list[int], seq_lens_list: list[int],
+                    use_kernels: bool = True) -> Tensor:
     """Attention of each sequence's window over its cached context (which already holds this
     step's keys/values). GQA: num_heads % num_kv_heads == 0."""
     # query: [num_tokens, num_heads, head_dim] -> out: [num_tokens, num_heads, head_dim]
     # block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32
     # query_start_loc: [num_seqs + 1] int32
-    if _use_kernels(query, query.shape[2]):
+    if _use_kernels(query, query.shape[2], use_kernels):
         from specdec.kernels import cupy as kernels
         return kernels.paged_attention(query, k_cache, v_cache, block_tables, seq_lens,
                                        query_start_loc, scale, query_lens, seq_lens_list)

@@ -36,6 +36,7 @@ class ForwardBatch:
     logits_indices: Tensor   # [num_logits] int64
     query_lens: list[int]
     seq_lens_list: list[int]
+    use_kernels: bool = True  # CUDA: the CuPy kernels (False: the torch reference ops)
 
 
 def _get(cfg, name: str, default=None):
@@ -155,10 +156,12 @@ class DecoderLayer(nn.Module):
         key = _rotate(key.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        ops.write_kv(key, value, k_cache, v_cache, batch.slot_mapping)
+        ops.write_kv(key, value, k_cache, v_cache, batch.slot_mapping,
+                     use_kernels=batch.use_kernels)
         attn = ops.paged_attention(query, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.query_lens,
-                                   batch.seq_lens_list)  # [num_tokens, num_heads, head_dim]
+                                   batch.seq_lens_list, use_kernels=batch.use_kernels)
+        # attn: [num_tokens, num_heads, head_dim]
         hidden = hidden + self.o_proj(attn.reshape(num_tokens, self.q_size))
         gate_up = self.gate_up_proj(self.post_attention_layernorm(hidden))
         gate, up = gate_up.split([self.intermediate_size, self.intermediate_size], dim=-1)

@@ -242,10 +242,54 @@ def section_decode(args, res: dict) -> None:
             entry["graph_tok_s"] = steps / (time.perf_counter() - t0)
             entry["max_abs_diff_graph_vs_eager"] = float(
                 (runner.run(batches[0]) - model(batches[0], kv_caches)).abs().max())
+        # The batch-1 bound: every weight read once per token at the measured copy bandwidth.
+        weight_bytes = sum(t.numel() * t.element_size() for t in
+                           {id(t): t for t in model.parameters()}.values())
+        entry["weight_GB"] = weight_bytes / 1e9
+        if args.copy_bw:
+            entry["bound_tok_s"] = args.copy_bw * 1e9 / weight_bytes
+            best = entry.get("graph_tok_s", entry["eager_tok_s"])
+            entry["share_of_bound"] = best / entry["bound_tok_s"]
+        if "graph_tok_s" in entry:
+            entry["graph_vs_eager"] = entry["graph_tok_s"] / entry["eager_tok_s"]
         res[name] = entry
         del model, kv_caches
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
+    draft, target = res.get("qwen2.5-coder-0.5b"), res.get("qwen2.5-coder-1.5b")
+    if isinstance(draft, dict) and isinstance(target, dict):
+        key = "graph_tok_s" if "graph_tok_s" in draft and "graph_tok_s" in target \
+            else "eager_tok_s"
+        res["draft_step_over_target_step"] = target[key] / draft[key]
+
+
+def section_profile(args, res: dict) -> None:
+    """torch profiler over a few batch-1 decode steps of the 1.5B shape: the top kernels by
+    device time, and how many kernels one step launches (eager, so each op is visible)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = (SMOKE_SHAPES if args.smoke else SHAPES)["qwen2.5-coder-1.5b"]
+    model = random_model(shape, args.dtype, args.device)
+    steps = 4
+    kv_caches, _, batches = _decode_setup(model, 32, steps, args.device)
+    activities = [ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for b in batches:
+            model(b, kv_caches)
+        sync(args.device)
+    cuda = args.device.startswith("cuda")
+    events = [e for e in prof.key_averages()
+              if (e.device_type.name == "CUDA") == cuda and not e.key.startswith("ProfilerStep")]
+    timing = "device_time_total" if cuda else "self_cpu_time_total"
+    events.sort(key=lambda e: getattr(e, timing, 0.0), reverse=True)
+    res["top"] = [{"name": e.key[:80], "count_per_step": e.count / steps,
+                   "us_per_step": getattr(e, timing, 0.0) / steps} for e in events[:15]]
+    if cuda:
+        res["kernels_per_step"] = sum(e.count for e in events) / steps
+        res["kernels_per_layer"] = res["kernels_per_step"] / shape["num_hidden_layers"]
+    del model, kv_caches
 
 
 def section_verify(args, res: dict) -> None:
@@ -390,7 +434,8 @@ def section_spec_e2e(args, res: dict) -> None:
 
 SECTIONS = [("env", section_env), ("copy_bandwidth", section_copy_bandwidth),
             ("kernels", section_kernels), ("decode_batch1", section_decode),
-            ("verify_steps", section_verify), ("spec_e2e", section_spec_e2e)]
+            ("verify_steps", section_verify), ("spec_e2e", section_spec_e2e),
+            ("profile", section_profile)]
 
 
 def print_table(results: dict) -> None:
@@ -408,6 +453,13 @@ def print_table(results: dict) -> None:
     for name, entry in results.get("decode_batch1", {}).items():
         if name != "seconds":
             print(f"  decode b=1 {name:20s} {entry}")
+    prof = results.get("profile", {})
+    if "kernels_per_layer" in prof:
+        print(f"  kernels per decode step {prof['kernels_per_step']:.0f} "
+              f"({prof['kernels_per_layer']:.1f} per layer)")
+    for row in prof.get("top", [])[:10]:
+        print(f"  top {row['us_per_step']:9.1f} us/step x{row['count_per_step']:5.1f}  "
+              f"{row['name']}")
     for k, entry in results.get("verify_steps", {}).items():
         if k.startswith("k"):
             print(f"  verify {k:6s} {entry}")

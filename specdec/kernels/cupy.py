@@ -25,13 +25,14 @@ import torch
 from torch import Tensor
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-SOURCES = ("paged_attention.cu", "kv_cache.cu")
+SOURCES = ("paged_attention.cu", "kv_cache.cu", "fused.cu")
 NVRTC_OPTIONS = ("--std=c++17",)
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPE_TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 ATTN_THREADS = 128  # must match kAttnThreads in paged_attention.cu
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: longer batches launch in row chunks
 WRITE_KV_WORDS = (16, 4, 2)  # bytes per copied word, widest first
+FUSED_THREADS = 256  # rms_norm and rope_kv: one block of these per token
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
@@ -70,6 +71,8 @@ class _Loaded:
             "paged_attention.cu": [f"paged_attention_{tag}_d{d}"
                                    for tag in DTYPE_TAGS.values() for d in HEAD_DIMS],
             "kv_cache.cu": [f"write_kv_w{w}" for w in WRITE_KV_WORDS],
+            "fused.cu": [f"{op}_{tag}" for op in ("rms_norm", "silu_mul", "rope_kv")
+                         for tag in DTYPE_TAGS.values()],
         }
         for source in SOURCES:
             module = cupy.RawModule(code=read_source(source), options=NVRTC_OPTIONS)
@@ -253,6 +256,87 @@ def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
             _i64(num_blocks * block_size))
     load().launch(f"write_kv_w{word}", key.device, (num_tokens, 1, 1), (threads, 1, 1), args)
     return None
+
+
+def _rows(x: Tensor, name: str) -> Tensor:
+    """x as [rows, features] with unit column stride (a strided row view stays a view)."""
+    if x.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in DTYPE_TAGS:
+        raise ValueError(f"{name}: dtype {x.dtype} not supported ({list(DTYPE_TAGS)})")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float,
+             residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Same contract as `specdec.kernels.ops.rms_norm`; `residual` is updated in place."""
+    # x: [num_tokens, hidden]; weight: [hidden]; residual: [num_tokens, hidden] contiguous
+    x = _rows(x, "rms_norm")
+    num_tokens, hidden = x.shape
+    out = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
+    if residual is not None and not (residual.is_contiguous() and residual.shape == x.shape
+                                     and residual.dtype == x.dtype):
+        raise ValueError(f"rms_norm: residual {tuple(residual.shape)} {residual.dtype} must be "
+                         f"contiguous and match x {tuple(x.shape)} {x.dtype}")
+    weight = weight.contiguous()
+    if num_tokens:
+        res = residual if residual is not None else out
+        args = (out.data_ptr(), res.data_ptr(), x.data_ptr(), weight.data_ptr(), _i32(hidden),
+                _i64(x.stride(0)), _f32(eps), _i32(residual is not None))
+        load().launch(f"rms_norm_{DTYPE_TAGS[x.dtype]}", x.device, (num_tokens, 1, 1),
+                      (FUSED_THREADS, 1, 1), args)
+    return out, residual
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """Same contract as `specdec.kernels.ops.silu_mul`."""
+    # gate_up: [num_tokens, 2 * inter] -> [num_tokens, inter]
+    gate_up = gate_up.contiguous()
+    num_tokens, width = gate_up.shape
+    inter = width // 2
+    out = torch.empty((num_tokens, inter), dtype=gate_up.dtype, device=gate_up.device)
+    if num_tokens:
+        threads = 256
+        for offset in range(0, num_tokens, MAX_GRID_Y):
+            rows = min(MAX_GRID_Y, num_tokens - offset)
+            args = (out[offset:].data_ptr(), gate_up[offset:].data_ptr(), _i32(inter))
+            load().launch(f"silu_mul_{DTYPE_TAGS[gate_up.dtype]}", gate_up.device,
+                          (-(-inter // threads), rows, 1), (threads, 1, 1), args)
+    return out
+
+
+def rope_write_kv(query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor,
+                  k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+    """Same contract as `specdec.kernels.ops.rope_write_kv`; rotates `query` in place."""
+    # query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens, num_kv_heads, head_dim]
+    # cos, sin: [num_tokens, 1, head_dim // 2]; caches: [num_blocks, block_size, kv_heads, dim]
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    if query.dtype not in DTYPE_TAGS or not (query.dtype == key.dtype == value.dtype
+                                             == k_cache.dtype == cos.dtype == sin.dtype):
+        raise ValueError("rope_write_kv: query, key, value, cache and cos/sin dtypes must match")
+    if k_cache.shape[2:] != (num_kv_heads, head_dim) or not (
+            k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"rope_write_kv: caches {tuple(k_cache.shape)} must be contiguous and "
+                         f"hold {num_kv_heads} heads of {head_dim}")
+    if query.stride(2) != 1 or query.stride(1) != head_dim:
+        query = query.contiguous()
+    if key.stride(2) != 1 or key.stride(1) != head_dim:
+        key = key.contiguous()
+    if value.stride(2) != 1 or value.stride(1) != head_dim:
+        value = value.contiguous()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if slot_mapping.dtype != torch.int64 or not slot_mapping.is_contiguous():
+        slot_mapping = slot_mapping.to(torch.int64).contiguous()
+    if num_tokens:
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        args = (query.data_ptr(), key.data_ptr(), value.data_ptr(), k_cache.data_ptr(),
+                v_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
+                _i32(num_heads), _i32(num_kv_heads), _i32(head_dim), _i64(query.stride(0)),
+                _i64(key.stride(0)), _i64(value.stride(0)), _i64(num_slots))
+        load().launch(f"rope_kv_{DTYPE_TAGS[query.dtype]}", query.device, (num_tokens, 1, 1),
+                      (FUSED_THREADS, 1, 1), args)
+    return query
 
 
 def _i32(x: int) -> np.int32:

@@ -26,6 +26,62 @@ def _use_kernels(tensor: Tensor, head_dim: int, use_kernels: bool) -> bool:
     return True
 
 
+def _use_fused(tensor: Tensor, use_kernels: bool) -> bool:
+    """Like `_use_kernels`, for the element-wise fused kernels (any shape, dtype checked)."""
+    if not (tensor.is_cuda and use_kernels):
+        return False
+    from specdec.kernels import cupy as kernels
+    kernels.load()
+    return True
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None,
+             use_kernels: bool = True) -> tuple[Tensor, Tensor | None]:
+    """RMS normalization scaled by `weight`; with `residual`, of (residual + x) instead, and
+    that sum is returned too (the CUDA kernel writes it into `residual` in place)."""
+    # x, residual: [num_tokens, hidden]; weight: [hidden]
+    if _use_fused(x, use_kernels):
+        from specdec.kernels import cupy as kernels
+        return kernels.rms_norm(x, weight, eps, residual)
+    if residual is not None:
+        x = residual = residual + x
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps), residual
+    # NOTE: like transformers: normalize in float32, cast back, then scale.
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps)
+    return weight * normed.to(x.dtype), residual
+
+
+def silu_mul(gate_up: Tensor, use_kernels: bool = True) -> Tensor:
+    """silu(gate) * up over the fused projection's output [num_tokens, 2 * inter]."""
+    if _use_fused(gate_up, use_kernels):
+        from specdec.kernels import cupy as kernels
+        return kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding, half-split layout (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    # x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, 1, head_dim // 2]
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_write_kv(query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: Tensor,
+                  k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
+                  use_kernels: bool = True) -> Tensor:
+    """Rotate query and key, write the rotated key and the value into the paged cache (slot
+    -1 skipped) and return the rotated query (CUDA: rotated in place, one kernel)."""
+    # query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens, num_kv_heads, head_dim]
+    if _use_fused(query, use_kernels):
+        from specdec.kernels import cupy as kernels
+        return kernels.rope_write_kv(query, key, value, cos, sin, k_cache, v_cache,
+                                     slot_mapping)
+    write_kv(rotate(key, cos, sin), value, k_cache, v_cache, slot_mapping, use_kernels=False)
+    return rotate(query, cos, sin)
+
+
 def write_kv(key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor,
              slot_mapping: Tensor, use_kernels: bool = True) -> None:
     """Scatter this step's keys/values into the paged cache; slot -1 is skipped (padding)."""

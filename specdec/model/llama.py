@@ -115,13 +115,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device="meta"))
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, use_kernels: bool = False) -> Tensor:
         # x: [num_tokens, hidden_size]
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # NOTE: like transformers: normalize in float32, cast back, then scale.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        return self.weight * normed.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps, use_kernels=use_kernels)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -150,29 +146,25 @@ class DecoderLayer(nn.Module):
                 kv_cache: tuple[Tensor, Tensor]) -> Tensor:
         # hidden: [num_tokens, hidden_size]; cos, sin: [num_tokens, 1, head_dim // 2]
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(hidden))  # [num_tokens, q + 2 kv]
+        fused = batch.use_kernels  # NOTE: CUDA: fused kernels; the CPU runs the references
+        qkv = self.qkv_proj(self.input_layernorm(hidden, fused))  # [num_tokens, q + 2 kv]
         query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        query = _rotate(query.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-        key = _rotate(key.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        ops.write_kv(key, value, k_cache, v_cache, batch.slot_mapping,
-                     use_kernels=batch.use_kernels)
+        query = ops.rope_write_kv(query, key, value, cos, sin, k_cache, v_cache,
+                                  batch.slot_mapping, use_kernels=fused)
         attn = ops.paged_attention(query, k_cache, v_cache, batch.block_tables, batch.seq_lens,
                                    batch.query_start_loc, self.scale, batch.query_lens,
-                                   batch.seq_lens_list, use_kernels=batch.use_kernels)
+                                   batch.seq_lens_list, use_kernels=fused)
         # attn: [num_tokens, num_heads, head_dim]
-        hidden = hidden + self.o_proj(attn.reshape(num_tokens, self.q_size))
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(hidden))
-        gate, up = gate_up.split([self.intermediate_size, self.intermediate_size], dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding, half-split layout (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
-    # x: [num_tokens, heads, head_dim]; cos, sin: [num_tokens, 1, head_dim // 2]
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        normed, hidden = ops.rms_norm(self.o_proj(attn.reshape(num_tokens, self.q_size)),
+                                      self.post_attention_layernorm.weight,
+                                      self.post_attention_layernorm.eps, residual=hidden,
+                                      use_kernels=fused)
+        mlp = self.down_proj(ops.silu_mul(self.gate_up_proj(normed), use_kernels=fused))
+        return hidden + mlp
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,7 +265,8 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, sin, batch, kv_cache)
         hidden = hidden.index_select(0, batch.logits_indices)  # [num_logits, hidden_size]
-        return self.lm_head(self.norm(hidden)).float()  # [num_logits, vocab_size]
+        # [num_logits, vocab_size]
+        return self.lm_head(self.norm(hidden, batch.use_kernels)).float()
 
     # ------------------------------------------------------------------ cache
 

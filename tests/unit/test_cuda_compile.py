@@ -68,6 +68,8 @@ def test_every_kernel_name_is_defined(tmp_path: Path) -> None:
         entries += out.read_text()
     names = [f"paged_attention_{tag}_d{d}" for tag in kernels.DTYPE_TAGS.values()
              for d in kernels.HEAD_DIMS] + [f"write_kv_w{w}" for w in kernels.WRITE_KV_WORDS]
+    names += [f"{op}_{tag}" for op in ("rms_norm", "silu_mul", "rope_kv")
+              for tag in kernels.DTYPE_TAGS.values()]
     for name in names:
         assert f".entry {name}(" in entries, name
 
@@ -182,6 +184,22 @@ EMU_PA(paged_attention_bf16_d128, specdec::bf16)
 EMU_KV(write_kv_w16, specdec::Word16)
 EMU_KV(write_kv_w4, specdec::Word4)
 EMU_KV(write_kv_w2, specdec::Word2)
+#define EMU_FUSED(TAG, T)                                                                 \
+  extern "C" void emu_rms_norm_##TAG(int gx, int threads, T* out, T* res, const T* x,      \
+      const T* w, int hidden, long long xs, float eps, int add) {                          \
+    emu_run(gx, 1, threads, [=] { rms_norm_##TAG(out, res, x, w, hidden, xs, eps, add); }); \
+  }                                                                                       \
+  extern "C" void emu_silu_mul_##TAG(int gx, int gy, T* out, const T* gu, int inter) {    \
+    emu_run(gx, gy, 64, [=] { silu_mul_##TAG(out, gu, inter); });                         \
+  }                                                                                       \
+  extern "C" void emu_rope_kv_##TAG(int gx, int threads, T* q, const T* k, const T* v,    \
+      T* kc, T* vc, const T* cos, const T* sin, const long long* sm, int nh, int nkv,      \
+      int hd, long long qs, long long ks, long long vs, long long ns) {                    \
+    emu_run(gx, 1, threads, [=] { rope_kv_##TAG(q, k, v, kc, vc, cos, sin, sm, nh, nkv, hd, \
+                                               qs, ks, vs, ns); });                        \
+  }
+EMU_FUSED(f32, float)
+EMU_FUSED(bf16, specdec::bf16)
 """
 
 
@@ -289,3 +307,92 @@ def test_emulated_write_kv(emulated, dtype, num_kv_heads, head_dim, word) -> Non
        slots.data_ptr(), key.stride(0) * elem // word, value.stride(0) * elem // word,
        row_words, num_blocks * block_size)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused element-wise kernels against their torch references in ops.py (CPU tensors, so the
+# reference path runs). Tolerance: float32 1e-6 relative; bfloat16 at most one ulp apart
+# (rsqrt and exp differ in the last bit between libm and torch).
+
+FUSED_DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)]
+
+
+@pytest.mark.parametrize("dtype,tol", FUSED_DTYPES)
+@pytest.mark.parametrize("add_residual", [False, True])
+def test_emulated_rms_norm(emulated, dtype, tol, add_residual) -> None:
+    from specdec.kernels import ops
+
+    gen = torch.Generator().manual_seed(11)
+    num_tokens, hidden = 5, 200  # hidden not a multiple of the block: the tail is covered
+    wide = (torch.randn(num_tokens, hidden + 24, generator=gen) * 3).to(dtype)
+    x = wide[:, 8:8 + hidden]  # a strided row view, as the fused QKV output is
+    weight = torch.randn(hidden, generator=gen).to(dtype)
+    residual = torch.randn(num_tokens, hidden, generator=gen).to(dtype)
+    want, want_res = ops.rms_norm(x, weight, 1e-6, residual.clone() if add_residual else None,
+                                  use_kernels=False)
+    out = torch.full((num_tokens, hidden), float("nan"), dtype=dtype)
+    res = residual.clone()
+    fn = getattr(emulated, f"emu_rms_norm_{kernels.DTYPE_TAGS[dtype]}")
+    c = ctypes
+    fn.argtypes = [c.c_int, c.c_int] + [c.c_void_p] * 4 + [c.c_int, c.c_longlong, c.c_float,
+                                                          c.c_int]
+    fn(num_tokens, 64, out.data_ptr(), res.data_ptr(), x.data_ptr(), weight.data_ptr(), hidden,
+       x.stride(0), 1e-6, int(add_residual))
+    assert not out.isnan().any()
+    assert relative_error(out, want) <= tol
+    if add_residual:
+        assert torch.equal(res, want_res)  # the sum is one rounded add, bit for bit
+    else:
+        assert torch.equal(res, residual)  # untouched
+
+
+@pytest.mark.parametrize("dtype,tol", FUSED_DTYPES)
+def test_emulated_silu_mul(emulated, dtype, tol) -> None:
+    from specdec.kernels import ops
+
+    gen = torch.Generator().manual_seed(12)
+    num_tokens, inter = 3, 150
+    gate_up = (torch.randn(num_tokens, 2 * inter, generator=gen) * 4).to(dtype)
+    want = ops.silu_mul(gate_up, use_kernels=False)
+    out = torch.full((num_tokens, inter), float("nan"), dtype=dtype)
+    fn = getattr(emulated, f"emu_silu_mul_{kernels.DTYPE_TAGS[dtype]}")
+    c = ctypes
+    fn.argtypes = [c.c_int, c.c_int, c.c_void_p, c.c_void_p, c.c_int]
+    fn(-(-inter // 64), num_tokens, out.data_ptr(), gate_up.data_ptr(), inter)
+    assert not out.isnan().any()
+    assert relative_error(out, want) <= tol
+
+
+@pytest.mark.parametrize("dtype,tol", FUSED_DTYPES)
+@pytest.mark.parametrize("heads", [(4, 2), (3, 3)])
+def test_emulated_rope_write_kv(emulated, dtype, tol, heads) -> None:
+    from specdec.kernels import ops
+
+    num_heads, num_kv_heads = heads
+    head_dim, num_tokens, num_blocks, block_size = 16, 6, 4, 4
+    gen = torch.Generator().manual_seed(13)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, generator=gen).to(dtype)
+    query, key, value = (t.view(num_tokens, -1, head_dim)
+                         for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    angles = torch.rand(num_tokens, 1, head_dim // 2, generator=gen) * 6.3
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.tensor([2, -1, 7, 15, 0, -1], dtype=torch.int64)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_ref, v_ref = torch.full(shape, 5.0, dtype=dtype), torch.full(shape, 5.0, dtype=dtype)
+    want_q = ops.rope_write_kv(query.clone(), key, value, cos, sin, k_ref, v_ref, slots,
+                               use_kernels=False)
+    k_cache, v_cache = torch.full(shape, 5.0, dtype=dtype), torch.full(shape, 5.0, dtype=dtype)
+    fn = getattr(emulated, f"emu_rope_kv_{kernels.DTYPE_TAGS[dtype]}")
+    c = ctypes
+    fn.argtypes = [c.c_int, c.c_int] + [c.c_void_p] * 8 + [c.c_int] * 3 + [c.c_longlong] * 4
+    fn(num_tokens, 32, query.data_ptr(), key.data_ptr(), value.data_ptr(), k_cache.data_ptr(),
+       v_cache.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), num_heads,
+       num_kv_heads, head_dim, qkv.stride(0), qkv.stride(0), qkv.stride(0),
+       num_blocks * block_size)
+    assert relative_error(query, want_q) <= tol  # rotated in place inside the qkv buffer
+    assert relative_error(k_cache, k_ref) <= tol
+    assert torch.equal(v_cache, v_ref)
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slots[(slots >= 0) & (slots < 16)]] = True
+    assert (k_cache.view(16, -1)[~written] == 5.0).all()  # nothing else touched

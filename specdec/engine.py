@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from specdec.runner import ModelRunner, SeqSlice
 from specdec.sample.sampling import RowState, compute_logprobs, compute_probs, process_logits
 from specdec.core.scheduler import Scheduler
 from specdec.model.weights import load_model, load_tokenizer
+
+logger = logging.getLogger("specdec.engine")
 
 
 @dataclass(slots=True)
@@ -133,8 +136,6 @@ class Engine:
         target = load_model(config.model.path, config.model.dtype, str(self.device),
                             config.model.quantization)
         self.vocab_size = target.vocab_size
-        hf_max = getattr(target.config, "max_position_embeddings", None) or 1 << 30
-        self.max_model_len = min(config.model.max_model_len, hf_max)
         self.model_name = config.server.served_model_name or os.path.basename(
             os.path.normpath(config.model.path))
         spec = config.spec
@@ -143,8 +144,8 @@ class Engine:
             draft = load_model(spec.draft_model, spec.draft_dtype or config.model.dtype,
                                str(self.device), spec.draft_quantization)
             if draft.vocab_size != target.vocab_size:
-                raise ValueError(f"spec.draft_model vocabulary ({draft.vocab_size}) differs from "
-                                 f"the target's ({target.vocab_size}); they must share a tokenizer")
+                self._pad_vocabularies(target, draft)
+        self.max_model_len = self._max_model_len(target, draft)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
         self.target_runner = ModelRunner(target, self.num_blocks, block_size)
@@ -180,6 +181,35 @@ class Engine:
         return cls(config)
 
     # ---- set-up helpers -------------------------------------------------------------------
+
+    def _max_model_len(self, target, draft) -> int:
+        """The configured length, capped by every loaded model's context (the draft's too: it
+        runs over the same positions, and its rotary table ends at its own limit)."""
+        limits = [("model.max_model_len", self.config.model.max_model_len)]
+        for name, model in (("target", target), ("draft", draft)):
+            hf_max = getattr(model.config, "max_position_embeddings", None) if model else None
+            if hf_max:
+                limits.append((f"the {name}'s max_position_embeddings", int(hf_max)))
+        source, value = min(limits, key=lambda item: item[1])
+        logger.info("max_model_len = %d (set by %s; limits: %s)", value, source,
+                    ", ".join(f"{n} {v}" for n, v in limits))
+        return value
+
+    def _pad_vocabularies(self, target, draft) -> None:
+        """Same tokenizer, embedding tables padded to different sizes (Qwen2.5-7B has 152064
+        rows, 0.5B 151936): pad the smaller model's vocabulary to the larger (as vLLM does);
+        its padded rows embed to zero and their logits are -inf, so they are never sampled."""
+        draft_tokenizer = load_tokenizer(self.config.spec.draft_model)
+        if draft_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"spec.draft_model vocabulary ({draft.vocab_size}) differs from "
+                             f"the target's ({target.vocab_size}) and so does its tokenizer; "
+                             f"they must share a tokenizer")
+        vocab_size = max(target.vocab_size, draft.vocab_size)
+        for name, model in (("target", target), ("draft", draft)):
+            if model.vocab_size < vocab_size:
+                logger.info("padding the %s's vocabulary from %d to %d rows (masked)", name,
+                            model.vocab_size, vocab_size)
+                model.pad_vocab(vocab_size)
 
     def _auto_num_blocks(self, target, draft) -> int:
         bs = self.config.cache.block_size
@@ -248,13 +278,24 @@ class Engine:
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
                       arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
         self.scheduler.add_request(req)  # raises ValueError if it can never fit
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(self.eos_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
-                                       params.stop, params.include_stop_str_in_output)
-        self.tracked[request_id] = _Tracked(req, detok, frozenset(stop_ids),
-                                            logprobs=[] if params.logprobs is not None else None)
+        try:
+            stop_ids = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                stop_ids.update(self.eos_token_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                           params.skip_special_tokens, params.stop,
+                                           params.include_stop_str_in_output,
+                                           min_tokens=params.min_tokens)
+            self.tracked[request_id] = _Tracked(
+                req, detok, frozenset(stop_ids),
+                logprobs=[] if params.logprobs is not None else None)
+        except BaseException:
+            # NOTE: atomic: a request the scheduler accepted must not outlive a failure here
+            # (the next step would find it scheduled but untracked).
+            self.tracked.pop(request_id, None)
+            self.scheduler.abort_request(request_id)
+            self.controller.forget(request_id)
+            raise
         self.counters["prompt_tokens"] += len(prompt_ids)
 
     def abort_request(self, request_id: str) -> None:

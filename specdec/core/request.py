@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing float32 logits by a
+# smaller one overflows to inf and gives NaN probabilities.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class RequestStatus(enum.Enum):
@@ -123,7 +126,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:

@@ -30,6 +30,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def cache_extra_keys(request: Request) -> tuple | None:
+    """What a request's KV depends on besides its tokens: its cache salt (tenant isolation)."""
+    salt = request.sampling_params.cache_salt
+    return None if salt is None else ("cache_salt", salt)
+
+
 @dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step; its window starts at request.num_computed_tokens."""
@@ -75,7 +81,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         # Per request: chained hashes of its full blocks, and how many of its blocks are cached.
-        self._block_hashes: dict[str, list[int]] = {}
+        self._block_hashes: dict[str, list[bytes]] = {}
         self._num_cached_blocks: dict[str, int] = {}
 
     # ---- requests -------------------------------------------------------------------------
@@ -222,9 +228,10 @@ class Scheduler:
         hit_block_ids: list[int] = []
         if self.enable_caching:
             token_ids = request.all_token_ids
+            extra_keys = cache_extra_keys(request)
             hashes = extend_block_hashes(self._block_hashes[request.request_id], token_ids,
-                                         self.block_size)
-            hit_block_ids = pool.find_cached_prefix(hashes, token_ids)
+                                         self.block_size, extra_keys)
+            hit_block_ids = pool.find_cached_prefix(hashes, token_ids, extra_keys)
             if len(hit_block_ids) * self.block_size >= request.num_tokens:
                 # NOTE: at least one token must be computed to get logits; recompute the whole
                 # last block into a fresh one rather than write into a shared cached block.
@@ -299,8 +306,9 @@ class Scheduler:
         if num_full <= num_cached:
             return
         token_ids = request.all_token_ids
+        extra_keys = cache_extra_keys(request)
         hashes = extend_block_hashes(self._block_hashes[request.request_id], token_ids,
-                                     self.block_size)
+                                     self.block_size, extra_keys)
         self.block_pool.cache_full_blocks(request.block_ids, hashes, token_ids, num_cached,
-                                          num_full)
+                                          num_full, extra_keys)
         self._num_cached_blocks[request.request_id] = num_full

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.spec.adaptive import SpeculationController
-from specdec.core.config import Config
+from specdec.core.config import Config, check_device
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
 from specdec.core.request import Request, RequestStatus, SamplingParams
 from specdec.runner import ModelRunner, SeqSlice
-from specdec.sample.sampling import RowState, compute_logprobs, compute_probs, process_logits
+from specdec.sample.sampling import (RowState, build_request_constants, compute_logprobs,
+                                     compute_probs, process_logits)
 from specdec.core.scheduler import Scheduler
 from specdec.model.weights import load_model, load_tokenizer
 
@@ -132,6 +133,7 @@ class Engine:
             torch.set_num_threads(dev.num_threads)
         torch.manual_seed(dev.seed)
         self.device = resolve_device(dev.device)
+        check_device(config, self.device.type)  # e.g. an int4 draft on CUDA: fail at start-up
         self.tokenizer = load_tokenizer(config.model.path)
         target = load_model(config.model.path, config.model.dtype, str(self.device),
                             config.model.quantization)
@@ -154,7 +156,9 @@ class Engine:
                                    self.max_model_len)
         self.drafter = None
         if spec.enabled:
-            self.drafter = (DraftModelDrafter(self.draft_runner) if draft is not None
+            self.drafter = (DraftModelDrafter(self.draft_runner,
+                                              config.scheduler.max_num_batched_tokens)
+                            if draft is not None
                             else NgramDrafter(spec.ngram_min, spec.ngram_max))
         self.k_max = spec.num_speculative_tokens if spec.enabled else 0
         self.controller = SpeculationController(
@@ -257,10 +261,6 @@ class Engine:
             if not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"prompt contains token id {t!r} outside the vocabulary "
                                  f"[0, {self.vocab_size})")
-        for t in (params.logit_bias or {}):
-            if t >= self.vocab_size:
-                raise ValueError(f"logit_bias token id {t} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise ValueError(f"input_tokens: the prompt has {len(prompt_ids)} tokens, which "
@@ -277,6 +277,8 @@ class Engine:
         eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
                       arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
+        # Validates logit_bias ids; built once, used by every row of every step.
+        req.sampling_constants = build_request_constants(params, eos, self.vocab_size)
         self.scheduler.add_request(req)  # raises ValueError if it can never fit
         try:
             stop_ids = set(params.stop_token_ids)
@@ -347,7 +349,8 @@ class Engine:
         for req, drafts, _ in sampled:
             for j in range(len(drafts) + 1):
                 rows.append(RowState(req.sampling_params, req.prompt_token_ids,
-                                     req.output_token_ids + drafts[:j], req.eos_token_id))
+                                     req.output_token_ids + drafts[:j], req.eos_token_id,
+                                     req.sampling_constants))
         new_tokens: dict[str, list[int]] = {}
         num_accepted: dict[str, int] = {}
         if not rows:
@@ -493,10 +496,13 @@ class Engine:
             num_generation_tokens=len(req.output_token_ids), num_cached_tokens=req.num_cached_tokens,
             num_preemptions=req.num_preemptions, num_drafts=req.num_drafts,
             num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens)
+        # NOTE: token_ids and logprobs are the request's own lists, not copies (copying them
+        # every step is O(n^2) per request). They only grow, until the request finishes;
+        # an intermediate output's are current until the next step(), the deltas are final.
         completion = CompletionOutput(
-            index=0, text=tr.text, token_ids=list(req.output_token_ids),
+            index=0, text=tr.text, token_ids=req.output_token_ids,
             finish_reason=status.finish_reason if status is not None else None,
-            stop_reason=reason, logprobs=list(tr.logprobs) if tr.logprobs is not None else None,
+            stop_reason=reason, logprobs=tr.logprobs,
             text_delta=delta_text, token_ids_delta=list(tokens), logprobs_delta=logprobs_delta)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
                              status is not None, metrics)

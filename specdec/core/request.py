@@ -166,6 +166,9 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # Opaque to the bookkeeping: the sampler's per-request constants, built once when the
+    # engine adds the request (specdec.sample.sampling.RequestConstants).
+    sampling_constants: object = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

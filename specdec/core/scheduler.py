@@ -30,6 +30,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def cache_extra_keys(request: Request) -> tuple | None:
+    """What a request's KV depends on besides its tokens: its cache salt (tenant isolation)."""
+    salt = request.sampling_params.cache_salt
+    return None if salt is None else ("cache_salt", salt)
+
+
 @dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step; its window starts at request.num_computed_tokens."""
@@ -75,7 +81,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         # Per request: chained hashes of its full blocks, and how many of its blocks are cached.
-        self._block_hashes: dict[str, list[int]] = {}
+        self._block_hashes: dict[str, list[bytes]] = {}
         self._num_cached_blocks: dict[str, int] = {}
 
     # ---- requests -------------------------------------------------------------------------
@@ -149,6 +155,14 @@ class Scheduler:
         chunks: list[ScheduledRequest] = []
         preempted: list[Request] = []
 
+        # NOTE: blocks the running requests need for their own tokens this step (not their
+        # drafts); look-ahead may only use free blocks beyond what the later ones need, so
+        # speculation never forces a preemption.
+        needs = [self._num_blocks_to_extend(r, min(max(r.num_tokens - r.num_computed_tokens, 0),
+                                                   budget)) for r in self.running]
+        reserved_after = [0] * (len(needs) + 1)
+        for j in range(len(needs) - 1, -1, -1):
+            reserved_after[j] = reserved_after[j + 1] + needs[j]
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -169,7 +183,8 @@ class Scheduler:
                 break  # it was the newest: nothing after it is left to schedule
             num_lookahead = 0
             if is_decode:
-                num_lookahead = self._grant_lookahead(request, budget)
+                reserved = reserved_after[i + 1] if i + 1 < len(reserved_after) else 0
+                num_lookahead = self._grant_lookahead(request, budget, reserved)
             self._allocate_slots(request, num_new + num_lookahead)
             scheduled = ScheduledRequest(request, num_new, num_lookahead)
             (decodes if is_decode else chunks).append(scheduled)
@@ -191,14 +206,16 @@ class Scheduler:
             num_batched_tokens=sum(s.num_scheduled_tokens for s in scheduled_all),
             preempted=preempted)
 
-    def _grant_lookahead(self, request: Request, budget: int) -> int:
-        """Draft slots for a decode: the engine's wish capped by budget, length and free blocks."""
+    def _grant_lookahead(self, request: Request, budget: int, reserved_blocks: int = 0) -> int:
+        """Draft slots for a decode: the engine's wish capped by budget, length and the free
+        blocks left after `reserved_blocks` (what later running requests need)."""
         # NOTE: one step yields up to lookahead + 1 tokens (accepted drafts and a bonus token):
         # keep that within max_model_len and max_tokens, drafts past them are waste.
         remaining_outputs = self.max_model_len
         if request.max_tokens is not None:
             remaining_outputs = request.max_tokens - len(request.output_token_ids) - 1
-        num_slots_free = ((len(request.block_ids) + self.block_pool.num_free_blocks)
+        num_blocks_free = max(self.block_pool.num_free_blocks - reserved_blocks, 0)
+        num_slots_free = ((len(request.block_ids) + num_blocks_free)
                           * self.block_size - request.num_computed_tokens - 1)
         return max(0, min(request.num_lookahead_tokens, budget - 1,
                           self.max_model_len - request.num_tokens - 1, remaining_outputs,
@@ -222,9 +239,10 @@ class Scheduler:
         hit_block_ids: list[int] = []
         if self.enable_caching:
             token_ids = request.all_token_ids
+            extra_keys = cache_extra_keys(request)
             hashes = extend_block_hashes(self._block_hashes[request.request_id], token_ids,
-                                         self.block_size)
-            hit_block_ids = pool.find_cached_prefix(hashes, token_ids)
+                                         self.block_size, extra_keys)
+            hit_block_ids = pool.find_cached_prefix(hashes, token_ids, extra_keys)
             if len(hit_block_ids) * self.block_size >= request.num_tokens:
                 # NOTE: at least one token must be computed to get logits; recompute the whole
                 # last block into a fresh one rather than write into a shared cached block.
@@ -299,8 +317,9 @@ class Scheduler:
         if num_full <= num_cached:
             return
         token_ids = request.all_token_ids
+        extra_keys = cache_extra_keys(request)
         hashes = extend_block_hashes(self._block_hashes[request.request_id], token_ids,
-                                     self.block_size)
+                                     self.block_size, extra_keys)
         self.block_pool.cache_full_blocks(request.block_ids, hashes, token_ids, num_cached,
-                                          num_full)
+                                          num_full, extra_keys)
         self._num_cached_blocks[request.request_id] = num_full

@@ -231,6 +231,7 @@ class LlamaForCausalLM(nn.Module):
         self.num_kv_heads = arch.num_key_value_heads
         self.head_dim = arch.head_dim
         self.vocab_size = arch.vocab_size
+        self.num_real_tokens = arch.vocab_size  # < vocab_size once pad_vocab() padded it
         self.hidden_size = arch.hidden_size
         if arch.num_attention_heads % arch.num_key_value_heads != 0:
             raise ValueError(f"num_attention_heads={arch.num_attention_heads} must be a "
@@ -259,14 +260,32 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()  # NOTE: not inference_mode: callers may edit the logits in place
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Returns float32 logits [num_logits, vocab_size] for batch.logits_indices."""
-        hidden = self.embed_tokens(batch.input_ids)  # [num_tokens, hidden_size]
+        input_ids = batch.input_ids
+        if self.num_real_tokens < self.vocab_size:
+            input_ids = input_ids.clamp(max=self.num_real_tokens - 1)
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        if self.num_real_tokens < self.vocab_size:
+            padded = (batch.input_ids >= self.num_real_tokens)[:, None]  # [num_tokens, 1]
+            hidden = hidden.masked_fill(padded, 0.0)  # padded rows embed to zero
         cos = self.rope_cos[batch.positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
         sin = self.rope_sin[batch.positions].unsqueeze(1)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, sin, batch, kv_cache)
         hidden = hidden.index_select(0, batch.logits_indices)  # [num_logits, hidden_size]
-        # [num_logits, vocab_size]
-        return self.lm_head(self.norm(hidden, batch.use_kernels)).float()
+        # [num_logits, num_real_tokens]
+        logits = self.lm_head(self.norm(hidden, batch.use_kernels)).float()
+        if self.num_real_tokens < self.vocab_size:
+            logits = torch.nn.functional.pad(logits, (0, self.vocab_size - self.num_real_tokens),
+                                             value=float("-inf"))  # never sampled
+        return logits  # [num_logits, vocab_size]
+
+    def pad_vocab(self, vocab_size: int) -> None:
+        """Present a vocabulary of `vocab_size` rows (another model's padding of the same
+        tokenizer) without copying weights: ids past the real rows embed to zero and their
+        logits are -inf."""
+        if vocab_size < self.num_real_tokens:
+            raise ValueError(f"vocab_size must be >= {self.num_real_tokens}, got {vocab_size}")
+        self.vocab_size = vocab_size
 
     # ------------------------------------------------------------------ cache
 

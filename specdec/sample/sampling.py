@@ -42,6 +42,34 @@ _NEG_INF = float("-inf")
 
 
 @dataclass(slots=True)
+class RequestConstants:
+    """One request's logits-processor inputs that never change, built once when it is added
+    (`build_request_constants`) and shared by all its rows in every step."""
+
+    banned_ids: Tensor  # [num_banned] int64: eos + stop_token_ids, masked while < min_tokens
+    bias_ids: Tensor  # [num_bias] int64
+    bias_values: Tensor  # [num_bias] float32
+
+
+def build_request_constants(params: SamplingParams, eos_token_id, vocab_size: int
+                            ) -> RequestConstants:
+    """Validate the request's token ids against the vocabulary and build its constants."""
+    for t in (params.logit_bias or {}):
+        _check_token_id("logit_bias", t, vocab_size)
+    banned = set(params.stop_token_ids) if params.min_tokens > 0 else set()
+    if params.min_tokens > 0:
+        if isinstance(eos_token_id, int):
+            banned.add(eos_token_id)
+        elif eos_token_id is not None:
+            banned.update(eos_token_id)
+    bias = params.logit_bias or {}
+    return RequestConstants(
+        banned_ids=torch.tensor(sorted(t for t in banned if t < vocab_size), dtype=torch.long),
+        bias_ids=torch.tensor(list(bias), dtype=torch.long),
+        bias_values=torch.tensor(list(bias.values()), dtype=torch.float32))
+
+
+@dataclass(slots=True)
 class RowState:
     """What the logits processors need to know about one row of logits.
 
@@ -55,6 +83,8 @@ class RowState:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_id: int | frozenset[int] | tuple[int, ...] | None = None
+    # The request's prebuilt constants; None: derive them from params (the plain reference).
+    constants: RequestConstants | None = None
 
 
 def _rows_where(rows: list[RowState], pred) -> list[int]:
@@ -70,11 +100,24 @@ def _check_token_id(param: str, token_id: int, vocab_size: int) -> None:
         raise ValueError(f"{param} token id must be in [0, {vocab_size}), got {token_id}")
 
 
+def _scatter_constants(rows: list[RowState], which: list[int], field: str
+                       ) -> tuple[Tensor, Tensor]:
+    """(row index per entry, entry) over the prebuilt constant `field` of rows `which`."""
+    parts = [getattr(rows[i].constants, field) for i in which]
+    lengths = torch.tensor([len(p) for p in parts], dtype=torch.long)
+    row_ids = torch.repeat_interleave(torch.tensor(which, dtype=torch.long), lengths)
+    return row_ids, torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
 def _apply_min_tokens(logits: Tensor, rows: list[RowState]) -> None:
     vocab_size = logits.shape[1]
     row_ids, token_ids = [], []
+    prebuilt = []
     for i, row in enumerate(rows):
         if len(row.output_token_ids) >= row.params.min_tokens:
+            continue
+        if row.constants is not None:
+            prebuilt.append(i)
             continue
         banned = set(row.params.stop_token_ids)
         if isinstance(row.eos_token_id, int):
@@ -87,12 +130,24 @@ def _apply_min_tokens(logits: Tensor, rows: list[RowState]) -> None:
                 token_ids.append(t)
     if row_ids:
         logits[_index(row_ids, logits.device), _index(token_ids, logits.device)] = _NEG_INF
+    if prebuilt:
+        r, t = _scatter_constants(rows, prebuilt, "banned_ids")
+        logits[r.to(logits.device), t.to(logits.device)] = _NEG_INF
 
 
 def _apply_logit_bias(logits: Tensor, rows: list[RowState]) -> None:
     vocab_size = logits.shape[1]
     row_ids, token_ids, biases = [], [], []
+    prebuilt = [i for i, row in enumerate(rows)
+                if row.constants is not None and len(row.constants.bias_ids)]
+    if prebuilt:
+        r, t = _scatter_constants(rows, prebuilt, "bias_ids")
+        values = torch.cat([rows[i].constants.bias_values for i in prebuilt])
+        logits.index_put_((r.to(logits.device), t.to(logits.device)),
+                          values.to(logits.dtype).to(logits.device), accumulate=True)
     for i, row in enumerate(rows):
+        if row.constants is not None:
+            continue
         for t, bias in (row.params.logit_bias or {}).items():
             _check_token_id("logit_bias", t, vocab_size)
             row_ids.append(i)

@@ -74,31 +74,63 @@ class DraftModelDrafter:
 
     has_model = True
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, max_num_batched_tokens: int | None = None):
         self.runner = runner
+        # Most tokens one draft forward may take (the step's token budget); None: no limit.
+        self.max_num_batched_tokens = max_num_batched_tokens
+
+    def _catch_up(self, requests: list[tuple[Request, int]]) -> tuple[list[SeqSlice], list[int]]:
+        """The first forward's windows: each request's unseen tokens up to its last one.
+
+        Requests are served in order while the token budget lasts; a request whose catch-up
+        does not fit gets a chunk of what is left (no logits, no drafts this step) and
+        continues next step, so one forward never exceeds the budget (a long prompt, a prefix
+        hit or a preemption would otherwise run thousands of tokens, and their mask, at once).
+        Returns the windows and the indices of the requests that draft this step.
+        """
+        budget = self.max_num_batched_tokens
+        seqs, drafting = [], []
+        for i, (req, _) in enumerate(requests):
+            start = min(req.draft_num_computed_tokens, req.num_tokens - 1)
+            num_missing = req.num_tokens - start
+            if budget is not None and num_missing > budget:
+                if budget > 0:
+                    seqs.append(SeqSlice(req.token_ids_slice(start, start + budget), start,
+                                         req.block_ids, 0))
+                    req.draft_num_computed_tokens = start + budget
+                    budget = 0
+                continue
+            if budget is not None:
+                budget -= num_missing
+            seqs.append(SeqSlice(req.token_ids_slice(start, req.num_tokens), start,
+                                 req.block_ids, 1))
+            drafting.append(i)
+        return seqs, drafting
 
     def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
         if not requests:
             return []
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
-        max_k = max(k for _, k in requests)
+        first_seqs, drafting = self._catch_up(requests)
+        max_k = max((requests[i][1] for i in drafting), default=0)
+        if not drafting and first_seqs:
+            self.runner.execute(first_seqs)  # catch-up chunks only; nothing to propose
         for step in range(max_k):
-            active = [i for i, (_, k) in enumerate(requests) if k > step]
-            seqs = []
-            for i in active:
-                req = requests[i][0]
-                if step == 0:
-                    start = min(req.draft_num_computed_tokens, req.num_tokens - 1)
-                    tokens = req.token_ids_slice(start, req.num_tokens)
-                else:
+            active = [i for i in drafting if requests[i][1] > step]
+            if step == 0:
+                seqs = first_seqs
+            else:
+                seqs = []
+                for i in active:
+                    req = requests[i][0]
                     start = req.num_tokens + step - 1
-                    tokens = [drafts[i][-1]]
-                seqs.append(SeqSlice(tokens, start, req.block_ids, 1))
+                    seqs.append(SeqSlice([drafts[i][-1]], start, req.block_ids, 1))
             logits = self.runner.execute(seqs, observe=step > 0)  # [len(active), vocab]
             rows = [RowState(requests[i][0].sampling_params, requests[i][0].prompt_token_ids,
                              requests[i][0].output_token_ids + drafts[i],
-                             requests[i][0].eos_token_id) for i in active]
+                             requests[i][0].eos_token_id, requests[i][0].sampling_constants)
+                    for i in active]
             processed = process_logits(logits, rows)
             # Greedy rows propose the draft's argmax (what compute_probs makes one-hot) and
             # keep no probs: greedy verification compares tokens only.

@@ -213,3 +213,113 @@ class PoolMachine(RuleBasedStateMachine):
 PoolMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40,
                                          deadline=None)
 TestPoolMachine = PoolMachine.TestCase
+
+
+def test_block_hash_is_sha256_of_an_unambiguous_encoding():
+    import hashlib
+
+    digest = hash_block_tokens(ROOT_HASH, [1, 2, 3, 4])
+    assert isinstance(digest, bytes) and len(digest) == 32
+    assert ROOT_HASH == hashlib.sha256(b"specdec prefix cache root").digest()
+    # Different splits of the same ids, extra keys or parents all give different digests.
+    others = {hash_block_tokens(ROOT_HASH, [1, 2, 3]), hash_block_tokens(ROOT_HASH, [1, 2, 3, 4, 0]),
+              hash_block_tokens(ROOT_HASH, [1, 2, 3, 4], ("cache_salt", "a")),
+              hash_block_tokens(digest, [1, 2, 3, 4]), hash_block_tokens(ROOT_HASH, [4, 3, 2, 1])}
+    assert digest not in others and len(others) == 5
+
+
+def _weak_hash(real_hash, colliding: tuple[list[int], list[int]]):
+    """A hash in which block `colliding[0]` collides with `colliding[1]` (an attacker's
+    preimage), to test that hits never rely on the hash alone."""
+    fake, real = colliding
+
+    def weak(parent_hash, token_ids, extra_keys=None):
+        tokens = list(token_ids)
+        return real_hash(parent_hash, real if tokens == fake else tokens, extra_keys)
+    return weak
+
+
+def test_crafted_collision_cannot_chain_into_another_context(monkeypatch):
+    """The attack of vLLM's GHSA-rm76-4mrf-v9r8: X0 collides with the victim's first block B0;
+    once B1 is evicted, [X0, B1] caches B1's KV (computed after X0) under the chain of
+    [B0, B1]. A victim [B0, B1] must not hit it."""
+    import specdec.core.block_pool as block_pool
+
+    b0, b1, x0 = [1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]
+    monkeypatch.setattr(block_pool, "hash_block_tokens",
+                        _weak_hash(block_pool.hash_block_tokens, (x0, b0)))
+    assert extend_block_hashes([], x0, BS) == extend_block_hashes([], b0, BS)
+    pool = BlockPool(3, BS)
+    victim = pool.allocate(2)
+    cache_seq(pool, victim, b0 + b1)
+    pool.free(reversed(victim))  # B1's block is evicted first
+    (spare,) = pool.allocate(1)
+    assert spare == 2
+    (b1_block,) = pool.allocate(1)
+    assert b1_block == victim[1] and pool.lookup(b0 + b1) == [victim[0]]
+    pool.free([spare, b1_block])
+    # The attacker: X0 misses on its tokens, then computes [X0, B1] into fresh blocks.
+    assert pool.lookup(x0 + b1) == []
+    attacker = pool.allocate(2)
+    cache_seq(pool, attacker, x0 + b1)
+    check_invariants(pool)
+    assert pool.lookup(b0 + b1) == [victim[0]]  # never the attacker's B1
+    assert pool.lookup(x0 + b1) == []
+
+
+def test_collision_on_a_later_block_with_equal_tokens(monkeypatch):
+    """Same tokens in block 1 after different first blocks, with a colliding digest: the
+    chain check (parent block id) keeps the two apart in both orders."""
+    import specdec.core.block_pool as block_pool
+
+    a0, b0, b1 = [1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]
+    real = block_pool.hash_block_tokens
+    h_a0, h_b0 = real(ROOT_HASH, a0), real(ROOT_HASH, b0)
+
+    def weak(parent_hash, token_ids, extra_keys=None):
+        if list(token_ids) == b1 and parent_hash == h_a0:
+            parent_hash = h_b0  # digest(a0 + b1) == digest(b0 + b1)
+        return real(parent_hash, token_ids, extra_keys)
+    monkeypatch.setattr(block_pool, "hash_block_tokens", weak)
+    pool = BlockPool(6, BS)
+    victim = pool.allocate(2)
+    cache_seq(pool, victim, b0 + b1)
+    attacker = pool.allocate(2)
+    cache_seq(pool, attacker, a0 + b1)
+    # The later chain replaced the entry (same tokens, other parent): each side only ever
+    # hits its own blocks.
+    assert pool.lookup(a0 + b1) == attacker and pool.lookup(b0 + b1) == [victim[0]]
+    cache_seq(pool, victim, b0 + b1)
+    assert pool.lookup(b0 + b1) == victim and pool.lookup(a0 + b1) == [attacker[0]]
+    for hits, owner in ((pool.lookup(a0 + b1), attacker), (pool.lookup(b0 + b1), victim)):
+        assert hits == owner[:len(hits)]
+
+
+def test_duplicate_block_chains_its_successors_from_the_original():
+    """A full hit recomputes its last block into a fresh, unhashed duplicate; the blocks after
+    it (the outputs) are still cached, chained from the original."""
+    pool = BlockPool(8, BS)
+    first = pool.allocate(2)
+    tokens = list(range(1, 9))
+    cache_seq(pool, first, tokens)
+    hits = pool.lookup(tokens)[:-1]  # the scheduler drops the last hit block
+    pool.touch(hits)
+    table = hits + pool.allocate(2)
+    longer = tokens + [20, 21, 22, 23]
+    hashes = extend_block_hashes([], longer, BS)
+    pool.cache_full_blocks(table, hashes, longer, len(hits), 3)
+    assert pool.blocks[table[1]].block_hash is None  # the duplicate of first[1]
+    assert pool.blocks[table[2]].parent_block_id == first[1]
+    assert pool.lookup(longer) == [first[0], first[1], table[2]]
+    check_invariants(pool)
+
+
+def test_salts_never_share_blocks():
+    pool = BlockPool(8, BS)
+    tokens = list(range(1, 9))
+    salted = pool.allocate(2)
+    hashes = extend_block_hashes([], tokens, BS, ("cache_salt", "tenant-a"))
+    pool.cache_full_blocks(salted, hashes, tokens, 0, 2, ("cache_salt", "tenant-a"))
+    assert pool.lookup(tokens, ("cache_salt", "tenant-a")) == salted
+    assert pool.lookup(tokens, ("cache_salt", "tenant-b")) == []
+    assert pool.lookup(tokens) == []

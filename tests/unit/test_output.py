@@ -225,3 +225,62 @@ def test_random_stop_strings_match_a_plain_search(byte_tok, seed):
         cut = full.index(stop) + (len(stop) if include else 0)
         assert "".join(deltas) == detok.text == full[:cut]
         assert all("\ufffd" not in d for d in deltas)
+
+
+def _held_back_reference(text: str, stops: list[str]) -> int:
+    """Plain reference: the longest suffix of text that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(1, min(len(s) - 1, len(text)) + 1):
+            if text.endswith(s[:n]):
+                best = max(best, n)
+    return best
+
+
+def test_held_back_matches_reference_and_reads_only_the_tail():
+    rng = random.Random(5)
+    detok = IncrementalDetokenizer(byte_level_bpe(), [], stop=["x"])
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 9)))
+                 for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        detok.stop = stops
+        detok._max_stop_len = max(map(len, stops))
+        detok._text = text
+        assert detok._num_held_back() == _held_back_reference(text, stops), (text, stops)
+
+    class WholeText(str):
+        """A long text that may only be read through one slice of its tail."""
+
+        reads: list[int] = []
+
+        def __getitem__(self, key):
+            piece = str.__getitem__(self, key)
+            WholeText.reads.append(len(piece))
+            return piece
+
+        def _refuse(self, *args):
+            raise AssertionError("the hold-back scanned the whole text")
+
+        endswith = find = rfind = startswith = __contains__ = _refuse
+
+    detok.stop, detok._max_stop_len = ["a" * 50 + "b", "ab"], 51
+    detok._text = WholeText("a" * 100_000)
+    assert detok._num_held_back() == 50
+    assert WholeText.reads == [50]
+
+
+def test_min_tokens_defers_stop_strings():
+    tokenizer = byte_level_bpe()
+    ids = tokenizer("Hello world! The quick brown fox", add_special_tokens=False).input_ids
+    plain = IncrementalDetokenizer(tokenizer, [], stop=["o"])
+    assert plain.add_tokens(ids).stop_string == "o"
+    # The "o"s all lie in the first min_tokens tokens: no stop, and nothing is cut.
+    detok = IncrementalDetokenizer(tokenizer, [], stop=["o"], min_tokens=len(ids))
+    delta = detok.add_tokens(ids)
+    assert delta.stop_string is None and delta.num_tokens_used == len(ids)
+    assert delta.text_delta + detok.flush() == tokenizer.decode(ids)
+    # Past min_tokens the next "o" stops the request.
+    more = tokenizer(" jumps over", add_special_tokens=False).input_ids
+    later = detok.add_tokens(more)
+    assert later.stop_string == "o" and detok.text == tokenizer.decode(ids) + " jumps "

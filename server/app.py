@@ -20,6 +20,7 @@ from server.bridge import AsyncEngine, EngineDeadError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import APIError, GenerationRequest, dumps
 from server.responses import LogprobFormatter, ResponseState, frame
+from server.ui import add_ui_routes
 
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER_S = "1"
@@ -102,6 +103,8 @@ class OpenAIServer:
             web.get("/metrics", self.prometheus),
             web.get("/version", self.version),
         ])
+        if config.server.ui:
+            add_ui_routes(self.app, api_key_required=bool(self.api_key))
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, engine) -> None:

@@ -100,6 +100,7 @@ class OpenAIServer:
             web.post("/v1/completions", self.completions),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
+            web.get("/health/live", self.health_live),
             web.get("/metrics", self.prometheus),
             web.get("/version", self.version),
         ])
@@ -172,6 +173,12 @@ class OpenAIServer:
             return json_response({"status": "engine_dead"}, status=503)
         if self.draining:
             return json_response({"status": "draining"}, status=503)
+        return json_response({"status": "ok"})
+
+    async def health_live(self, request: web.Request) -> web.Response:
+        """Liveness: 200 while loading, serving or draining; 503 only once the engine died."""
+        if self.bridge is not None and not self.bridge.alive:
+            return json_response({"status": "engine_dead"}, status=503)
         return json_response({"status": "ok"})
 
     async def version(self, request: web.Request) -> web.Response:

@@ -401,8 +401,14 @@ def test_containerfile_cmd_parses_with_the_cli(tmp_path, monkeypatch):
     stage = final_stage()
     assert stage["ENTRYPOINT"] == ["specdec", "serve"]
     cmd = stage["CMD"]
+    assert cmd[cmd.index("--config") + 1] == "/etc/specdec/config.toml"
+    assert "deploy/config.toml /etc/specdec/config.toml" in stage["COPY"]
+    baked = ROOT / "deploy" / "config.toml"
+    base = yaml.safe_load((K8S / "base" / "configmap.yaml").read_text())["data"]["config.toml"]
+    assert tomllib.loads(baked.read_text()) == tomllib.loads(base), \
+        "deploy/config.toml and the base ConfigMap drifted apart"
     config_path = tmp_path / "config.toml"
-    config_path.write_text(one(rendered("cpu"), "ConfigMap")["data"]["config.toml"])
+    config_path.write_text(baked.read_text())
     cmd[cmd.index("--config") + 1] = str(config_path)
     monkeypatch.delenv("SPECDEC_API_KEY", raising=False)
     config = build_config(cmd)

@@ -269,7 +269,7 @@
 
   async function generate(conv) {
     const history = conv.messages
-      .filter((m) => !m.error || m.content)
+      .filter((m) => m.content) // failed or stopped-before-any-text answers are left out
       .map((m) => ({ role: m.role, content: m.content }));
     const system = el.systemPrompt.value.trim();
     if (system) history.unshift({ role: "system", content: system });

@@ -31,7 +31,7 @@ from tests.e2e.conftest import LiveServer, make_config, parse_metrics
 UI_MODEL = "tiny-ui"
 KEY_MODEL = "tiny-ui-key"
 API_KEY = "ui-test-key"
-STEP_DELAY_S = 0.01
+STEP_DELAY_S = 0.02
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]

@@ -453,6 +453,26 @@ def test_new_chat_delete_and_regenerate(ui, ui_server):
     assert ui.errors == []
 
 
+def test_sse_parser_in_the_page(ui, ui_server):
+    """SD.SSEParser: events split anywhere (even inside a CRLF), comments, multi-line data."""
+    ui.open(ui_server)
+    out = ui.page.evaluate("""() => {
+        const feed = (pieces) => {
+            const p = new SD.SSEParser();
+            return pieces.flatMap((x) => p.push(x));
+        };
+        const stream = 'data: {"a":1}\\r\\n\\r\\n: keep-alive\\n\\ndata: x\\ndata: y\\n\\ndata: [DONE]\\n\\n';
+        const whole = feed([stream]);
+        const bytewise = feed(stream.split(''));
+        const crlfSplit = feed(['data: 1\\r', '\\n\\r', '\\ndata: 2\\n', '\\n', 'data: 3']);
+        return {whole, bytewise, crlfSplit};
+    }""")
+    assert out["whole"] == ['{"a":1}', "x\ny", "[DONE]"]
+    assert out["bytewise"] == out["whole"]
+    assert out["crlfSplit"] == ["1", "2"]  # "data: 3" has no blank line yet: not an event
+    assert ui.errors == []
+
+
 # ---------------------------------------------------------------- HTTP (no browser)
 
 def test_page_routes_and_headers(ui_server):

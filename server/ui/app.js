@@ -356,9 +356,18 @@
     render();
     el.input.focus();
   });
-  el.toggleSidebar.addEventListener("click", () => {
-    const open = el.sidebar.classList.toggle("open");
+  const setSidebar = (open) => {
+    el.sidebar.classList.toggle("open", open);
     el.toggleSidebar.setAttribute("aria-expanded", String(open));
+  };
+  el.toggleSidebar.addEventListener("click", (event) => {
+    event.stopPropagation();
+    setSidebar(!el.sidebar.classList.contains("open"));
+  });
+  // On a small screen the sidebar covers the page: a tap beside it or Escape closes it.
+  document.querySelector("main").addEventListener("click", () => setSidebar(false));
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape") setSidebar(false);
   });
 
   render();

@@ -349,9 +349,12 @@ def test_small_screen_and_dark_scheme_without_console_errors(browser, ui_server)
             "() => document.getElementById('sidebar').getBoundingClientRect().left >= 0")
         assert page.evaluate("document.documentElement.scrollWidth") <= 360
         shot = os.environ.get("SPECDEC_UI_SCREENSHOT")
-        if shot:  # docs screenshot: SPECDEC_UI_SCREENSHOT=docs/x.png pytest -k small_screen
-            page.locator("#toggle-sidebar").click()
+        if shot:  # a screenshot to look at: SPECDEC_UI_SCREENSHOT=/tmp/x.png pytest -k small
             page.screenshot(path=shot)
+        page.mouse.click(350, 400)  # beside the open sidebar: closes it
+        page.wait_for_function(
+            "() => document.getElementById('sidebar').getBoundingClientRect().right <= 0")
+        assert page.locator("#toggle-sidebar").get_attribute("aria-expanded") == "false"
         assert ui.errors == []
     finally:
         ui.close()

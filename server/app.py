@@ -20,6 +20,7 @@ from server.bridge import AsyncEngine, EngineDeadError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import APIError, GenerationRequest, dumps
 from server.responses import LogprobFormatter, ResponseState, frame
+from server.ui import add_ui_routes
 
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER_S = "1"
@@ -99,9 +100,12 @@ class OpenAIServer:
             web.post("/v1/completions", self.completions),
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
+            web.get("/health/live", self.health_live),
             web.get("/metrics", self.prometheus),
             web.get("/version", self.version),
         ])
+        if config.server.ui:
+            add_ui_routes(self.app, api_key_required=bool(self.api_key))
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, engine) -> None:
@@ -169,6 +173,12 @@ class OpenAIServer:
             return json_response({"status": "engine_dead"}, status=503)
         if self.draining:
             return json_response({"status": "draining"}, status=503)
+        return json_response({"status": "ok"})
+
+    async def health_live(self, request: web.Request) -> web.Response:
+        """Liveness: 200 while loading, serving or draining; 503 only once the engine died."""
+        if self.bridge is not None and not self.bridge.alive:
+            return json_response({"status": "engine_dead"}, status=503)
         return json_response({"status": "ok"})
 
     async def version(self, request: web.Request) -> web.Response:

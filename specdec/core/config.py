@@ -6,7 +6,7 @@ A config file has one table per section; every key is a field of that section's 
     [cache]      block_size, num_blocks, enable_prefix_caching
     [scheduler]  max_num_seqs, max_num_batched_tokens
     [spec]       method, draft_model, draft_dtype, draft_quantization, num_speculative_tokens, ...
-    [server]     host, port, api_key, max_queued_requests, shutdown_timeout, served_model_name, ...
+    [server]     host, port, api_key, max_queued_requests, shutdown_timeout, served_model_name, ui, ...
     [device]     device, num_threads, cuda_graphs, seed
 
 Unknown sections or keys and bad values raise ConfigError naming the key.
@@ -122,6 +122,7 @@ class ServerConfig:
     shutdown_timeout: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
     log_requests: bool = True
+    ui: bool = True  # the built-in chat page at GET / (server/ui/)
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", self.port, "in [0, 65535]")

@@ -28,8 +28,9 @@ NGRAM_MODEL = "tiny-ngram"
 class LiveServer:
     """A server running `serve()` on its own loop thread; `stop()` drains and joins."""
 
-    def __init__(self, config):
+    def __init__(self, config, engine=None):
         self.config = config
+        self.engine = engine  # None: serve() loads one from the config
         self.port: int | None = None
         self.app = None  # server.app.OpenAIServer once ready
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -50,7 +51,7 @@ class LiveServer:
                 self.app, self.port = app, port
                 self._ready.set()
             return await serve(self.config, install_signals=False, stop_event=self._stop,
-                               started=started)
+                               started=started, engine=self.engine)
         try:
             self.exit_code = asyncio.run(main())
         except BaseException as exc:  # surfaced by start()

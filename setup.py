@@ -21,7 +21,7 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
-        "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib"],
+        "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib", "schemathesis>=4"],
     },
     entry_points={"console_scripts": ["specdec=specdec.cli:main"]},
 )

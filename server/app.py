@@ -101,6 +101,7 @@ class OpenAIServer:
         self.num_active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.limits: limits.RequestLimits | None = None  # set by attach (needs max_model_len)
         self.dead = asyncio.Event()  # set when the engine thread died: serve() exits 1
         self._loop: asyncio.AbstractEventLoop | None = None
         # Tokenization and chat templating run here: never on the loop or the engine thread.
@@ -245,7 +246,7 @@ class OpenAIServer:
         raw = await request.read()  # raises HTTPRequestEntityTooLarge (413) past the limit
         try:
             body = protocol.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: stdlib json, deep nesting
             raise APIError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")

@@ -374,3 +374,14 @@ def test_tokenization_runs_off_the_loop_and_engine_thread(spec_server, route):
     assert threads and all(name.startswith("specdec-tokenize") for name in threads)
     assert progressed and progressed[0] >= 3
     _wait_for(lambda: not spec_server.app.engine.has_unfinished_requests(), "all aborted")
+
+
+def test_deeply_nested_json_on_the_stdlib_fallback_is_a_400(spec_server, monkeypatch):
+    import json
+
+    from server import protocol
+    monkeypatch.setattr(protocol, "loads", json.loads)  # the parser used without orjson
+    status, _, payload = http("POST", spec_server.base_url + COMPLETIONS,
+                              raw=b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}")
+    assert status == 400, payload
+    assert "not valid JSON" in loads(payload)["error"]["message"]

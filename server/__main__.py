@@ -131,6 +131,9 @@ async def serve(config: Config, *, install_signals: bool = True,
             log.error("exiting", url=url, reason="engine_dead", exit_code=1)
             return 1
         await server.drain(config.server.shutdown_timeout)
+        if server.dead.is_set():  # the engine died while draining: still a failure
+            log.error("exiting", url=url, reason="engine_dead", exit_code=1)
+            return 1
         log.info("stopped", url=url)
         return 0
     finally:

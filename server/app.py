@@ -133,13 +133,13 @@ class OpenAIServer:
         self.bridge.start()
 
     def _engine_died(self, exc: BaseException, request_ids: list[str], text: str) -> None:
-        """Engine thread: every waiter has been failed; log, then let serve() exit 1."""
-        self.log.error("engine_dead", error=f"{type(exc).__name__}: {exc}",
-                       request_ids=request_ids, traceback=text)
+        """Engine thread, before the waiters are failed: mark dead (serve() exits 1), log."""
         try:
             self._loop.call_soon_threadsafe(self.dead.set)
         except RuntimeError:  # the loop is already closed
             pass
+        self.log.error("engine_dead", error=f"{type(exc).__name__}: {exc}",
+                       request_ids=request_ids, traceback=text)
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests (503), wait up to `timeout` for in-flight ones, abort the rest."""

@@ -162,7 +162,7 @@ class AsyncEngine:
         self.engine = engine
         self.max_in_flight = max_in_flight
         # on_death(exc, request_ids, traceback_text): called once, from the engine thread,
-        # after every waiter has been failed; the server logs it and exits non-zero.
+        # just before every waiter is failed; the server logs it and exits non-zero.
         self.on_death = on_death
         self._cond = threading.Condition()
         self._commands: collections.deque = collections.deque()
@@ -264,12 +264,20 @@ class AsyncEngine:
                         collector.put(output)
                         if output.finished:
                             del self._collectors[output.request_id]
-        except BaseException as exc:  # an engine fault: fail every waiter, then report
+        except BaseException as exc:  # an engine fault: report it, then fail every waiter
             try:
                 self.stats_snapshot = engine.stats()
             except Exception:
                 pass
             request_ids = sorted(self._collectors)
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            # Report first, so the server knows it must exit before any handler can finish.
+            if self.on_death is not None:
+                self.on_death(exc, request_ids, text)
+            else:
+                import logging
+                logging.getLogger("specdec.server").error(
+                    "engine thread died; request ids %s\n%s", request_ids, text)
             dead = EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}")
             for collector in set(self._collectors.values()):
                 collector.fail(dead)
@@ -281,13 +289,6 @@ class AsyncEngine:
             for _, _, _, future in pending:
                 if future is not None:
                     _resolve(future, error=dead)
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-            if self.on_death is not None:
-                self.on_death(exc, request_ids, text)
-            else:
-                import logging
-                logging.getLogger("specdec.server").error(
-                    "engine thread died; request ids %s\n%s", request_ids, text)
 
     def _execute(self, command) -> None:
         op, target, payload, future = command

@@ -94,6 +94,34 @@ def test_engine_fault_fails_every_request_then_serve_exits_1(tiny_llama_dir):
             server.stop()
 
 
+def test_engine_fault_while_draining_still_exits_1(tiny_llama_dir):
+    server = LiveServer(make_config(tiny_llama_dir, spec={"method": "none"})).start()
+    try:
+        engine = server.app.engine
+
+        def broken_step():
+            raise RuntimeError("simulated device fault")
+
+        async def run():
+            async with aiohttp.ClientSession() as session:
+                stream = await session.post(server.base_url + COMPLETIONS, json={
+                    "prompt": "Hello", "max_tokens": 400, "ignore_eos": True, "stream": True})
+                payload = await stream.content.readuntil(b"\n\n")
+                server.loop.call_soon_threadsafe(server._stop.set)  # SIGTERM: drain
+                while not server.app.draining:
+                    await asyncio.sleep(0.01)
+                engine.step = broken_step
+                return sse_events(payload + await stream.read())
+
+        events = asyncio.run(run())
+        assert events[-1] == "[DONE]" and "error" in events[-2]
+        server._thread.join(GUARD_S)
+        assert not server._thread.is_alive() and server.exit_code == 1
+    finally:
+        if server._thread.is_alive():
+            server.stop()
+
+
 _FAULTY_SERVER = textwrap.dedent("""
     import sys
     from specdec.engine import Engine

@@ -34,6 +34,18 @@ cleanup() {  # never leave the server behind, whatever happened
 }
 trap cleanup EXIT
 
+child_of() {  # the first child of pid $1, from /proc (no procps needed)
+    local stat
+    for stat in /proc/[0-9]*/stat; do
+        # field 4 of /proc/PID/stat is the parent pid (the command name, field 2, has no spaces
+        # here: it is make's recipe, i.e. python or specdec)
+        if [[ "$(cut -d' ' -f4 "$stat" 2>/dev/null)" == "$1" ]]; then
+            cut -d' ' -f1 "$stat"
+            return
+        fi
+    done
+}
+
 if curl -s -o /dev/null "$URL/health"; then
     fail "something already listens on $URL"
 fi
@@ -65,7 +77,7 @@ echo "smoke_serve: streamed $frames data frames and [DONE]"
 
 # SIGTERM the server itself (make's child: the recipe execs it); make then exits with the
 # server's status, which must be 0 within the drain timeout.
-SERVER_PID="$(pgrep -P "$MAKE_PID" | head -n 1 || true)"
+SERVER_PID="$(child_of "$MAKE_PID")"
 [[ -n "$SERVER_PID" ]] || fail "no server process under make (pid $MAKE_PID)"
 echo "smoke_serve: SIGTERM to the server (pid $SERVER_PID)"
 kill -TERM "$SERVER_PID"

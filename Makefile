@@ -25,8 +25,10 @@ endif
 fetch: venv
 	$(BIN)/specdec fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 
+# exec: the server replaces the recipe's shell, so a SIGTERM to make's child is the server's
+# (make forwards its own SIGTERM to it too) and make exits with the server's status.
 serve: fetch
-	$(BIN)/specdec serve --config $(CONFIG)
+	exec $(BIN)/specdec serve --config $(CONFIG)
 
 test: venv
 	$(BIN)/python -m pytest tests -q -ra --durations=15

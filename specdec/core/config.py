@@ -123,9 +123,21 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     log_requests: bool = True
     ui: bool = True  # the built-in chat page at GET / (server/ui/)
+    # Per-request limits (400 past each; see server/limits.py and docs/LIMITS.md).
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 1024
+    max_logit_bias_entries: int = 1024
+    max_stop_token_ids: int = 1024
+    max_prompt_chars: int = 0  # per prompt, before tokenization; 0: 32 x max_model_len
+    max_choices_per_request: int = 128  # n x number of prompts
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "server.port", self.port, "in [0, 65535]")
+        for key in ("max_stop_strings", "max_stop_string_chars", "max_logit_bias_entries",
+                    "max_stop_token_ids", "max_choices_per_request"):
+            _check(getattr(self, key) >= 1, f"server.{key}", getattr(self, key), ">= 1")
+        _check(self.max_prompt_chars >= 0, "server.max_prompt_chars", self.max_prompt_chars,
+               ">= 0 (0: 32 x max_model_len)")
         _check(self.max_queued_requests >= 1, "server.max_queued_requests",
                self.max_queued_requests, ">= 1")
         _check(self.shutdown_timeout >= 0, "server.shutdown_timeout", self.shutdown_timeout,

@@ -70,11 +70,12 @@ def test_200_streams_half_cancelled_free_every_block(spec_server):
 
 def test_overload_returns_503_with_retry_after(ngram_server):
     url = ngram_server.base_url + "/v1/completions"
-    # max_num_seqs 2 + max_queued_requests 1 = 3 choices in flight; 4 never fit at once.
+    # max_num_seqs 2 + max_queued_requests 1 = 3 choices in flight; 4 never fit at once,
+    # which is a 400 (never admissible), not a 503 (retry later).
     status, headers, body = http("POST", url, {"prompt": "x", "n": 4, "max_tokens": 2})
-    assert status == 503 and headers["Retry-After"] == "1"
+    assert status == 400 and "Retry-After" not in headers
     err = loads(body)["error"]
-    assert err["type"] == "service_unavailable" and "max_queued_requests" in err["message"]
+    assert err["param"] == "n" and "max_queued_requests" in err["message"]
 
     async def run():
         async with aiohttp.ClientSession() as session:

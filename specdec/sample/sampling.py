@@ -97,7 +97,8 @@ def _index(idx: list[int], device) -> Tensor:
 
 def _check_token_id(param: str, token_id: int, vocab_size: int) -> None:
     if not 0 <= token_id < vocab_size:
-        raise ValueError(f"{param} token id must be in [0, {vocab_size}), got {token_id}")
+        raise ValueError(f"{param} token id must be in the vocabulary [0, {vocab_size}), "
+                         f"got {token_id}")
 
 
 def _scatter_constants(rows: list[RowState], which: list[int], field: str

@@ -18,10 +18,11 @@ setup(
         "gguf",
         "accelerate",
         "numpy",
+        "llguidance>=1.9",
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
-        "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib"],
+        "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib", "jsonschema", "pydantic"],
     },
     entry_points={"console_scripts": ["specdec=specdec.cli:main"]},
 )

@@ -110,11 +110,26 @@ class GrammarMatcher:
         self._matcher.unsafe_compute_mask_ptr(view.data_ptr(), view.numel() * 4)
 
     def validate(self, token_ids: list[int]) -> int:
-        """How many leading tokens of token_ids the grammar accepts from here (no advance)."""
-        return self._matcher.validate_tokens(token_ids) if token_ids else 0
+        """How many leading tokens of token_ids the grammar accepts from here (no advance).
+
+        NOTE: a try-consume and rollback rather than llguidance's validate_tokens, so the
+        answer is exactly what `consume` takes (nothing after the grammar stops, not even EOS).
+        """
+        if not token_ids:
+            return 0
+        num_valid = self._matcher.try_consume_tokens(token_ids)
+        self.rollback(num_valid)
+        return num_valid
 
     def consume(self, token_ids: list[int]) -> bool:
-        return self._matcher.consume_tokens(token_ids) if token_ids else not self._matcher.is_error()
+        """Advance by all of token_ids, or by none of them (False) and stay usable."""
+        if not token_ids:
+            return not self._matcher.is_error()
+        num_valid = self._matcher.try_consume_tokens(token_ids)
+        if num_valid < len(token_ids):
+            self.rollback(num_valid)
+            return False
+        return True
 
     def rollback(self, num_tokens: int) -> None:
         if num_tokens:
@@ -133,7 +148,7 @@ class GrammarMatcher:
         try:
             for j, token_id in enumerate(draft_token_ids):
                 self.fill_bitmask(bitmask, first_row + j)
-                if not self._matcher.consume_token(token_id):
+                if not self.consume([token_id]):
                     raise ValueError(f"draft token {token_id} is not allowed by the grammar")
                 consumed += 1
             self.fill_bitmask(bitmask, first_row + len(draft_token_ids))
@@ -184,7 +199,7 @@ class GrammarCompiler:
             else:
                 if not isinstance(so.spec, str) or not so.spec.strip():
                     raise ValueError("must be a non-empty Lark grammar string")
-                grammar = matcher_cls.grammar_from_lark(so.spec)
+                grammar = llguidance.grammar_from("grammar", so.spec)  # Lark or GBNF
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{so.param} is invalid: {exc}") from None
         message = matcher_cls.validate_grammar(grammar, self.ll_tokenizer)

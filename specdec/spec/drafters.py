@@ -159,10 +159,12 @@ class DraftModelDrafter:
             for row, i in enumerate(active):
                 drafts[i].append(token_ids[row])
                 if matchers[i] is not None and cut[i] is None:
-                    if matchers[i].consume([token_ids[row]]):
-                        consumed[i] += 1
-                    else:
+                    if not matchers[i].consume([token_ids[row]]):
                         cut[i] = step
+                        continue
+                    consumed[i] += 1
+                    if matchers[i].is_stopped:  # complete: nothing may follow this token
+                        cut[i] = step + 1
             for i in active:
                 req = requests[i][0]
                 req.draft_num_computed_tokens = req.num_tokens + step

@@ -20,6 +20,7 @@ added; `apply_token_bitmask_` is ours (llguidance's torch helper uses torch.comp
 
 from __future__ import annotations
 
+import collections
 import json
 
 import torch
@@ -29,6 +30,7 @@ from specdec.core.request import StructuredOutput
 
 # NOTE: compact JSON with json.dumps' separators: no whitespace loops from weak models, and
 # more forced tokens. A schema's own "x-guidance" options override these defaults.
+PROTOTYPE_CACHE_SIZE = 64
 JSON_DEFAULTS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -165,6 +167,8 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self._ll_tokenizer = None
+        # compiled matchers in their start state, by grammar; requests get deep copies
+        self._prototypes: collections.OrderedDict[str, object] = collections.OrderedDict()
 
     @property
     def ll_tokenizer(self):
@@ -208,8 +212,19 @@ class GrammarCompiler:
         return grammar
 
     def matcher(self, so: StructuredOutput) -> GrammarMatcher:
+        """A fresh matcher; compiling costs milliseconds, so each grammar is compiled once
+        (up to PROTOTYPE_CACHE_SIZE of them) and copied."""
         import llguidance
-        matcher = llguidance.LLMatcher(self.ll_tokenizer, self.grammar(so), log_level=0)
-        if matcher.is_error():
-            raise ValueError(f"{so.param} is invalid or unsupported: {matcher.get_error()}")
-        return GrammarMatcher(matcher)
+        key = json.dumps([so.kind, so.spec], sort_keys=True)
+        prototype = self._prototypes.get(key)
+        if prototype is None:
+            prototype = llguidance.LLMatcher(self.ll_tokenizer, self.grammar(so), log_level=0)
+            if prototype.is_error():
+                raise ValueError(f"{so.param} is invalid or unsupported: "
+                                 f"{prototype.get_error()}")
+            self._prototypes[key] = prototype
+            if len(self._prototypes) > PROTOTYPE_CACHE_SIZE:
+                self._prototypes.popitem(last=False)
+        else:
+            self._prototypes.move_to_end(key)
+        return GrammarMatcher(prototype.deep_copy())

@@ -167,11 +167,23 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self._ll_tokenizer = None
+        self._unavailable: str | None = None
         # compiled matchers in their start state, by grammar; requests get deep copies
         self._prototypes: collections.OrderedDict[str, object] = collections.OrderedDict()
 
+    def prepare(self) -> None:
+        """Build the llguidance tokenizer now; a tokenizer it cannot take (a slow one) only
+        makes structured requests fail, with a 400 that says why."""
+        try:
+            _ = self.ll_tokenizer
+        except Exception as exc:  # noqa: BLE001 - any failure means "unsupported here"
+            self._unavailable = f"{type(exc).__name__}: {exc}"
+
     @property
     def ll_tokenizer(self):
+        if self._unavailable is not None:
+            raise ValueError(f"structured outputs are unavailable for this tokenizer "
+                             f"({self._unavailable})")
         if self._ll_tokenizer is None:
             import llguidance.hf
             self._ll_tokenizer = llguidance.hf.from_tokenizer(
@@ -182,6 +194,10 @@ class GrammarCompiler:
     def grammar(self, so: StructuredOutput) -> str:
         """The llguidance grammar text; ValueError naming so.param if it is invalid."""
         import llguidance
+        try:
+            tokenizer = self.ll_tokenizer
+        except ValueError as exc:
+            raise ValueError(f"{so.param} cannot be used: {exc}") from None
         matcher_cls = llguidance.LLMatcher
         try:
             if so.kind == "json":
@@ -206,7 +222,7 @@ class GrammarCompiler:
                 grammar = llguidance.grammar_from("grammar", so.spec)  # Lark or GBNF
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{so.param} is invalid: {exc}") from None
-        message = matcher_cls.validate_grammar(grammar, self.ll_tokenizer)
+        message = matcher_cls.validate_grammar(grammar, tokenizer)
         if message and not message.startswith("WARNING"):
             raise ValueError(f"{so.param} is invalid or unsupported: {message.strip()}")
         return grammar

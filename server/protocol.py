@@ -17,7 +17,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from specdec.core.request import MAX_LOGPROBS, SamplingParams
+from server import structured as structured_outputs
+from server import tools
+
+from specdec.core.request import MAX_LOGPROBS, SamplingParams, StructuredOutput
 
 try:
     import orjson
@@ -73,13 +76,14 @@ def from_value_error(exc: ValueError) -> APIError:
     """Map ValueError("<param> must be ...") from SamplingParams or the engine to a 400."""
     message = str(exc) or "invalid request"
     param = message.split(" ", 1)[0].rstrip(":,")
-    if param.split("[", 1)[0] not in _PARAM_NAMES:
+    if param.split("[", 1)[0].split(".", 1)[0] not in _PARAM_NAMES:
         param = None
     return APIError(400, message, param=param)
 
 
 _PARAM_NAMES = frozenset(SamplingParams.__dataclass_fields__) | {
-    "prompt", "input_tokens", "messages", "max_completion_tokens", "top_logprobs", "model"}
+    "prompt", "input_tokens", "messages", "max_completion_tokens", "top_logprobs", "model",
+    "response_format", "structured_outputs", "tools", "tool_choice"}
 
 
 @dataclass(slots=True)
@@ -95,6 +99,7 @@ class GenerationRequest:
     logprobs: int | None = None             # top-N when logprobs are on
     echo: bool = False
     user: str | None = None
+    tools: object | None = None             # server.tools.ToolConfig when tools are offered
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -159,8 +164,8 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None
-                     ) -> list[SamplingParams]:
+def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
+                     structured: StructuredOutput | None = None) -> list[SamplingParams]:
     n = _get(body, "n", "int", 1)
     if not 1 <= n <= MAX_N:
         raise bad_request("n", f"n must be an integer in [1, {MAX_N}], got {n}")
@@ -188,6 +193,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None
         logprobs=logprobs,
         num_speculative_tokens=_get(body, "num_speculative_tokens", "int"),
         cache_salt=_get(body, "cache_salt", "str"),  # vLLM's field: prefix-cache isolation
+        structured_output=structured,
     )
     params = []
     for i in range(n):
@@ -211,12 +217,9 @@ def _common(body: dict) -> tuple[bool, bool, str | None]:
             raise bad_request("stream_options.include_usage",
                               f"stream_options.include_usage must be a boolean, "
                               f"got {include_usage!r}")
-    for unsupported in ("tools", "functions", "suffix"):
+    for unsupported in ("functions", "suffix"):
         if body.get(unsupported):
             raise bad_request(unsupported, f"{unsupported} is not supported by this server")
-    fmt = body.get("response_format")
-    if fmt and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad_request("response_format", 'response_format must be {"type": "text"}')
     _get(body, "model", "str")
     return stream, include_usage, _get(body, "user", "str")
 
@@ -241,9 +244,18 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
         if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
             raise bad_request(f"messages[{i}].role",
                               f"messages[{i}].role must be one of {list(CHAT_ROLES)}")
-        rendered.append({"role": message["role"],
-                         "content": _message_text(message.get("content"), i)})
+        rendered.append(tools.history_message(message, i,
+                                              _message_text(message.get("content"), i)))
     stream, include_usage, user = _common(body)
+    tool_config = tools.parse_tools(body)
+    structured = structured_outputs.parse_structured(body)
+    if tool_config is not None and tool_config.choice in ("required", "named"):
+        if structured is not None:
+            raise bad_request("tool_choice", f"tool_choice {tool_config.choice!r} cannot be "
+                                             f"combined with response_format or "
+                                             f"structured_outputs")
+    if tool_config is not None and structured is None:
+        structured = tools.call_grammar(tool_config, tools.uses_special_tags(tokenizer))
     logprobs_on = _get(body, "logprobs", "bool", False)
     top_logprobs = _get(body, "top_logprobs", "int")
     if top_logprobs is not None:
@@ -254,16 +266,19 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
                                               f"[0, {MAX_LOGPROBS}], got {top_logprobs}")
     logprobs = (top_logprobs or 0) if logprobs_on else None
     max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens", default=None)
-    params = _sampling_params(body, max_tokens, logprobs)
+    params = _sampling_params(body, max_tokens, logprobs, structured)
     try:
-        text = tokenizer.apply_chat_template(rendered, tokenize=False,
-                                             add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(
+            rendered, tools=tool_config.tools if tool_config is not None else None,
+            tokenize=False, add_generation_prompt=True)
     except Exception as exc:  # a template may raise on role order (e.g. two system messages)
         raise bad_request("messages", f"messages could not be rendered by the chat template: "
                                       f"{type(exc).__name__}: {exc}") from None
     prompt = tokenizer.encode(text, add_special_tokens=False)
+    if tool_config is not None and structured is not None and structured.param != "tools":
+        tool_config = None  # the output is constrained to another format: no call parsing
     return GenerationRequest("chat", body.get("model"), [prompt], params, stream, include_usage,
-                             logprobs, user=user)
+                             logprobs, user=user, tools=tool_config)
 
 
 def _message_text(content, i: int) -> str:
@@ -296,8 +311,11 @@ def parse_completion(body: dict) -> GenerationRequest:
     echo = _get(body, "echo", "bool", False)
     if echo:
         raise bad_request("echo", "echo is not supported by this server")
+    if body.get("tools"):
+        raise bad_request("tools", "tools are only supported on /v1/chat/completions")
     max_tokens = _max_tokens(body, "max_tokens", default=16)
-    params = _sampling_params(body, max_tokens, logprobs)
+    params = _sampling_params(body, max_tokens, logprobs,
+                              structured_outputs.parse_structured(body))
     return GenerationRequest("completion", body.get("model"), prompts, params, stream,
                              include_usage, logprobs, user=user)
 

@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING
 
 from server.protocol import GenerationRequest, dumps
+from server.tools import ToolCallStream, parse_calls
 
 if TYPE_CHECKING:
     from server.metrics import ServerMetrics
@@ -95,6 +96,10 @@ class ResponseState:
         self.metrics: list = [None] * num_choices
         self.num_finished = 0
         self.disconnected = False
+        self.parses_calls = gen.kind == "chat" and gen.tools is not None \
+            and gen.tools.parses_calls
+        self.tool_streams = [ToolCallStream() for _ in range(num_choices)] \
+            if self.parses_calls and gen.stream else None
 
     @property
     def all_finished(self) -> bool:
@@ -144,12 +149,23 @@ class ResponseState:
                                                       text_offset))
             chunk = self._base("chat.completion.chunk" if chat else "text_completion")
             choice = {"index": i}
-            if chat:
+            finish_reason = delta.finish_reason if delta.finished else None
+            if self.tool_streams is not None:
+                stream = self.tool_streams[i]
+                content, calls = stream.feed(delta.text, delta.finished)
+                choice["delta"] = {"content": content} if content else {}
+                if calls:
+                    choice["delta"]["tool_calls"] = calls
+                if not (choice["delta"] or delta.finished or logprobs):
+                    continue
+                if finish_reason == "stop" and stream.num_calls:
+                    finish_reason = "tool_calls"
+            elif chat:
                 choice["delta"] = {"content": delta.text} if delta.text else {}
             else:
                 choice["text"] = delta.text
             choice["logprobs"] = logprobs
-            choice["finish_reason"] = delta.finish_reason if delta.finished else None
+            choice["finish_reason"] = finish_reason
             if delta.finished:
                 choice["stop_reason"] = delta.stop_reason
             chunk["choices"] = [choice]
@@ -182,13 +198,21 @@ class ResponseState:
                             else self.formatter.completion(self.token_ids[i], self.logprobs[i],
                                                            0))
             choice = {"index": i}
+            finish_reason = self.finish_reason[i]
             if chat:
                 choice["message"] = {"role": "assistant", "content": self.text[i],
-                                     "refusal": None, "tool_calls": []}
+                                     "refusal": None}
+                if self.parses_calls:
+                    content, calls = parse_calls(self.text[i])
+                    if calls:  # NOTE: omitted when empty ([] reads as true in JavaScript)
+                        choice["message"]["content"] = content
+                        choice["message"]["tool_calls"] = calls
+                        if finish_reason == "stop":
+                            finish_reason = "tool_calls"
             else:
                 choice["text"] = self.text[i]
             choice["logprobs"] = logprobs
-            choice["finish_reason"] = self.finish_reason[i]
+            choice["finish_reason"] = finish_reason
             choice["stop_reason"] = self.stop_reason[i]
             choices.append(choice)
         body["choices"] = choices

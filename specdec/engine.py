@@ -30,6 +30,8 @@ from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
 from specdec.core.request import Request, RequestStatus, SamplingParams
 from specdec.runner import ModelRunner, SeqSlice
+from specdec.sample.grammar import (GrammarCompiler, GrammarMatcher, allowed_token_ids,
+                                    apply_token_bitmask_, new_bitmask)
 from specdec.sample.sampling import (RowState, build_request_constants, compute_logprobs,
                                      compute_probs, process_logits)
 from specdec.core.scheduler import Scheduler
@@ -51,6 +53,7 @@ class RequestMetrics:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_forced_tokens: int = 0  # grammar-forced drafts (probability 1, always accepted)
 
     @property
     def acceptance_length(self) -> float:
@@ -104,6 +107,7 @@ class EngineStats:
     spec_num_draft_tokens: int
     spec_num_accepted_tokens: int
     spec_accepted_per_pos: list[int]
+    spec_num_forced_tokens: int = 0
 
 
 @dataclass(slots=True)
@@ -115,6 +119,8 @@ class _Tracked:
     stop_token_ids: frozenset[int]
     text: str = ""
     logprobs: list | None = None
+    matcher: GrammarMatcher | None = None  # structured output: advances with verified tokens
+    num_forced_tokens: int = 0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -178,9 +184,14 @@ class Engine:
             if self.draft_runner is not None and self.cuda_graphs:
                 self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
         self.eos_token_ids = self._eos_token_ids(config.model.path)
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size,
+                                                self.eos_token_ids)
+        # NOTE: built now (about a second for a 150k vocabulary), not on the first structured
+        # request, which would stall every stream in the batch.
+        self.grammar_compiler.prepare()
         self.tracked: dict[str, _Tracked] = {}
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
-                             accepted_tokens=0)
+                             accepted_tokens=0, forced_tokens=0)
         self.accepted_per_pos = [0] * max(self.k_max, 1)
         if self.k_max and spec.adaptive:
             self._calibrate()
@@ -282,6 +293,9 @@ class Engine:
         eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
                       arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
+        matcher = None
+        if params.structured_output is not None:  # ValueError naming its parameter
+            matcher = self.grammar_compiler.matcher(params.structured_output)
         # Validates logit_bias ids; built once, used by every row of every step.
         req.sampling_constants = build_request_constants(params, eos, self.vocab_size)
         self.scheduler.add_request(req)  # raises ValueError if it can never fit
@@ -295,7 +309,7 @@ class Engine:
                                            min_tokens=params.min_tokens)
             self.tracked[request_id] = _Tracked(
                 req, detok, frozenset(stop_ids),
-                logprobs=[] if params.logprobs is not None else None)
+                logprobs=[] if params.logprobs is not None else None, matcher=matcher)
         except BaseException:
             # NOTE: atomic: a request the scheduler accepted must not outlive a failure here
             # (the next step would find it scheduled but untracked).
@@ -322,12 +336,9 @@ class Engine:
         if not output.scheduled:
             return []
         now = time.monotonic()
-        proposals: dict[str, Proposal] = {}
         wanted = [(s.request, s.num_lookahead_tokens) for s in output.scheduled
                   if s.num_lookahead_tokens > 0]
-        if wanted and self.drafter is not None:
-            for (req, _), prop in zip(wanted, self.drafter.propose(wanted)):
-                proposals[req.request_id] = prop
+        proposals = self._propose(wanted) if wanted and self.drafter is not None else {}
 
         seqs: list[SeqSlice] = []
         sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
@@ -345,11 +356,79 @@ class Engine:
         all_decode = all(s.num_new_tokens == 1 for s in output.scheduled)
         logits = self.target_runner.execute(seqs, observe=all_decode)  # [rows, vocab]
 
-        new_tokens, num_accepted = self._accept(sampled, logits)
-        return self._update(output, new_tokens, num_accepted, now)
+        errors: dict[str, str] = {}
+        new_tokens, num_accepted = self._accept(sampled, logits, errors)
+        return self._update(output, new_tokens, num_accepted, now, errors)
 
-    def _accept(self, sampled, logits: torch.Tensor):
-        """Verify drafts and sample; returns new tokens and accepted-draft counts per request."""
+    def _propose(self, wanted: list[tuple[Request, int]]) -> dict[str, Proposal]:
+        """Drafts per request. Under a grammar: forced tokens first (free drafts of probability
+        1; the drafter is skipped for that request this step), and every drafter's proposal is
+        cut to its grammar-valid prefix."""
+        proposals: dict[str, Proposal] = {}
+        to_draft: list[tuple[Request, int]] = []
+        for req, k in wanted:
+            matcher = self.tracked[req.request_id].matcher
+            forced = matcher.forced_tokens(k) if matcher is not None else []
+            if forced:
+                proposals[req.request_id] = Proposal(forced, None)
+                self.tracked[req.request_id].num_forced_tokens += len(forced)
+                self.counters["forced_tokens"] += len(forced)
+            else:
+                to_draft.append((req, k))
+        if to_draft:
+            matchers = [self.tracked[req.request_id].matcher for req, _ in to_draft]
+            for (req, _), prop, matcher in zip(to_draft, self.drafter.propose(to_draft, matchers),
+                                               matchers):
+                if matcher is not None and prop.draft_token_ids:
+                    valid = matcher.validate(prop.draft_token_ids)
+                    if valid < len(prop.draft_token_ids):
+                        probs = prop.draft_probs[:valid] if prop.draft_probs is not None else None
+                        prop = Proposal(prop.draft_token_ids[:valid], probs)
+                proposals[req.request_id] = prop
+        return proposals
+
+    def _grammar_rows(self, sampled, rows: list[RowState], errors: dict[str, str]):
+        """Bitmask rows for the structured requests' windows; None if there are none.
+
+        Returns (row indices [m] into `rows`, bitmask [m, words]). A row whose grammar allows
+        only tokens min_tokens would ban gets min_tokens 0 (the grammar wins)."""
+        structured = [(i, self.tracked[req.request_id].matcher) for i, (req, _, _)
+                      in enumerate(sampled) if self.tracked[req.request_id].matcher is not None]
+        if not structured:
+            return None
+        offsets = list(itertools.accumulate([len(d) + 1 for _, d, _ in sampled], initial=0))
+        num_rows = sum(len(sampled[i][1]) + 1 for i, _ in structured)
+        bitmask = new_bitmask(num_rows, self.vocab_size)
+        row_index: list[int] = []
+        for i, matcher in structured:
+            req, drafts, _ = sampled[i]
+            first = len(row_index)
+            row_index.extend(range(offsets[i], offsets[i + 1]))
+            if matcher.error is None:
+                try:
+                    matcher.fill_window(bitmask, first, drafts)
+                except ValueError as exc:
+                    errors[req.request_id] = f"structured output: {exc}"
+            if matcher.error is not None:
+                errors[req.request_id] = f"structured output: {matcher.error}"
+            if req.request_id in errors:
+                bitmask[first:first + len(drafts) + 1] = -1  # keep the rows finite; discarded
+                continue
+            params = req.sampling_params
+            for j in range(len(drafts) + 1):
+                if len(req.output_token_ids) + j >= params.min_tokens:
+                    break
+                banned = set(params.stop_token_ids) | set(self.eos_token_ids)
+                allowed = allowed_token_ids(bitmask[first + j], self.vocab_size, len(banned))
+                if allowed is not None and set(allowed) <= banned:
+                    rows[offsets[i] + j] = dataclasses.replace(
+                        rows[offsets[i] + j], params=dataclasses.replace(params, min_tokens=0))
+        return torch.tensor(row_index, dtype=torch.long), bitmask
+
+    def _accept(self, sampled, logits: torch.Tensor, errors: dict[str, str]):
+        """Verify drafts and sample; returns new tokens and accepted-draft counts per request.
+        Structured requests whose grammar cannot advance get no tokens and an entry in
+        `errors`."""
         rows: list[RowState] = []
         for req, drafts, _ in sampled:
             for j in range(len(drafts) + 1):
@@ -360,8 +439,27 @@ class Engine:
         num_accepted: dict[str, int] = {}
         if not rows:
             return new_tokens, num_accepted
-        processed = process_logits(logits, rows)
+        grammar = self._grammar_rows(sampled, rows, errors)
         offsets = list(itertools.accumulate([len(d) + 1 for _, d, _ in sampled], initial=0))
+        if grammar is None:
+            processed = process_logits(logits, rows)
+        else:
+            # NOTE: the mask goes on the raw logits, before every processor: the distribution
+            # speculation preserves is the masked, processed target distribution.
+            row_index, bitmask = grammar
+            row_index = row_index.to(logits.device)
+            masked = logits.clone()
+            masked[row_index] = apply_token_bitmask_(masked[row_index], bitmask)
+            processed = process_logits(masked, rows)
+            dead = torch.isneginf(processed[row_index].amax(dim=-1)).tolist()
+            for r in [int(row_index[j]) for j, d in enumerate(dead) if d]:
+                i = next(i for i in range(len(sampled)) if offsets[i] <= r < offsets[i + 1])
+                errors.setdefault(sampled[i][0].request_id,
+                                  "structured output: no token the grammar allows is left "
+                                  "after the logits processors")
+            for i, (req, _, _) in enumerate(sampled):
+                if req.request_id in errors:  # keep its rows finite; they are discarded
+                    processed[offsets[i]:offsets[i + 1]] = 0.0
         greedy = [i for i, (req, _, _) in enumerate(sampled) if req.sampling_params.greedy]
         random = [i for i, (req, _, _) in enumerate(sampled) if not req.sampling_params.greedy]
         results: dict[int, list[int]] = {}
@@ -379,6 +477,9 @@ class Engine:
             out = self._rejection(sampled, random, target_probs)
             results.update(zip(random, out))
         for i, (req, drafts, _) in enumerate(sampled):
+            if req.request_id in errors:
+                new_tokens[req.request_id], num_accepted[req.request_id] = [], 0
+                continue
             tokens = results[i]
             accepted = len(tokens) - 1
             new_tokens[req.request_id] = tokens
@@ -400,7 +501,6 @@ class Engine:
             draft_ids.extend(drafts)
             cu.append(cu[-1] + len(drafts))
             if drafts and probs is not None:
-                draft_probs.append(probs)
                 onehot = False
             seeds.append(req.sampling_params.seed)
             starts.append(len(req.output_token_ids))
@@ -408,7 +508,14 @@ class Engine:
         if onehot:
             dp = None
         else:
-            # Mixed model/one-hot rows cannot happen: one drafter per engine.
+            # NOTE: model drafts and one-hot drafts (forced tokens) may share a batch.
+            for i in which:
+                _, drafts, probs = sampled[i]
+                if drafts and probs is None:
+                    probs = torch.zeros(len(drafts), vocab, device=target_probs.device)
+                    probs[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
+                if drafts:
+                    draft_probs.append(probs.to(target_probs.device))
             dp = torch.cat(draft_probs) if draft_probs else torch.empty(0, vocab)
         uniforms = draft_uniforms(seeds, starts, cu)
         out, _ = rejection_sample(torch.tensor(draft_ids, dtype=torch.long), cu, dp, target_probs,
@@ -426,13 +533,29 @@ class Engine:
             self.accepted_per_pos[pos] += 1
         self.controller.observe(req.request_id, num_draft, accepted)
 
-    def _update(self, output, new_tokens, num_accepted, now) -> list[RequestOutput]:
+    def _update(self, output, new_tokens, num_accepted, now, errors) -> list[RequestOutput]:
         finished: list[tuple[str, RequestStatus, str | int | None]] = []
         deltas: dict[str, tuple[list[int], str]] = {}
         for rid, tokens in new_tokens.items():
             tr = self.tracked[rid]
             req = tr.request
             tokens, status, reason = self._check_stop(tr, tokens)
+            if rid in errors:
+                status, reason = RequestStatus.FINISHED_ERROR, errors[rid]
+            if tr.matcher is not None and tokens and status != RequestStatus.FINISHED_ERROR:
+                # The grammar advances with verified tokens only, after stop trimming; a
+                # complete grammar ends the request (it wins over min_tokens and ignore_eos).
+                for j, token_id in enumerate(tokens):
+                    if not tr.matcher.consume([token_id]):
+                        tokens = tokens[:j]
+                        status = RequestStatus.FINISHED_ERROR
+                        reason = f"structured output: {tr.matcher.error}"
+                        break
+                    if tr.matcher.is_stopped:
+                        if j + 1 < len(tokens) or status is None:
+                            status, reason = RequestStatus.FINISHED_STOPPED, None
+                        tokens = tokens[:j + 1]
+                        break
             delta_text = ""
             if tokens:
                 delta = tr.detokenizer.add_tokens(tokens)
@@ -440,7 +563,8 @@ class Engine:
                 if delta.stop_string is not None:
                     tokens = tokens[:delta.num_tokens_used]
                     status, reason = RequestStatus.FINISHED_STOPPED, delta.stop_string
-            if status is not None and not isinstance(reason, str):
+            if status is not None and (not isinstance(reason, str)
+                                       or status == RequestStatus.FINISHED_ERROR):
                 delta_text += tr.detokenizer.flush()  # release text held back for stop strings
             new_tokens[rid] = tokens
             num_accepted[rid] = min(num_accepted[rid], len(tokens))
@@ -500,7 +624,8 @@ class Engine:
             num_prompt_tokens=req.num_prompt_tokens,
             num_generation_tokens=len(req.output_token_ids), num_cached_tokens=req.num_cached_tokens,
             num_preemptions=req.num_preemptions, num_drafts=req.num_drafts,
-            num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens)
+            num_draft_tokens=req.num_draft_tokens, num_accepted_tokens=req.num_accepted_tokens,
+            num_forced_tokens=tr.num_forced_tokens)
         # NOTE: token_ids and logprobs are the request's own lists, not copies (copying them
         # every step is O(n^2) per request). They only grow, until the request finishes;
         # an intermediate output's are current until the next step(), the deltas are final.
@@ -525,5 +650,6 @@ class Engine:
             spec_num_drafts=self.counters["drafts"],
             spec_num_draft_tokens=self.counters["draft_tokens"],
             spec_num_accepted_tokens=self.counters["accepted_tokens"],
-            spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]))
+            spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]),
+            spec_num_forced_tokens=self.counters["forced_tokens"])
 

@@ -42,6 +42,27 @@ class RequestStatus(enum.Enum):
         return self.value if self.finished else None
 
 
+STRUCTURED_KINDS = ("json", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the output text, compiled by specdec.sample.grammar.
+
+    kind: "json" (spec: a JSON Schema dict, or None for any JSON object), "regex" (spec: str),
+    "choice" (spec: list of strings), "grammar" (spec: a Lark grammar in llguidance's dialect).
+    param: the request parameter it came from, so a compile error names it (a 400).
+    """
+
+    kind: str
+    spec: object = None
+    param: str = "structured_outputs"
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            _fail(self.param, self.kind, f"one of {list(STRUCTURED_KINDS)}")
+
+
 def _fail(param: str, value, limit: str) -> None:
     raise ValueError(f"{param} must be {limit}, got {value!r}")
 
@@ -75,6 +96,9 @@ class SamplingParams:
     num_speculative_tokens: int | None = None
     # Prefix-cache isolation (vLLM's field): only requests with the same salt share KV blocks.
     cache_salt: str | None = None
+    # NOTE: under a grammar, the grammar wins over min_tokens and ignore_eos: when it allows
+    # only EOS (or nothing more), the request stops.
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

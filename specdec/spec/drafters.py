@@ -24,6 +24,7 @@ import torch
 
 from specdec.core.request import Request
 from specdec.runner import ModelRunner, SeqSlice
+from specdec.sample.grammar import GrammarMatcher, apply_token_bitmask_, new_bitmask
 from specdec.sample.sampling import (STREAM_DRAFT, RowState, compute_probs, process_logits,
                               row_generator, sample)
 
@@ -40,8 +41,13 @@ class Proposal:
 class Drafter(Protocol):
     has_model: bool
 
-    def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
-        """For each (request, k) with k >= 1, up to k draft tokens following all_token_ids."""
+    def propose(self, requests: list[tuple[Request, int]],
+                matchers: list[GrammarMatcher | None] | None = None) -> list[Proposal]:
+        """For each (request, k) with k >= 1, up to k draft tokens following all_token_ids.
+
+        matchers[i] (structured output): the drafts must be grammar-valid; a model drafter
+        samples under the grammar's masks, so its draft probs are masked too. A matcher is
+        left in the state it came in."""
         ...
 
 
@@ -54,8 +60,16 @@ class NgramDrafter:
         self.ngram_min = ngram_min
         self.ngram_max = ngram_max
 
-    def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
-        return [Proposal(self.lookup(req.all_token_ids, k), None) for req, k in requests]
+    def propose(self, requests: list[tuple[Request, int]],
+                matchers: list[GrammarMatcher | None] | None = None) -> list[Proposal]:
+        out = []
+        for i, (req, k) in enumerate(requests):
+            drafts = self.lookup(req.all_token_ids, k)
+            matcher = matchers[i] if matchers else None
+            if matcher is not None and drafts:
+                drafts = drafts[:matcher.validate(drafts)]  # the grammar-valid prefix
+            out.append(Proposal(drafts, None))
+        return out
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         num_tokens = len(tokens)
@@ -107,9 +121,21 @@ class DraftModelDrafter:
             drafting.append(i)
         return seqs, drafting
 
-    def propose(self, requests: list[tuple[Request, int]]) -> list[Proposal]:
+    def propose(self, requests: list[tuple[Request, int]],
+                matchers: list[GrammarMatcher | None] | None = None) -> list[Proposal]:
         if not requests:
             return []
+        matchers = matchers or [None] * len(requests)
+        consumed = [0] * len(requests)  # draft tokens fed to each matcher, rolled back below
+        cut = [None] * len(requests)  # first draft index the grammar could not extend
+        try:
+            return self._propose(requests, matchers, consumed, cut)
+        finally:
+            for matcher, n in zip(matchers, consumed):
+                if matcher is not None:
+                    matcher.rollback(n)
+
+    def _propose(self, requests, matchers, consumed, cut) -> list[Proposal]:
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         first_seqs, drafting = self._catch_up(requests)
@@ -127,6 +153,21 @@ class DraftModelDrafter:
                     start = req.num_tokens + step - 1
                     seqs.append(SeqSlice([drafts[i][-1]], start, req.block_ids, 1))
             logits = self.runner.execute(seqs, observe=step > 0)  # [len(active), vocab]
+            masked = [r for r, i in enumerate(active) if matchers[i] is not None
+                      and cut[i] is None]
+            if masked:
+                # The draft samples under the same grammar masks as the target's rows.
+                bitmask = new_bitmask(len(masked), logits.shape[1])
+                for m, r in enumerate(masked):
+                    matchers[active[r]].fill_bitmask(bitmask, m)
+                index = torch.tensor(masked, device=logits.device)
+                logits = logits.clone()
+                logits[index] = apply_token_bitmask_(logits[index], bitmask)
+                dead = torch.isneginf(logits[index].amax(dim=-1)).tolist()
+                for m, r in enumerate(masked):
+                    if dead[m]:  # nothing allowed (grammar complete or failed): stop here
+                        cut[active[r]] = step
+                        logits[r] = 0.0
             rows = [RowState(requests[i][0].sampling_params, requests[i][0].prompt_token_ids,
                              requests[i][0].output_token_ids + drafts[i],
                              requests[i][0].eos_token_id, requests[i][0].sampling_constants)
@@ -149,7 +190,19 @@ class DraftModelDrafter:
                     probs[active[sampled[j]]].append(row_probs[j])
             for row, i in enumerate(active):
                 drafts[i].append(token_ids[row])
+                if matchers[i] is not None and cut[i] is None:
+                    if not matchers[i].consume([token_ids[row]]):
+                        cut[i] = step
+                        continue
+                    consumed[i] += 1
+                    if matchers[i].is_stopped:  # complete: nothing may follow this token
+                        cut[i] = step + 1
             for i in active:
                 req = requests[i][0]
                 req.draft_num_computed_tokens = req.num_tokens + step
-        return [Proposal(d, torch.stack(p) if p else None) for d, p in zip(drafts, probs)]
+        out = []
+        for d, p, c in zip(drafts, probs, cut):
+            if c is not None:
+                d, p = d[:c], p[:c]
+            out.append(Proposal(d, torch.stack(p) if p else None))
+        return out

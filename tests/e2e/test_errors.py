@@ -51,7 +51,10 @@ BAD_REQUESTS = [
     (CHAT, {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role",
      "one of"),
     (CHAT, {"messages": MSG, "max_completion_tokens": 0}, 400, "max_completion_tokens", ">= 1"),
-    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
+    (CHAT, {"messages": MSG, "tools": [{"type": "function"}]}, 400, "tools[0].function",
+     "must be an object"),
+    (COMPLETIONS, {"prompt": "x", "tools": [{"type": "function"}]}, 400, "tools",
+     "only supported on /v1/chat/completions"),
     (CHAT, {"messages": MSG, "model": "gpt-4o"}, 404, "model", "does not exist"),
 ]
 

@@ -411,3 +411,21 @@ def test_first_difference_names_the_first_differing_token():
     assert latency.first_difference([7, 2], [1, 2]) == 0
     assert latency.first_difference([1, 2], [1, 2, 3]) == 2  # one output stops early
     assert latency.first_difference([], [4]) == 0
+
+
+def test_json_dataset_prompts_carry_valid_schemas():
+    import jsonschema
+    import latency
+    from prompts import load_json_prompts
+
+    prompts = load_json_prompts()
+    assert len(prompts) >= 8 and len({p.prompt_id for p in prompts}) == len(prompts)
+    for p in prompts:
+        jsonschema.Draft202012Validator.check_schema(p.schema)
+        assert p.schema["type"] == "object" and p.schema["required"]
+    person = prompts[0].schema
+    assert latency.schema_valid('{"name": "a", "age": 3, "email": "e", "city": "c"}', person)
+    assert not latency.schema_valid('{"name": "a"}', person)
+    assert not latency.schema_valid('{"name": ', person)
+    args, _ = latency.parse_args(["--dataset", "json", "--pair", "smollm2"])
+    assert args.dataset == "json"

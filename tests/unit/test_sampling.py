@@ -38,7 +38,7 @@ def test_min_tokens_masks_eos_and_stop_token_ids_until_reached():
 def test_logit_bias_adds_to_named_tokens():
     out = process_logits(torch.zeros(1, 5), [row(logit_bias={1: 2.5, 3: -1.0})])
     assert out[0].tolist() == [0.0, 2.5, 0.0, -1.0, 0.0]
-    with pytest.raises(ValueError, match=r"logit_bias token id must be in \[0, 5\), got 7"):
+    with pytest.raises(ValueError, match=r"logit_bias token id must be in the vocabulary \[0, 5\), got 7"):
         process_logits(torch.zeros(1, 5), [row(logit_bias={7: 1.0})])
 
 

@@ -149,7 +149,7 @@ class AlwaysWrongDrafter:
 
     has_model = False
 
-    def propose(self, requests):
+    def propose(self, requests, matchers=None):
         from specdec.spec.drafters import Proposal
         return [Proposal([0] * k, None) for _, k in requests]
 

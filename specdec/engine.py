@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,6 +31,8 @@ from specdec.runner import ModelRunner, SeqSlice
 from specdec.sample.sampling import RowState, compute_logprobs, compute_probs, process_logits
 from specdec.core.scheduler import Scheduler
 from specdec.model.weights import load_model, load_tokenizer
+from specdec.generation_config import (eos_token_ids, load_generation_config,
+                                       sampling_defaults, split_special_stops)
 
 
 @dataclass(slots=True)
@@ -167,7 +168,12 @@ class Engine:
                 list(range(1, self.k_max + 2)), max_seqs, self.max_model_len)
             if self.draft_runner is not None and self.cuda_graphs:
                 self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
-        self.eos_token_ids = self._eos_token_ids(config.model.path)
+        from specdec.fetch import resolve_model_path
+        gen_config = load_generation_config(resolve_model_path(config.model.path))
+        self.eos_token_ids = eos_token_ids(self.tokenizer, gen_config)
+        # Sampling defaults a request inherits when it omits a field (generation_config).
+        self.generation_defaults = (sampling_defaults(gen_config)
+                                    if config.model.generation_config == "auto" else {})
         self.tracked: dict[str, _Tracked] = {}
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
                              accepted_tokens=0)
@@ -188,18 +194,6 @@ class Engine:
         max_useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // bs) + 1
         return max(min(budget // per_block, max_useful), -(-self.max_model_len // bs) + 1)
 
-    def _eos_token_ids(self, path: str) -> list[int]:
-        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        from specdec.fetch import resolve_model_path
-        gen_path = os.path.join(resolve_model_path(path), "generation_config.json")
-        if os.path.exists(gen_path):
-            with open(gen_path) as f:
-                eos = json.load(f).get("eos_token_id")
-            for t in ([eos] if isinstance(eos, int) else eos or []):
-                if t not in ids:
-                    ids.append(t)
-        return ids
-
     def _calibrate(self) -> None:
         k = self.k_max
         self.target_runner.calibrate(sorted({1, 2, k + 1, 2 * (k + 1)}))
@@ -211,7 +205,7 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, priority: int = 0) -> None:
         if request_id in self.tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -243,10 +237,16 @@ class Engine:
             raise ValueError(f"input_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens "
                              f"({params.max_tokens}) = {len(prompt_ids) + params.max_tokens} "
                              f"exceeds max_model_len {self.max_model_len}")
+        if params.stop:
+            stop, special_ids = split_special_stops(params.stop, self.tokenizer)
+            if special_ids:
+                params = dataclasses.replace(params, stop=stop, stop_token_ids=list(dict.fromkeys(
+                    [*params.stop_token_ids, *special_ids])))
         # NOTE: every EOS id (tokenizer + generation_config) so min_tokens masks all of them.
         eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
-                      arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
+                      arrival_time=arrival_time or time.monotonic(), prompt=prompt_text,
+                      priority=priority)
         self.scheduler.add_request(req)  # raises ValueError if it can never fit
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:

@@ -145,6 +145,7 @@ class Request:
     eos_token_id: int | frozenset[int] | None = None  # every id that ends generation
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
+    priority: int = 0  # scheduler.policy = "priority": lower runs first (vLLM's semantics)
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

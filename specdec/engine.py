@@ -83,6 +83,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    prompt_logprobs: list | None = None  # set once, on the first output, when asked for
 
 
 @dataclass(slots=True)
@@ -112,6 +113,8 @@ class _Tracked:
     stop_token_ids: frozenset[int]
     text: str = ""
     logprobs: list | None = None
+    # prompt_logprobs: entry j is prompt token j's (logprob, top-N); entry 0 is None.
+    prompt_logprobs: list | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -253,8 +256,10 @@ class Engine:
             stop_ids.update(self.eos_token_ids)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens,
                                        params.stop, params.include_stop_str_in_output)
-        self.tracked[request_id] = _Tracked(req, detok, frozenset(stop_ids),
-                                            logprobs=[] if params.logprobs is not None else None)
+        self.tracked[request_id] = _Tracked(
+            req, detok, frozenset(stop_ids),
+            logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         self.counters["prompt_tokens"] += len(prompt_ids)
 
     def abort_request(self, request_id: str) -> None:
@@ -283,6 +288,7 @@ class Engine:
 
         seqs: list[SeqSlice] = []
         sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
+        prompt_rows: list[tuple[Request | None, int]] = []  # per seq, see _prompt_logprobs
         for s in output.scheduled:
             req = s.request
             start = req.num_computed_tokens
@@ -290,15 +296,47 @@ class Engine:
             prop = proposals.get(req.request_id)
             drafts = prop.draft_token_ids if prop else []
             final = start + s.num_new_tokens == req.num_tokens
-            seqs.append(SeqSlice(tokens + drafts, start, req.block_ids,
-                                 1 + len(drafts) if final else 0))
+            num_logits = 1 + len(drafts) if final else 0
+            num_prompt_rows = 0
+            if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens:
+                # Rows predicting tokens start+1 .. of this chunk, ahead of the sampling row.
+                num_prompt_rows = s.num_new_tokens - (1 if final else 0)
+                num_logits += num_prompt_rows
+            prompt_rows.append((req if num_prompt_rows else None, num_prompt_rows))
+            seqs.append(SeqSlice(tokens + drafts, start, req.block_ids, num_logits))
             if final:
                 sampled.append((req, drafts, prop.draft_probs if prop and drafts else None))
         all_decode = all(s.num_new_tokens == 1 for s in output.scheduled)
         logits = self.target_runner.execute(seqs, observe=all_decode)  # [rows, vocab]
+        if any(n for _, n in prompt_rows):
+            logits = self._prompt_logprobs(seqs, prompt_rows, logits)
 
         new_tokens, num_accepted = self._accept(sampled, logits)
         return self._update(output, new_tokens, num_accepted, now)
+
+    def _prompt_logprobs(self, seqs: list[SeqSlice], prompt_rows, logits: torch.Tensor
+                         ) -> torch.Tensor:
+        """Record prompt logprobs from their rows; returns the rows left for sampling.
+
+        prompt_rows[i] = (request, num prompt rows) for seqs[i], (None, 0) for the others;
+        a request's prompt rows come first among its rows (row r predicts token start+1+r)."""
+        keep: list[int] = []
+        row = 0
+        for seq, (req, n) in zip(seqs, prompt_rows):
+            if req is not None:
+                tr = self.tracked[req.request_id]
+                first = seq.start + 1
+                have = len(tr.prompt_logprobs)  # NOTE: a recompute after preemption skips these
+                take = [r for r in range(n) if have <= first + r < req.num_prompt_tokens]
+                if take:
+                    targets = [req.prompt_token_ids[first + r] for r in take]
+                    top_n = req.sampling_params.prompt_logprobs
+                    tr.prompt_logprobs.extend(compute_logprobs(
+                        logits[[row + r for r in take]], torch.tensor(targets),
+                        [top_n] * len(take)))
+            keep.extend(range(row + n, row + seq.num_logits))
+            row += seq.num_logits
+        return logits[keep]
 
     def _accept(self, sampled, logits: torch.Tensor):
         """Verify drafts and sample; returns new tokens and accepted-draft counts per request."""
@@ -458,7 +496,7 @@ class Engine:
             stop_reason=reason, logprobs=list(tr.logprobs) if tr.logprobs is not None else None,
             text_delta=delta_text, token_ids_delta=list(tokens), logprobs_delta=logprobs_delta)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
-                             status is not None, metrics)
+                             status is not None, metrics, tr.prompt_logprobs)
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.block_pool

@@ -69,6 +69,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: off; N: the chosen token plus the top N
     num_speculative_tokens: int | None = None
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob + top N
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -98,6 +99,10 @@ class SamplingParams:
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("logprobs", self.logprobs is None
              or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"an integer in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int)
+                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
             ("num_speculative_tokens", self.num_speculative_tokens is None
              or (isinstance(self.num_speculative_tokens, int)

@@ -277,7 +277,8 @@ class Scheduler:
         """Prefix-cache lookup and first chunk for the head of the queue; None if it can't fit."""
         pool = self.block_pool
         hit_block_ids: list[int] = []
-        if self.enable_caching:
+        # NOTE: prompt logprobs need every prompt position computed: no prefix-cache hits.
+        if self.enable_caching and request.sampling_params.prompt_logprobs is None:
             token_ids = request.all_token_ids
             hashes = extend_block_hashes(self._block_hashes[request.request_id], token_ids,
                                          self.block_size)

@@ -263,3 +263,92 @@ def parse_infill(body: dict, template: FimTemplate | None, tokenizer, model_name
     gen.include_usage = False
     _add_stop_ids(gen, template)
     return gen, truncated
+
+
+class InfillState:
+    """llama.cpp's /infill (and /completion) response shapes for one choice.
+
+    Same interface as server.responses.ResponseState, so the app's admission, streaming,
+    disconnect and abort handling serve /infill unchanged."""
+
+    def __init__(self, gen: GenerationRequest, model_name: str, truncated: bool):
+        self.gen = gen
+        self.num_choices = 1
+        self.model_name = model_name
+        self.truncated = truncated
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.prompt_tokens = len(gen.prompts[0])
+        self.finish_reason: str | None = None
+        self.stop_reason = None
+        self.metrics = None
+        self.disconnected = False
+
+    @property
+    def all_finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def absorb(self, deltas: list, metrics) -> list[dict]:
+        chunks = []
+        delta = deltas[0]
+        if delta is None:
+            return chunks
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.itl:
+            metrics.observe_itl(delta.itl)
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
+            self.metrics = delta.metrics
+            metrics.observe_finished(delta.finish_reason, delta.metrics)
+        if not self.gen.stream:
+            return chunks
+        if delta.text or delta.token_ids:
+            chunks.append({"index": 0, "content": delta.text, "tokens": list(delta.token_ids),
+                           "stop": False, "id_slot": -1,
+                           "tokens_predicted": len(self.token_ids),
+                           "tokens_evaluated": self.prompt_tokens})
+        if delta.finished:
+            chunks.append(self.full_response(final_chunk=True))
+        return chunks
+
+    def _stop_type(self) -> tuple[str, str]:
+        if self.finish_reason == "length":
+            return "limit", ""
+        if self.finish_reason == "stop":
+            if isinstance(self.stop_reason, str):
+                return "word", self.stop_reason
+            return "eos", ""
+        return "none", ""
+
+    def full_response(self, final_chunk: bool = False) -> dict:
+        stop_type, word = self._stop_type()
+        params = self.gen.params[0]
+        body = {"index": 0, "content": "" if final_chunk else self.text,
+                "tokens": [] if final_chunk else list(self.token_ids), "id_slot": -1,
+                "stop": True, "model": self.model_name,
+                "tokens_predicted": len(self.token_ids),
+                "tokens_evaluated": self.prompt_tokens,
+                "generation_settings": {"n_predict": params.max_tokens,
+                                        "temperature": params.temperature,
+                                        "top_k": params.top_k, "top_p": params.top_p,
+                                        "repeat_penalty": params.repetition_penalty,
+                                        "seed": params.seed, "stream": self.gen.stream},
+                "has_new_line": "\n" in self.text, "truncated": self.truncated,
+                "stop_type": stop_type, "stopping_word": word,
+                "tokens_cached": getattr(self.metrics, "num_cached_tokens", 0) or 0}
+        if self.metrics is not None:
+            from server.responses import spec_decode_stats, timings
+            body["timings"] = timings(self.metrics)
+            body["spec_decode_stats"] = spec_decode_stats([self.metrics])
+        return body
+
+    def usage_chunk(self) -> dict:  # never asked for: include_usage is off for /infill
+        return {}
+
+    def log_fields(self, gen: GenerationRequest, num_aborted: int) -> dict:
+        return {"request_id": gen.response_id, "kind": "infill", "n": 1, "stream": gen.stream,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids),
+                "finish_reason": [self.finish_reason or "abort"],
+                "disconnected": self.disconnected, "aborted_choices": num_aborted}

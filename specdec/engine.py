@@ -102,6 +102,7 @@ class EngineStats:
     spec_num_draft_tokens: int
     spec_num_accepted_tokens: int
     spec_accepted_per_pos: list[int]
+    spec_mean_k: float = 0.0  # mean draft length chosen for the running decodes
 
 
 @dataclass(slots=True)
@@ -511,5 +512,10 @@ class Engine:
             spec_num_drafts=self.counters["drafts"],
             spec_num_draft_tokens=self.counters["draft_tokens"],
             spec_num_accepted_tokens=self.counters["accepted_tokens"],
-            spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]))
+            spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]),
+            spec_mean_k=self._mean_k())
+
+    def _mean_k(self) -> float:
+        decodes = [r for r in self.scheduler.running if not r.is_prefill]
+        return sum(r.num_lookahead_tokens for r in decodes) / len(decodes) if decodes else 0.0
 

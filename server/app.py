@@ -142,7 +142,7 @@ class OpenAIServer:
     # ------------------------------------------------------------------ middleware
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        request["request_id"] = parity.request_id(request)
+        request[parity.REQUEST_ID] = parity.request_id(request)
         try:
             if (self.api_key and request.path.startswith("/v1/")
                     and request.method != "OPTIONS"):  # a CORS preflight carries no key
@@ -241,7 +241,7 @@ class OpenAIServer:
         """Admit a validated request and answer it; `make_state(gen, num_choices)` builds
         another response shape (llama.cpp's /infill) than ResponseState."""
         if "X-Request-Id" not in request.headers:  # ours: the response id uses it too
-            gen.request_id = request.get("request_id") or gen.request_id
+            gen.request_id = request.get(parity.REQUEST_ID) or gen.request_id
         if gen.model is not None and gen.model not in self.model_names:
             raise APIError(404, f"model {gen.model!r} does not exist; this server serves "
                                 f"{self.model_names!r}", param="model", code="model_not_found")

@@ -61,9 +61,8 @@ def _token_id(tokenizer, text: str | None) -> int | None:
     token_id = tokenizer.convert_tokens_to_ids(text)
     if not isinstance(token_id, int) or token_id < 0:
         return None
-    if tokenizer.unk_token_id is not None and token_id == tokenizer.unk_token_id:
-        return None
-    return token_id
+    # NOTE: unknown texts map to the unk id; only an exact round trip counts.
+    return token_id if tokenizer.convert_ids_to_tokens(token_id) == text else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from server import fim, protocol
 from server.protocol import APIError, bad_request
 
 MAX_REQUEST_ID_LEN = 128
+REQUEST_ID = web.RequestKey("request_id", str)
 PREFLIGHT_MAX_AGE_S = "600"
 
 
@@ -65,7 +66,7 @@ def register(server) -> None:
 
 
 async def _on_prepare(server, request: web.Request, response: web.StreamResponse) -> None:
-    rid = request.get("request_id")
+    rid = request.get(REQUEST_ID)
     if rid is not None:
         response.headers["X-Request-Id"] = rid
     origin = _allowed_origin(server, request)

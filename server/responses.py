@@ -217,7 +217,8 @@ class ResponseState:
                 continue
             has_logprobs = self.gen.logprobs is not None and delta.token_ids
             echo = self.gen.echo and first
-            if not (delta.text or delta.finished or has_logprobs or echo):
+            ids = self.gen.return_token_ids and delta.token_ids
+            if not (delta.text or delta.finished or has_logprobs or echo or ids):
                 continue
             logprobs = None
             if has_logprobs and delta.logprobs:

@@ -227,7 +227,10 @@ def parse_infill(body: dict, template: FimTemplate | None, tokenizer, model_name
         if body.get(old) is not None:
             mapped[new] = body[old]
     n_predict = mapped.get("max_tokens")
-    if isinstance(n_predict, int) and not isinstance(n_predict, bool) and n_predict < 0:
+    if n_predict is not None and (not protocol._is_int(n_predict) or n_predict == 0):
+        raise bad_request("n_predict", f"n_predict must be a positive integer or -1 "
+                                       f"(until a stop), got {n_predict!r}")
+    if n_predict is not None and n_predict < 0:
         mapped["max_tokens"] = None  # llama.cpp: -1 = until a stop (capped by max_model_len)
     for name in ("n", "echo", "suffix", "logprobs", "stream_options"):
         mapped.pop(name, None)
@@ -238,9 +241,7 @@ def parse_infill(body: dict, template: FimTemplate | None, tokenizer, model_name
         mapped.pop("max_tokens", None)
         max_tokens = None
     else:
-        max_tokens = protocol._max_tokens(mapped, "max_tokens", default=None)
-        if max_tokens is None:
-            raise bad_request("n_predict", "n_predict must be an integer")
+        max_tokens = mapped["max_tokens"]
     try:
         gen = protocol.parse_completion(mapped, defaults=defaults)
     except protocol.APIError as err:

@@ -147,8 +147,10 @@ class ServerConfig:
     cors_origins: str = ""
 
     def __post_init__(self) -> None:
-        _check(self.metrics_prefix == "" or self.metrics_prefix.replace("_", "").isalnum(),
-               "server.metrics_prefix", self.metrics_prefix, "empty or [A-Za-z0-9_]+")
+        _check(self.metrics_prefix == "" or (self.metrics_prefix.replace("_", "").isalnum()
+                                             and self.metrics_prefix != "specdec"),
+               "server.metrics_prefix", self.metrics_prefix,
+               'empty or [A-Za-z0-9_]+ other than "specdec" (always exported)')
         _check(0 <= self.port <= 65535, "server.port", self.port, "in [0, 65535]")
         _check(self.max_queued_requests >= 1, "server.max_queued_requests",
                self.max_queued_requests, ">= 1")

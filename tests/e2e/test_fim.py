@@ -263,3 +263,45 @@ def test_cancelled_keystroke_frees_its_slot_and_the_next_hits_the_prefix_cache(f
     block = fim_server.config.cache.block_size
     cached = out.usage.prompt_tokens_details.cached_tokens
     assert cached >= (common - 2) // block * block > 0
+
+
+def test_fim_keystrokes_bench_runs_against_a_live_server(fim_server):
+    """The bench script end to end (a smoke test; it prints, the numbers are not asserted)."""
+    import pathlib
+    import sys
+    import types
+    bench = str(pathlib.Path(__file__).resolve().parents[2] / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    from fim_keystrokes import build_file, run_keystrokes
+
+    tok = fim_server.app.engine.tokenizer
+    before, typed, after = build_file(tok, 300, 0.5, 6)
+    assert 0 < len(typed) <= 6 and "\n" not in typed
+    assert len(tok.encode(before + typed + after)) <= 310
+    args = types.SimpleNamespace(
+        base_url=fim_server.base_url, api_key=None, model=None, file_tokens=300,
+        cursor_frac=0.5, num_prompts=6, max_tokens=4, temperature=0.0, extra_body={},
+        keystroke_interval_ms=5.0, timeout=120.0, percentiles=[50.0, 90.0])
+    result = asyncio.run(run_keystrokes(args, tok))
+    s = result["summary"]
+    assert s["keystrokes"] == len(typed) and s["errors"] == []
+    assert s["last_finish_reason"] in ("stop", "length")
+    assert s["cached_tokens_last"] > 0  # the previous keystrokes' blocks were reused
+    engine = fim_server.app.engine
+    for _ in range(100):
+        if not engine.scheduler.has_unfinished_requests():
+            break
+        asyncio.run(asyncio.sleep(0.1))
+    assert not engine.scheduler.has_unfinished_requests()
+
+
+def test_infill_n_predict_validation_and_minus_one(fim_server):
+    url = fim_server.base_url + "/infill"
+    for bad in (0, "ten", 1.5):
+        status, _, payload = http("POST", url, {"input_prefix": "a", "n_predict": bad})
+        assert status == 400 and loads(payload)["error"]["param"] == "n_predict", bad
+    status, _, payload = http("POST", url, {"input_prefix": "def add(a, b):\n",
+                                            "n_predict": -1, "temperature": 0,
+                                            "stop": ["\n"]})
+    assert status == 200 and loads(payload)["stop"] is True

@@ -16,6 +16,9 @@ follows it). Reported per run (one --label, e.g. spec or no-spec with
 - time to the full middle: for the last keystroke, which is not cancelled, request sent ->
   end of the stream, and its finish reason;
 - prefix cache hit rate and acceptance length from the /metrics deltas over the run.
+
+--num-warmups N sends the file once (max_tokens 1) before measuring, so every run starts with
+the text before the cursor line in the prefix cache.
 """
 
 from __future__ import annotations
@@ -103,6 +106,14 @@ async def run_keystrokes(args, tokenizer) -> dict:
         if args.model is None:
             async with s.get(base + "/v1/models", headers=headers) as resp:
                 args.model = (await resp.json())["data"][0]["id"]
+        for _ in range(getattr(args, "num_warmups", 0)):
+            # NOTE: warm the prefix cache with the file before the cursor line, so that runs
+            # compare keystrokes, not who came first to a cold cache.
+            warm = {"model": args.model, "prompt": before_cursor, "suffix": suffix,
+                    "max_tokens": 1, "temperature": args.temperature, **args.extra_body}
+            async with s.post(url, json=warm, headers=headers) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"warm-up: HTTP {resp.status}: {await resp.text()}")
         before = await _counters(s, base + "/metrics")
         t_zero = time.perf_counter()
         task = None

@@ -16,7 +16,7 @@ import pytest
 from server.fim import detect_fim
 from server.protocol import dumps, loads
 from tests.conftest import make_tiny_config
-from tests.e2e.conftest import LiveServer, SPEC_MODEL, http, make_config, sse_events
+from tests.e2e.conftest import LiveServer, SPEC_MODEL, http, make_config, scrape, sse_events
 
 FIM_MODEL = "tiny-fim"
 FIM_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>",
@@ -244,8 +244,10 @@ def test_cancelled_keystroke_frees_its_slot_and_the_next_hits_the_prefix_cache(f
     engine = fim_server.app.engine
     url = fim_server.base_url + "/v1/completions"
     prefix = CODE * 2
-    body = {"model": FIM_MODEL, "prompt": prefix, "suffix": "\n", "max_tokens": 200,
+    body = {"model": FIM_MODEL, "prompt": prefix, "suffix": "\n", "max_tokens": 300,
             "temperature": 0, "ignore_eos": True, "stream": True}
+    abort = f'specdec:request_success_total{{finished_reason="abort",model_name="{FIM_MODEL}"}}'
+    aborts_before = scrape(fim_server)[abort]
     asyncio.run(_keystroke(url, body))
     bridge = fim_server.app.bridge
     for _ in range(100):
@@ -255,6 +257,7 @@ def test_cancelled_keystroke_frees_its_slot_and_the_next_hits_the_prefix_cache(f
     assert bridge.num_in_flight == 0
     assert not engine.scheduler.has_unfinished_requests()
     assert engine.scheduler.block_pool.num_used_blocks == 0  # cached blocks are free ones
+    assert scrape(fim_server)[abort] == aborts_before + 1  # aborted, not run to 300 tokens
     client = fim_server.client()
     out = client.completions.create(model=FIM_MODEL, prompt=prefix + "d", suffix="\n",
                                     max_tokens=2, temperature=0)

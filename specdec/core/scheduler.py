@@ -62,9 +62,9 @@ class Scheduler:
     Per step: running requests in admission order (decodes with look-ahead, prefill chunks),
     then waiting requests while the token budget, max_num_seqs and free blocks allow. A waiting
     request that cannot be admitted blocks the ones behind it. Admission never preempts (except
-    under the priority policy, see the glossary), and
-    no admission happens in a step that preempted. Draft slots never cause a preemption: they
-    shrink to what the free blocks hold first.
+    under the priority policy, see the glossary), and no admission happens in a step that
+    preempted a running request for blocks. Draft slots never cause a preemption: they shrink
+    to what the free blocks hold first.
     """
 
     def __init__(self, scheduler_config, cache_config, num_blocks: int,
@@ -212,6 +212,8 @@ class Scheduler:
                 if victim is request:
                     break
             if request.status is RequestStatus.PREEMPTED:
+                if self.priority_policy:
+                    continue  # it ranked worst; running[i] is now the next request
                 break  # it was the newest: nothing after it is left to schedule
             num_lookahead = 0
             if is_decode:

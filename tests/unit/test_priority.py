@@ -112,3 +112,18 @@ def test_running_preemption_victim_is_worst_priority_not_newest():
     for rid in list(s.requests):
         s.abort_request(rid)
     assert_no_leak(s)
+
+
+def test_a_preempted_worst_request_does_not_hold_back_better_ones():
+    # The low-priority request is first in admission order; when it needs a block and none is
+    # free, it preempts itself (it ranks worst) and the better request behind it still runs.
+    s = make(num_blocks=3, max_num_seqs=8, budget=64)
+    s.add_request(req("low", 8, priority=9, arrival=0.0, max_tokens=8))
+    s.add_request(req("high", 16, priority=0, arrival=1.0, max_tokens=8))
+    fake_update(s, s.schedule())  # the pool is full: low 1 block, high 2; both need one more
+    out = s.schedule()
+    assert [r.request_id for r in out.preempted] == ["low"]
+    assert ids(out) == ["high"]
+    for rid in list(s.requests):
+        s.abort_request(rid)
+    assert_no_leak(s)

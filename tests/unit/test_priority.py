@@ -118,9 +118,12 @@ def test_a_preempted_worst_request_does_not_hold_back_better_ones():
     # The low-priority request is first in admission order; when it needs a block and none is
     # free, it preempts itself (it ranks worst) and the better request behind it still runs.
     s = make(num_blocks=3, max_num_seqs=8, budget=64)
-    s.add_request(req("low", 8, priority=9, arrival=0.0, max_tokens=8))
+    s.add_request(req("low", 7, priority=9, arrival=0.0, max_tokens=8))
+    fake_update(s, s.schedule())
     s.add_request(req("high", 16, priority=0, arrival=1.0, max_tokens=8))
-    fake_update(s, s.schedule())  # the pool is full: low 1 block, high 2; both need one more
+    out = s.schedule()
+    assert ids(out) == ["low", "high"] and out.preempted == []  # admission order
+    fake_update(s, out)  # the pool is full (1 + 2 blocks) and both need one more block
     out = s.schedule()
     assert [r.request_id for r in out.preempted] == ["low"]
     assert ids(out) == ["high"]

@@ -18,6 +18,8 @@ The statistics (and the /metrics parsing) live in serve_stats.py; this file send
     python bench/serve.py --base-url http://127.0.0.1:8000 --dataset mtbench \
         --num-prompts 80 --request-rate 2 --label spec
     python bench/serve.py --dataset random --input-len 256 --output-len 128 --max-concurrency 4
+    python bench/serve.py --dataset fim-keystrokes --tokenizer qwen2.5-coder-0.5b-instruct \
+        --label spec        # an editor typing: see bench/fim_keystrokes.py
 """
 
 from __future__ import annotations
@@ -227,8 +229,13 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--model", default=None, help="default: the first id of /v1/models")
     p.add_argument("--api-key", default=os.environ.get("SPECDEC_API_KEY")
                    or os.environ.get("OPENAI_API_KEY"))
-    p.add_argument("--dataset", choices=["mtbench", "code", "random", "shared-prefix"],
-                   default="mtbench")
+    p.add_argument("--dataset", choices=["mtbench", "code", "random", "shared-prefix",
+                                         "fim-keystrokes"], default="mtbench")
+    p.add_argument("--file-tokens", type=int, default=2048, help="fim-keystrokes: file size")
+    p.add_argument("--cursor-frac", type=float, default=0.6,
+                   help="fim-keystrokes: where the typed line is, as a fraction of the file")
+    p.add_argument("--keystroke-interval-ms", type=float, default=150.0,
+                   help="fim-keystrokes: time between typed characters")
     p.add_argument("--mtbench-archive", default=None)
     p.add_argument("--num-prompts", type=int, default=80)
     p.add_argument("--shuffle", action="store_true", help="seeded shuffle of mtbench/code")
@@ -285,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         from specdec.fetch import resolve_model_path
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(args.tokenizer))
+    if args.dataset == "fim-keystrokes":
+        return _main_keystrokes(args, tokenizer)
     prompts = load_prompts(args, tokenizer)
     try:
         result = asyncio.run(run_benchmark(args, prompts))
@@ -312,6 +321,31 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(out, f, indent=2, default=str)
     print(f"wrote {path}", file=sys.stderr)
     return 0 if summary["completed"] else 1
+
+
+def _main_keystrokes(args, tokenizer) -> int:
+    from fim_keystrokes import print_keystrokes, run_keystrokes
+    if args.max_tokens == 256:
+        args.max_tokens = 48  # a completion, not an essay
+    try:
+        result = asyncio.run(run_keystrokes(args, tokenizer))
+    except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+        print(f"serve.py: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    summary = result["summary"]
+    print_keystrokes(summary, args.label)
+    path = args.output or os.path.join(RESULTS_DIR, f"fim-keystrokes-{args.label}.json")
+    out = {"benchmark": "fim-keystrokes", "label": args.label, "model": args.model,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "args": {k: v for k, v in vars(args).items() if k != "api_key"
+                    and not (isinstance(v, float) and not math.isfinite(v))}, **summary}
+    if args.save_detailed:
+        out["requests"] = result["records"]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2, default=str)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0 if not summary["errors"] and summary["last_finish_reason"] else 1
 
 
 if __name__ == "__main__":

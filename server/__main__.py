@@ -88,8 +88,10 @@ async def serve(config: Config, *, install_signals: bool = True,
     if install_signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_event.set)
+    # NOTE: handler_cancellation: a client that hangs up (an editor's superseded keystroke)
+    # cancels its handler at once, whose finally aborts the engine request and frees its slot.
     runner = web.AppRunner(server.app, handle_signals=False, access_log=None,
-                           shutdown_timeout=1.0)
+                           shutdown_timeout=1.0, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port)
     await site.start()

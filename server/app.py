@@ -18,7 +18,7 @@ import uuid
 from aiohttp import web
 
 import specdec
-from server import limits, openapi, protocol
+from server import fim, limits, openapi, parity, protocol
 from server.bridge import AsyncEngine, EngineDeadError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import APIError, GenerationRequest, dumps
@@ -97,6 +97,9 @@ class OpenAIServer:
         self.bridge: AsyncEngine | None = None
         self.metrics: ServerMetrics | None = None
         self.model_name: str | None = None
+        self.model_names: list[str] = []  # the served name first, then the aliases
+        self.fim_template: fim.FimTemplate | None = None
+        self.cors_origins = parity.parse_origins(config.server.cors_origins)
         self.created = int(time.time())
         self.draining = False
         self.num_active = 0
@@ -122,13 +125,17 @@ class OpenAIServer:
         ])
         if config.server.ui:
             add_ui_routes(self.app, api_key_required=bool(self.api_key))
+        parity.register(self)  # /tokenize /detokenize /ping /infill, CORS
 
     # ------------------------------------------------------------------ lifecycle
     def attach(self, engine) -> None:
         """Start the engine thread; called on the event loop once the engine has loaded."""
         self.engine = engine
         self.model_name = engine.model_name
-        self.metrics = ServerMetrics(self.model_name)
+        self.model_names = parity.model_names(engine.model_name,
+                                              self.config.server.served_model_aliases)
+        self.fim_template = fim.detect_fim(engine.tokenizer, self.config.model.fim_style)
+        self.metrics = ServerMetrics(self.model_name, self.config.server.metrics_prefix)
         capacity = self.config.scheduler.max_num_seqs + self.config.server.max_queued_requests
         self.limits = limits.RequestLimits.from_config(self.config, engine.max_model_len)
         self._loop = asyncio.get_running_loop()
@@ -167,8 +174,10 @@ class OpenAIServer:
     # ------------------------------------------------------------------ middleware
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
+        request[parity.REQUEST_ID] = parity.request_id(request)
         try:
-            if self.api_key and request.path.startswith("/v1/"):
+            if (self.api_key and request.path.startswith("/v1/")
+                    and request.method != "OPTIONS"):  # a CORS preflight carries no key
                 auth = request.headers.get("Authorization", "").encode()
                 if not hmac.compare_digest(auth, f"Bearer {self.api_key}".encode()):
                     raise APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
@@ -219,8 +228,9 @@ class OpenAIServer:
     async def models(self, request: web.Request) -> web.Response:
         self._require_ready()
         return json_response({"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created,
-            "owned_by": "specdec", "max_model_len": self.engine.max_model_len}]})
+            "id": name, "object": "model", "created": self.created,
+            "owned_by": "specdec", "root": self.model_name, "parent": None,
+            "max_model_len": self.engine.max_model_len} for name in self.model_names]})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         self._require_ready()
@@ -260,17 +270,31 @@ class OpenAIServer:
         body = await self._read_json(request)
         self._check_admitting()  # again: SIGTERM may have come while the body was read
         self.limits.check_body(body, kind)
+        defaults = getattr(self.engine, "generation_defaults", None)
         loop = asyncio.get_running_loop()
+        tokenizer = self.engine.tokenizer
         if kind == "chat":  # the chat template and encode run in the pool
             gen = await loop.run_in_executor(self.tokenize_pool, protocol.parse_chat, body,
-                                             self.engine.tokenizer)
+                                             tokenizer, defaults)
         else:
-            gen = protocol.parse_completion(body)
-            gen.prompts = await loop.run_in_executor(
-                self.tokenize_pool, limits.encode_prompts, self.engine.tokenizer, gen.prompts)
-        if gen.model is not None and gen.model != self.model_name:
+            gen = protocol.parse_completion(body, defaults)
+
+            def encode() -> None:  # FIM prompt (suffix) and tokenization, in the pool
+                fim.apply_suffix(gen, self.fim_template, tokenizer, self.model_name,
+                                 self.engine.max_model_len)
+                gen.prompts = limits.encode_prompts(tokenizer, gen.prompts)
+            await loop.run_in_executor(self.tokenize_pool, encode)
+        return await self.run_generation(request, gen)
+
+    async def run_generation(self, request: web.Request, gen: GenerationRequest,
+                             make_state=None) -> web.StreamResponse:
+        """Admit a validated request and answer it; `make_state(gen, num_choices)` builds
+        another response shape (llama.cpp's /infill) than ResponseState."""
+        if "X-Request-Id" not in request.headers:  # ours: the response id uses it too
+            gen.request_id = request.get(parity.REQUEST_ID) or gen.request_id
+        if gen.model is not None and gen.model not in self.model_names:
             raise APIError(404, f"model {gen.model!r} does not exist; this server serves "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+                                f"{self.model_names!r}", param="model", code="model_not_found")
         num_choices = len(gen.prompts) * gen.n
         bridge = self.bridge
         self.limits.check_admissible(len(gen.prompts), gen.n)
@@ -285,13 +309,14 @@ class OpenAIServer:
         self._enter()
         try:
             try:
-                collector = await bridge.add(request_ids, prompts, params)
+                collector = await bridge.add(request_ids, prompts, params, gen.priority)
             except ValueError as exc:
                 raise protocol.from_value_error(exc) from None
             except EngineDeadError:
                 raise internal_error(gen.request_id) from None
-            state = ResponseState(gen, num_choices, LogprobFormatter(
-                self.engine.tokenizer), self.model_name)
+            state = (make_state(gen, num_choices) if make_state is not None else
+                     ResponseState(gen, num_choices, LogprobFormatter(self.engine.tokenizer),
+                                   self.model_name))
             try:
                 if gen.stream:
                     return await self._stream(request, gen, collector, state)
@@ -365,7 +390,8 @@ class OpenAIServer:
                     await response.write(b"".join(frames))
             if gen.include_usage:
                 await response.write(frame(state.usage_chunk()))
-            await response.write(b"data: [DONE]\n\n")
+            if gen.kind != "infill":  # llama.cpp's streams end with a "stop": true frame
+                await response.write(b"data: [DONE]\n\n")
         except ConnectionError:  # the client went away; _generate's finally aborts the rest
             state.disconnected = True
         except asyncio.CancelledError:

@@ -38,6 +38,8 @@ class ChoiceDelta:
     finished: bool = False
     num_prompt_tokens: int | None = None
     metrics: object | None = None
+    prompt_logprobs: list | None = None  # the first delta of a choice, when asked for
+    prompt_token_ids: list[int] | None = None  # the first delta of a choice
     # Per-token inter-token latencies (seconds) measured in the engine thread.
     itl: list[float] = field(default_factory=list)
 
@@ -93,6 +95,10 @@ class OutputCollector:
             if slot.num_prompt_tokens is None:
                 slot.num_prompt_tokens = len(output.prompt_token_ids or ())
                 delta.num_prompt_tokens = slot.num_prompt_tokens
+                delta.prompt_token_ids = output.prompt_token_ids
+                prompt_logprobs = getattr(output, "prompt_logprobs", None)
+                if prompt_logprobs is not None:
+                    delta.prompt_logprobs = list(prompt_logprobs)
             if output.finished:
                 slot.finished = True
                 delta.finished = True
@@ -190,8 +196,8 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self.error is None
 
     # ------------------------------------------------------------------ handler API
-    async def add(self, request_ids: list[str], prompts: list, params: list[SamplingParams]
-                  ) -> OutputCollector:
+    async def add(self, request_ids: list[str], prompts: list, params: list[SamplingParams],
+                  priority: int = 0) -> OutputCollector:
         """Admit all choices of one HTTP request; raises ValueError (bad input) atomically."""
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
@@ -199,7 +205,8 @@ class AsyncEngine:
         collector = OutputCollector(loop, request_ids)
         future = loop.create_future()
         self.num_in_flight += len(request_ids)
-        self._submit(("add", collector, list(zip(request_ids, prompts, params)), future))
+        self._submit(("add", collector, (list(zip(request_ids, prompts, params)), priority),
+                      future))
         try:
             await future
         except BaseException:
@@ -295,9 +302,13 @@ class AsyncEngine:
         engine = self.engine
         if op == "add":
             added = []
+            choices, priority = payload
             try:
-                for request_id, prompt, params in payload:
-                    engine.add_request(request_id, prompt, params)
+                for request_id, prompt, params in choices:
+                    if priority:
+                        engine.add_request(request_id, prompt, params, priority=priority)
+                    else:
+                        engine.add_request(request_id, prompt, params)
                     added.append(request_id)
                     self._collectors[request_id] = target
             except Exception as exc:  # ValueError: bad input (400); others: 500

@@ -1,5 +1,9 @@
 """Prometheus metrics with vLLM's names under `specdec:`, in the server's own registry.
 
+Every series is exported under `specdec:` and again under each extra prefix
+(`server.metrics_prefix`, default `vllm`), so vLLM dashboards, the production-stack HPA/KEDA
+recipes and the Gateway API Inference Extension read `vllm:num_requests_waiting` unchanged.
+
 Engine-wide counters and gauges are read from an EngineStats snapshot at scrape time (the engine
 keeps the running totals); per-request histograms and the success counter are observed by the
 server when a request ends.
@@ -23,11 +27,16 @@ _E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
 class _EngineStatsCollector:
     """Yields gauges and counters from the latest EngineStats snapshot."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, prefixes: tuple[str, ...] = ("specdec",)):
         self.model_name = model_name
+        self.prefixes = prefixes
         self.stats = None
 
     def collect(self):
+        for prefix in self.prefixes:
+            yield from self._collect(prefix)
+
+    def _collect(self, prefix: str):
         s = self.stats
         if s is None:
             return
@@ -35,12 +44,12 @@ class _EngineStatsCollector:
         values = [self.model_name]
 
         def gauge(name, doc, value):
-            g = GaugeMetricFamily(f"specdec:{name}", doc, labels=labels)
+            g = GaugeMetricFamily(f"{prefix}:{name}", doc, labels=labels)
             g.add_metric(values, value)
             return g
 
         def counter(name, doc, value):
-            c = CounterMetricFamily(f"specdec:{name}", doc, labels=labels)
+            c = CounterMetricFamily(f"{prefix}:{name}", doc, labels=labels)
             c.add_metric(values, value)
             return c
 
@@ -63,7 +72,10 @@ class _EngineStatsCollector:
                       s.spec_num_draft_tokens)
         yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
                       s.spec_num_accepted_tokens)
-        per_pos = CounterMetricFamily("specdec:spec_decode_num_accepted_tokens_per_pos",
+        yield gauge("spec_decode_mean_k", "Mean draft length k chosen for the running decodes "
+                    "(adaptive speculation; 0 when it is off or has backed off).",
+                    getattr(s, "spec_mean_k", 0.0))
+        per_pos = CounterMetricFamily(f"{prefix}:spec_decode_num_accepted_tokens_per_pos",
                                       "Accepted draft tokens by position.",
                                       labels=["model_name", "position"])
         for position, count in enumerate(s.spec_accepted_per_pos or ()):
@@ -74,47 +86,55 @@ class _EngineStatsCollector:
 class ServerMetrics:
     """The server's registry; `render(stats)` returns the Prometheus text body."""
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, extra_prefix: str = ""):
         self.model_name = model_name
         self.registry = CollectorRegistry()
-        self._engine = _EngineStatsCollector(model_name)
+        prefixes = ("specdec",) + ((extra_prefix,) if extra_prefix else ())
+        self._engine = _EngineStatsCollector(model_name, prefixes)
         self.registry.register(self._engine)
         labels = ["model_name"]
-        self.request_success = Counter(
-            "specdec:request_success", "Finished requests by finish reason.",
-            ["model_name", "finished_reason"], registry=self.registry)
-        self.ttft = Histogram("specdec:time_to_first_token_seconds", "Time to first token.",
-                              labels, buckets=_TTFT_BUCKETS, registry=self.registry)
-        self.itl = Histogram("specdec:inter_token_latency_seconds",
-                             "Time between output tokens (per token; a verify step's tokens "
-                             "share its latency).", labels, buckets=_ITL_BUCKETS,
-                             registry=self.registry)
-        self.e2e = Histogram("specdec:e2e_request_latency_seconds", "End-to-end latency.",
-                             labels, buckets=_E2E_BUCKETS, registry=self.registry)
-        self.queue_time = Histogram("specdec:request_queue_time_seconds",
-                                    "Time from arrival to first scheduling.", labels,
-                                    buckets=_E2E_BUCKETS, registry=self.registry)
+
+        def per_prefix(kind, name, doc, labelnames, **kw):
+            return [kind(f"{p}:{name}", doc, labelnames, registry=self.registry, **kw)
+                    for p in prefixes]
+        self.request_success = per_prefix(Counter, "request_success",
+                                          "Finished requests by finish reason.",
+                                          ["model_name", "finished_reason"])
+        self.ttft = per_prefix(Histogram, "time_to_first_token_seconds", "Time to first token.",
+                               labels, buckets=_TTFT_BUCKETS)
+        self.itl = per_prefix(Histogram, "inter_token_latency_seconds",
+                              "Time between output tokens (per token; a verify step's tokens "
+                              "share its latency).", labels, buckets=_ITL_BUCKETS)
+        self.e2e = per_prefix(Histogram, "e2e_request_latency_seconds", "End-to-end latency.",
+                              labels, buckets=_E2E_BUCKETS)
+        self.queue_time = per_prefix(Histogram, "request_queue_time_seconds",
+                                     "Time from arrival to first scheduling.", labels,
+                                     buckets=_E2E_BUCKETS)
         for reason in ("stop", "length", "abort"):
-            self.request_success.labels(model_name, reason)
+            for c in self.request_success:
+                c.labels(model_name, reason)
 
     def observe_itl(self, latencies: list[float]) -> None:
-        h = self.itl.labels(self.model_name)
-        for x in latencies:
-            h.observe(x)
+        for hist in self.itl:
+            h = hist.labels(self.model_name)
+            for x in latencies:
+                h.observe(x)
 
     def observe_finished(self, finish_reason: str, metrics) -> None:
         """One engine request (one choice) ended."""
-        self.request_success.labels(self.model_name, finish_reason).inc()
+        for c in self.request_success:
+            c.labels(self.model_name, finish_reason).inc()
         if metrics is None:
             return
         arrival = metrics.arrival_time
-        if metrics.first_token_time is not None:
-            self.ttft.labels(self.model_name).observe(metrics.first_token_time - arrival)
-        if metrics.first_scheduled_time is not None:
-            self.queue_time.labels(self.model_name).observe(
-                metrics.first_scheduled_time - arrival)
-        if metrics.finished_time is not None:
-            self.e2e.labels(self.model_name).observe(metrics.finished_time - arrival)
+        for i in range(len(self.ttft)):
+            if metrics.first_token_time is not None:
+                self.ttft[i].labels(self.model_name).observe(metrics.first_token_time - arrival)
+            if metrics.first_scheduled_time is not None:
+                self.queue_time[i].labels(self.model_name).observe(
+                    metrics.first_scheduled_time - arrival)
+            if metrics.finished_time is not None:
+                self.e2e[i].labels(self.model_name).observe(metrics.finished_time - arrival)
 
     def render(self, stats) -> bytes:
         self._engine.stats = stats

@@ -100,6 +100,11 @@ class GenerationRequest:
     echo: bool = False
     user: str | None = None
     tools: object | None = None             # server.tools.ToolConfig when tools are offered
+    suffix: str | None = None               # completions: fill-in-the-middle (server/fim.py)
+    priority: int = 0                       # scheduler.policy = "priority": lower first
+    return_token_ids: bool = False          # token_ids per choice, prompt_token_ids once
+    continuous_usage_stats: bool = False    # stream: usage in every chunk
+    discard_output: bool = False            # echo with max_tokens 0: the prompt only
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -165,7 +170,10 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
 
 
 def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
-                     structured: StructuredOutput | None = None) -> list[SamplingParams]:
+                     structured: StructuredOutput | None = None, defaults: dict | None = None,
+                     prompt_logprobs: int | None = None) -> list[SamplingParams]:
+    """`defaults`: the model's generation_config sampling defaults for omitted fields."""
+    defaults = defaults or {}
     n = _get(body, "n", "int", 1)
     if not 1 <= n <= MAX_N:
         raise bad_request("n", f"n must be an integer in [1, {MAX_N}], got {n}")
@@ -175,11 +183,12 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
         raise bad_request("stop_token_ids",
                           f"stop_token_ids must be a list of integers, got {stop_token_ids!r}")
     kwargs = dict(
-        temperature=float(_get(body, "temperature", "num", 1.0)),
-        top_p=float(_get(body, "top_p", "num", 1.0)),
-        top_k=_get(body, "top_k", "int", 0),
+        temperature=float(_get(body, "temperature", "num", defaults.get("temperature", 1.0))),
+        top_p=float(_get(body, "top_p", "num", defaults.get("top_p", 1.0))),
+        top_k=_get(body, "top_k", "int", defaults.get("top_k", 0)),
         min_p=float(_get(body, "min_p", "num", 0.0)),
-        repetition_penalty=float(_get(body, "repetition_penalty", "num", 1.0)),
+        repetition_penalty=float(_get(body, "repetition_penalty", "num",
+                                      defaults.get("repetition_penalty", 1.0))),
         presence_penalty=float(_get(body, "presence_penalty", "num", 0.0)),
         frequency_penalty=float(_get(body, "frequency_penalty", "num", 0.0)),
         logit_bias=_logit_bias(body),
@@ -194,6 +203,7 @@ def _sampling_params(body: dict, max_tokens: int | None, logprobs: int | None,
         num_speculative_tokens=_get(body, "num_speculative_tokens", "int"),
         cache_salt=_get(body, "cache_salt", "str"),  # vLLM's field: prefix-cache isolation
         structured_output=structured,
+        prompt_logprobs=prompt_logprobs,
     )
     params = []
     for i in range(n):
@@ -209,6 +219,11 @@ def _common(body: dict) -> tuple[bool, bool, str | None]:
     options = _get(body, "stream_options", "dict")
     include_usage = False
     if options is not None:
+        continuous = options.get("continuous_usage_stats")
+        if continuous is not None and not isinstance(continuous, bool):
+            raise bad_request("stream_options.continuous_usage_stats",
+                              f"stream_options.continuous_usage_stats must be a boolean, "
+                              f"got {continuous!r}")
         if not stream:
             raise bad_request("stream_options",
                               "stream_options is only allowed when stream is true")
@@ -217,7 +232,7 @@ def _common(body: dict) -> tuple[bool, bool, str | None]:
             raise bad_request("stream_options.include_usage",
                               f"stream_options.include_usage must be a boolean, "
                               f"got {include_usage!r}")
-    for unsupported in ("functions", "suffix"):
+    for unsupported in ("functions",):
         if body.get(unsupported):
             raise bad_request(unsupported, f"{unsupported} is not supported by this server")
     _get(body, "model", "str")
@@ -234,7 +249,25 @@ def _max_tokens(body: dict, *names: str, default: int | None) -> int | None:
     return default
 
 
-def parse_chat(body: dict, tokenizer) -> GenerationRequest:
+def _extras(gen: GenerationRequest, body: dict) -> GenerationRequest:
+    """The vLLM extras every generation request may carry (priority, return_token_ids...)."""
+    gen.priority = _get(body, "priority", "int", 0)
+    gen.return_token_ids = _get(body, "return_token_ids", "bool", False)
+    options = body.get("stream_options") or {}
+    gen.continuous_usage_stats = bool(gen.stream and options.get("continuous_usage_stats"))
+    return gen
+
+
+def _developer_role(role: str, tokenizer) -> str:
+    # NOTE: OpenAI's `developer` is the newer name of `system`; templates that don't know it
+    # (Qwen2.5, SmolLM2) would drop or reject it.
+    if role == "developer" and "developer" not in (getattr(tokenizer, "chat_template", None)
+                                                   or ""):
+        return "system"
+    return role
+
+
+def parse_chat(body: dict, tokenizer, defaults: dict | None = None) -> GenerationRequest:
     """Validate a /v1/chat/completions body; renders the chat template into token ids."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -244,8 +277,9 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
         if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
             raise bad_request(f"messages[{i}].role",
                               f"messages[{i}].role must be one of {list(CHAT_ROLES)}")
-        rendered.append(tools.history_message(message, i,
-                                              _message_text(message.get("content"), i)))
+        entry = tools.history_message(message, i, _message_text(message.get("content"), i))
+        entry["role"] = _developer_role(entry["role"], tokenizer)
+        rendered.append(entry)
     stream, include_usage, user = _common(body)
     tool_config = tools.parse_tools(body)
     structured = structured_outputs.parse_structured(body)
@@ -266,7 +300,7 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
                                               f"[0, {MAX_LOGPROBS}], got {top_logprobs}")
     logprobs = (top_logprobs or 0) if logprobs_on else None
     max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens", default=None)
-    params = _sampling_params(body, max_tokens, logprobs, structured)
+    params = _sampling_params(body, max_tokens, logprobs, structured, defaults)
     try:
         text = tokenizer.apply_chat_template(
             rendered, tools=tool_config.tools if tool_config is not None else None,
@@ -277,8 +311,9 @@ def parse_chat(body: dict, tokenizer) -> GenerationRequest:
     prompt = tokenizer.encode(text, add_special_tokens=False)
     if tool_config is not None and structured is not None and structured.param != "tools":
         tool_config = None  # the output is constrained to another format: no call parsing
-    return GenerationRequest("chat", body.get("model"), [prompt], params, stream, include_usage,
-                             logprobs, user=user, tools=tool_config)
+    return _extras(GenerationRequest("chat", body.get("model"), [prompt], params, stream,
+                                     include_usage, logprobs, user=user, tools=tool_config),
+                   body)
 
 
 def _message_text(content, i: int) -> str:
@@ -300,8 +335,11 @@ def _message_text(content, i: int) -> str:
                       f"messages[{i}].content must be a string or an array of text parts")
 
 
-def parse_completion(body: dict) -> GenerationRequest:
-    """Validate a /v1/completions body; prompts stay strings or token-id lists."""
+def parse_completion(body: dict, defaults: dict | None = None) -> GenerationRequest:
+    """Validate a /v1/completions body; prompts stay strings or token-id lists.
+
+    `echo` returns the prompt before the completion (with `logprobs`, the prompt's logprobs
+    too); `max_tokens: 0` with echo scores the prompt only (lm-evaluation-harness)."""
     prompts = _prompts(body.get("prompt"))
     stream, include_usage, user = _common(body)
     logprobs = _get(body, "logprobs", "int")
@@ -309,15 +347,28 @@ def parse_completion(body: dict) -> GenerationRequest:
         raise bad_request("logprobs", f"logprobs must be an integer in [0, {MAX_LOGPROBS}], "
                                       f"got {logprobs}")
     echo = _get(body, "echo", "bool", False)
-    if echo:
-        raise bad_request("echo", "echo is not supported by this server")
     if body.get("tools"):
         raise bad_request("tools", "tools are only supported on /v1/chat/completions")
+    discard = False
+    if echo and body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool):
+        body = {**body, "max_tokens": 1}  # NOTE: one token is generated and dropped
+        discard = True
     max_tokens = _max_tokens(body, "max_tokens", default=16)
+    prompt_logprobs = _get(body, "prompt_logprobs", "int")
+    if prompt_logprobs is not None and not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+        raise bad_request("prompt_logprobs", f"prompt_logprobs must be an integer in "
+                                             f"[0, {MAX_LOGPROBS}], got {prompt_logprobs}")
+    if echo and logprobs is not None and prompt_logprobs is None:
+        prompt_logprobs = logprobs  # echo's logprobs cover the prompt tokens too
+    suffix = _get(body, "suffix", "str")
     params = _sampling_params(body, max_tokens, logprobs,
-                              structured_outputs.parse_structured(body))
-    return GenerationRequest("completion", body.get("model"), prompts, params, stream,
-                             include_usage, logprobs, user=user)
+                              structured_outputs.parse_structured(body), defaults,
+                              prompt_logprobs)
+    gen = GenerationRequest("completion", body.get("model"), prompts, params, stream,
+                            include_usage, logprobs, echo=echo, user=user)
+    gen.suffix = suffix
+    gen.discard_output = discard
+    return _extras(gen, body)
 
 
 def _prompts(prompt) -> list[str | list[int]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
@@ -36,6 +35,8 @@ from specdec.sample.sampling import (RowState, build_request_constants, compute_
                                      compute_probs, process_logits)
 from specdec.core.scheduler import Scheduler
 from specdec.model.weights import load_model, load_tokenizer
+from specdec.generation_config import (eos_token_ids, load_generation_config,
+                                       sampling_defaults, split_special_stops)
 
 logger = logging.getLogger("specdec.engine")
 
@@ -89,6 +90,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    prompt_logprobs: list | None = None  # set once, on the first output, when asked for
 
 
 @dataclass(slots=True)
@@ -108,6 +110,7 @@ class EngineStats:
     spec_num_accepted_tokens: int
     spec_accepted_per_pos: list[int]
     spec_num_forced_tokens: int = 0
+    spec_mean_k: float = 0.0  # mean draft length chosen for the running decodes
 
 
 @dataclass(slots=True)
@@ -121,6 +124,8 @@ class _Tracked:
     logprobs: list | None = None
     matcher: GrammarMatcher | None = None  # structured output: advances with verified tokens
     num_forced_tokens: int = 0
+    # prompt_logprobs: entry j is prompt token j's (logprob, top-N); entry 0 is None.
+    prompt_logprobs: list | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -183,7 +188,12 @@ class Engine:
                 list(range(1, self.k_max + 2)), max_seqs, self.max_model_len)
             if self.draft_runner is not None and self.cuda_graphs:
                 self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
-        self.eos_token_ids = self._eos_token_ids(config.model.path)
+        from specdec.fetch import resolve_model_path
+        gen_config = load_generation_config(resolve_model_path(config.model.path))
+        self.eos_token_ids = eos_token_ids(self.tokenizer, gen_config)
+        # Sampling defaults a request inherits when it omits a field (generation_config).
+        self.generation_defaults = (sampling_defaults(gen_config)
+                                    if config.model.generation_config == "auto" else {})
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size,
                                                 self.eos_token_ids)
         # NOTE: built now (about a second for a 150k vocabulary), not on the first structured
@@ -238,18 +248,6 @@ class Engine:
         max_useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // bs) + 1
         return max(min(budget // per_block, max_useful), -(-self.max_model_len // bs) + 1)
 
-    def _eos_token_ids(self, path: str) -> list[int]:
-        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        from specdec.fetch import resolve_model_path
-        gen_path = os.path.join(resolve_model_path(path), "generation_config.json")
-        if os.path.exists(gen_path):
-            with open(gen_path) as f:
-                eos = json.load(f).get("eos_token_id")
-            for t in ([eos] if isinstance(eos, int) else eos or []):
-                if t not in ids:
-                    ids.append(t)
-        return ids
-
     def _calibrate(self) -> None:
         k = self.k_max
         self.target_runner.calibrate(sorted({1, 2, k + 1, 2 * (k + 1)}))
@@ -261,7 +259,7 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, priority: int = 0) -> None:
         if request_id in self.tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(prompt, str):
@@ -289,10 +287,16 @@ class Engine:
             raise ValueError(f"input_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens "
                              f"({params.max_tokens}) = {len(prompt_ids) + params.max_tokens} "
                              f"exceeds max_model_len {self.max_model_len}")
+        if params.stop:
+            stop, special_ids = split_special_stops(params.stop, self.tokenizer)
+            if special_ids:
+                params = dataclasses.replace(params, stop=stop, stop_token_ids=list(dict.fromkeys(
+                    [*params.stop_token_ids, *special_ids])))
         # NOTE: every EOS id (tokenizer + generation_config) so min_tokens masks all of them.
         eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
-                      arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
+                      arrival_time=arrival_time or time.monotonic(), prompt=prompt_text,
+                      priority=priority)
         matcher = None
         if params.structured_output is not None:  # ValueError naming its parameter
             matcher = self.grammar_compiler.matcher(params.structured_output)
@@ -309,7 +313,8 @@ class Engine:
                                            min_tokens=params.min_tokens)
             self.tracked[request_id] = _Tracked(
                 req, detok, frozenset(stop_ids),
-                logprobs=[] if params.logprobs is not None else None, matcher=matcher)
+                logprobs=[] if params.logprobs is not None else None, matcher=matcher,
+                prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         except BaseException:
             # NOTE: atomic: a request the scheduler accepted must not outlive a failure here
             # (the next step would find it scheduled but untracked).
@@ -342,6 +347,7 @@ class Engine:
 
         seqs: list[SeqSlice] = []
         sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
+        prompt_rows: list[tuple[Request | None, int]] = []  # per seq, see _prompt_logprobs
         for s in output.scheduled:
             req = s.request
             start = req.num_computed_tokens
@@ -349,12 +355,20 @@ class Engine:
             prop = proposals.get(req.request_id)
             drafts = prop.draft_token_ids if prop else []
             final = start + s.num_new_tokens == req.num_tokens
-            seqs.append(SeqSlice(tokens + drafts, start, req.block_ids,
-                                 1 + len(drafts) if final else 0))
+            num_logits = 1 + len(drafts) if final else 0
+            num_prompt_rows = 0
+            if req.sampling_params.prompt_logprobs is not None and start < req.num_prompt_tokens:
+                # Rows predicting tokens start+1 .. of this chunk, ahead of the sampling row.
+                num_prompt_rows = s.num_new_tokens - (1 if final else 0)
+                num_logits += num_prompt_rows
+            prompt_rows.append((req if num_prompt_rows else None, num_prompt_rows))
+            seqs.append(SeqSlice(tokens + drafts, start, req.block_ids, num_logits))
             if final:
                 sampled.append((req, drafts, prop.draft_probs if prop and drafts else None))
         all_decode = all(s.num_new_tokens == 1 for s in output.scheduled)
         logits = self.target_runner.execute(seqs, observe=all_decode)  # [rows, vocab]
+        if any(n for _, n in prompt_rows):
+            logits = self._prompt_logprobs(seqs, prompt_rows, logits)
 
         errors: dict[str, str] = {}
         new_tokens, num_accepted = self._accept(sampled, logits, errors)
@@ -424,6 +438,30 @@ class Engine:
                     rows[offsets[i] + j] = dataclasses.replace(
                         rows[offsets[i] + j], params=dataclasses.replace(params, min_tokens=0))
         return torch.tensor(row_index, dtype=torch.long), bitmask
+
+    def _prompt_logprobs(self, seqs: list[SeqSlice], prompt_rows, logits: torch.Tensor
+                         ) -> torch.Tensor:
+        """Record prompt logprobs from their rows; returns the rows left for sampling.
+
+        prompt_rows[i] = (request, num prompt rows) for seqs[i], (None, 0) for the others;
+        a request's prompt rows come first among its rows (row r predicts token start+1+r)."""
+        keep: list[int] = []
+        row = 0
+        for seq, (req, n) in zip(seqs, prompt_rows):
+            if req is not None:
+                tr = self.tracked[req.request_id]
+                first = seq.start + 1
+                have = len(tr.prompt_logprobs)  # NOTE: a recompute after preemption skips these
+                take = [r for r in range(n) if have <= first + r < req.num_prompt_tokens]
+                if take:
+                    targets = [req.prompt_token_ids[first + r] for r in take]
+                    top_n = req.sampling_params.prompt_logprobs
+                    tr.prompt_logprobs.extend(compute_logprobs(
+                        logits[[row + r for r in take]], torch.tensor(targets),
+                        [top_n] * len(take)))
+            keep.extend(range(row + n, row + seq.num_logits))
+            row += seq.num_logits
+        return logits[keep]
 
     def _accept(self, sampled, logits: torch.Tensor, errors: dict[str, str]):
         """Verify drafts and sample; returns new tokens and accepted-draft counts per request.
@@ -635,7 +673,7 @@ class Engine:
             stop_reason=reason, logprobs=tr.logprobs,
             text_delta=delta_text, token_ids_delta=list(tokens), logprobs_delta=logprobs_delta)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, [completion],
-                             status is not None, metrics)
+                             status is not None, metrics, tr.prompt_logprobs)
 
     def stats(self) -> EngineStats:
         pool = self.scheduler.block_pool
@@ -651,5 +689,10 @@ class Engine:
             spec_num_draft_tokens=self.counters["draft_tokens"],
             spec_num_accepted_tokens=self.counters["accepted_tokens"],
             spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]),
-            spec_num_forced_tokens=self.counters["forced_tokens"])
+            spec_num_forced_tokens=self.counters["forced_tokens"],
+            spec_mean_k=self._mean_k())
+
+    def _mean_k(self) -> float:
+        decodes = [r for r in self.scheduler.running if not r.is_prefill]
+        return sum(r.num_lookahead_tokens for r in decodes) / len(decodes) if decodes else 0.0
 

@@ -264,6 +264,14 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     del model
 
 
+def _write_generation_config(model_dir: str, name: str) -> None:
+    """The published generation_config.json (full EOS list, sampling defaults): the GGUF
+    conversion keeps only the tokenizer's EOS. See specdec/generation_config.py."""
+    from specdec.generation_config import write_generation_config
+    if write_generation_config(model_dir, name):
+        print(f"{name}: wrote the published generation_config.json")
+
+
 # ---------------------------------------------------------------- fetch
 
 
@@ -275,6 +283,7 @@ def fetch(name: str, root: str | None = None) -> str:
     root = root or models_dir()
     dest = os.path.join(root, name)
     if is_complete(dest):
+        _write_generation_config(dest, name)  # caches fetched before it was written
         print(f"{name}: already there at {dest}")
         return dest
     os.makedirs(root, exist_ok=True)
@@ -298,6 +307,7 @@ def fetch(name: str, root: str | None = None) -> str:
         shutil.rmtree(download_dir)
         out_dir = os.path.join(work, "model")
         convert_gguf(gguf_path, out_dir)
+        _write_generation_config(out_dir, name)
         with open(os.path.join(out_dir, COMPLETE_MARKER), "w") as f:
             f.write(f"{name}\nsha256 {sha}\n")
         if os.path.exists(dest):  # an incomplete leftover from an older layout

@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
+FIM_STYLES = ("auto", "none", "qwen", "starcoder", "deepseek", "codellama")
+SCHEDULER_POLICIES = ("fcfs", "priority")
 
 
 class ConfigError(ValueError):
@@ -42,9 +44,18 @@ class ModelConfig:
     max_model_len: int = 2048
     quantization: str | None = None  # None, "int8" or "int4" (weight-only, CPU)
     trust_remote_code: bool = False
+    # "auto": sampling defaults (temperature, top_p, top_k, repetition_penalty) from the
+    # model's generation_config.json apply when a request omits them; "none": ignore them.
+    generation_config: str = "auto"
+    # Fill-in-the-middle prompt style: "auto" detects it from the tokenizer's special tokens.
+    fim_style: str = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", self.path, "a directory or a model name")
+        _check(self.generation_config in ("auto", "none"), "model.generation_config",
+               self.generation_config, '"auto" or "none"')
+        _check(self.fim_style in FIM_STYLES, "model.fim_style", self.fim_style,
+               f"one of {FIM_STYLES}")
         _check(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {DTYPES}")
         _check(self.max_model_len >= 16, "model.max_model_len", self.max_model_len, ">= 16")
         _check(self.quantization in (None, "int8", "int4"), "model.quantization",
@@ -71,8 +82,13 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
+    # "fcfs": arrival order; "priority": lower `priority` first (ties by arrival), and a
+    # waiting request may preempt a running one of a worse priority (vLLM's semantics).
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        _check(self.policy in SCHEDULER_POLICIES, "scheduler.policy", self.policy,
+               f"one of {SCHEDULER_POLICIES}")
         _check(self.max_num_seqs >= 1, "scheduler.max_num_seqs", self.max_num_seqs, ">= 1")
         _check(self.max_num_batched_tokens >= 16, "scheduler.max_num_batched_tokens",
                self.max_num_batched_tokens, ">= 16")
@@ -130,8 +146,19 @@ class ServerConfig:
     max_stop_token_ids: int = 1024
     max_prompt_chars: int = 0  # per prompt, before tokenization; 0: 32 x max_model_len
     max_choices_per_request: int = 128  # n x number of prompts
+    # More names the model answers to (comma-separated), besides served_model_name.
+    served_model_aliases: str = ""
+    # Prometheus: every series is exported as specdec:NAME and again under this prefix
+    # (vLLM's names, for vLLM dashboards and autoscalers); "" exports specdec: only.
+    metrics_prefix: str = "vllm"
+    # CORS: comma-separated allowed origins ("*" for any); "" (default) sends no CORS headers.
+    cors_origins: str = ""
 
     def __post_init__(self) -> None:
+        _check(self.metrics_prefix == "" or (self.metrics_prefix.replace("_", "").isalnum()
+                                             and self.metrics_prefix != "specdec"),
+               "server.metrics_prefix", self.metrics_prefix,
+               'empty or [A-Za-z0-9_]+ other than "specdec" (always exported)')
         _check(0 <= self.port <= 65535, "server.port", self.port, "in [0, 65535]")
         for key in ("max_stop_strings", "max_stop_string_chars", "max_logit_bias_entries",
                     "max_stop_token_ids", "max_choices_per_request"):

@@ -99,6 +99,7 @@ class SamplingParams:
     # NOTE: under a grammar, the grammar wins over min_tokens and ignore_eos: when it allows
     # only EOS (or nothing more), the request stops.
     structured_output: StructuredOutput | None = None
+    prompt_logprobs: int | None = None  # None: off; N: each prompt token's logprob + top N
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -128,6 +129,10 @@ class SamplingParams:
             ("seed", self.seed is None or isinstance(self.seed, int), "an integer"),
             ("logprobs", self.logprobs is None
              or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"an integer in [0, {MAX_LOGPROBS}]"),
+            ("prompt_logprobs", self.prompt_logprobs is None
+             or (isinstance(self.prompt_logprobs, int)
+                 and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"an integer in [0, {MAX_LOGPROBS}]"),
             ("num_speculative_tokens", self.num_speculative_tokens is None
              or (isinstance(self.num_speculative_tokens, int)
@@ -179,6 +184,7 @@ class Request:
     eos_token_id: int | frozenset[int] | None = None  # every id that ends generation
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
+    priority: int = 0  # scheduler.policy = "priority": lower runs first (vLLM's semantics)
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

@@ -14,6 +14,10 @@ Glossary
 - preemption: when a running request needs a block and none is free, the most recently admitted
   running request loses all its blocks and goes back to the front of the waiting queue; it is
   recomputed from its tokens (prompt + verified outputs) when readmitted.
+- policy "priority" (vLLM's semantics): `request.priority`, lower first, ties by arrival. The
+  waiting queue is kept in that order, the victim of a preemption is the worst running request
+  not yet scheduled this step, and a waiting request that cannot be admitted (max_num_seqs or
+  free blocks) preempts running requests of a strictly worse priority.
 """
 
 from __future__ import annotations
@@ -63,9 +67,10 @@ class Scheduler:
 
     Per step: running requests in admission order (decodes with look-ahead, prefill chunks),
     then waiting requests while the token budget, max_num_seqs and free blocks allow. A waiting
-    request that cannot be admitted blocks the ones behind it. Admission never preempts, and
-    no admission happens in a step that preempted. Draft slots never cause a preemption: they
-    shrink to what the free blocks hold first.
+    request that cannot be admitted blocks the ones behind it. Admission never preempts (except
+    under the priority policy, see the glossary), and no admission happens in a step that
+    preempted a running request for blocks. Draft slots never cause a preemption: they shrink
+    to what the free blocks hold first.
     """
 
     def __init__(self, scheduler_config, cache_config, num_blocks: int,
@@ -75,6 +80,7 @@ class Scheduler:
         self.block_size = cache_config.block_size
         self.enable_caching = cache_config.enable_prefix_caching
         self.max_model_len = max_model_len
+        self.priority_policy = getattr(scheduler_config, "policy", "fcfs") == "priority"
         self.block_pool = BlockPool(num_blocks, self.block_size, self.enable_caching)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order
@@ -108,7 +114,7 @@ class Scheduler:
         self.requests[request.request_id] = request
         self._block_hashes[request.request_id] = []
         self._num_cached_blocks[request.request_id] = 0
-        self.waiting.append(request)
+        self._enqueue(request)
 
     def get_request(self, request_id: str) -> Request | None:
         return self.requests.get(request_id)
@@ -148,6 +154,46 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    # ---- priority ---------------------------------------------------------------------------
+    @staticmethod
+    def _rank(request: Request) -> tuple[int, float]:
+        return (request.priority, request.arrival_time)
+
+    def _enqueue(self, request: Request, front: bool = False) -> None:
+        """FCFS: append (a preempted request goes to the front). Priority: sorted by rank."""
+        if not self.priority_policy:
+            (self.waiting.appendleft if front else self.waiting.append)(request)
+            return
+        rank = self._rank(request)
+        for i, other in enumerate(self.waiting):
+            if rank < self._rank(other):
+                self.waiting.insert(i, request)
+                return
+        self.waiting.append(request)
+
+    def _victim(self, start: int) -> Request:
+        """The request to preempt among running[start:] (the ones not scheduled yet)."""
+        if not self.priority_policy:
+            return self.running[-1]
+        return max(self.running[start:], key=self._rank)
+
+    def _priority_victim(self, head: Request) -> Request | None:
+        """The worst running request if its priority is strictly worse than the head's."""
+        if not self.running:
+            return None
+        worst = max(self.running, key=self._rank)
+        return worst if head.priority < worst.priority else None
+
+    @staticmethod
+    def _unschedule(request: Request, *lists: list[ScheduledRequest]) -> int:
+        """Drop a request's share of this step; returns the tokens it had taken."""
+        for scheduled_list in lists:
+            for j, scheduled in enumerate(scheduled_list):
+                if scheduled.request is request:
+                    del scheduled_list[j]
+                    return scheduled.num_scheduled_tokens
+        return 0
+
     # ---- schedule -------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
@@ -174,12 +220,14 @@ class Scheduler:
             is_decode = num_missing == 1
             # Make room for the tokens that must be computed, preempting the newest requests.
             while not self._can_extend(request, num_new):
-                victim = self.running[-1]
+                victim = self._victim(i)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
                     break
             if request.status is RequestStatus.PREEMPTED:
+                if self.priority_policy:
+                    continue  # it ranked worst; running[i] is now the next request
                 break  # it was the newest: nothing after it is left to schedule
             num_lookahead = 0
             if is_decode:
@@ -192,10 +240,21 @@ class Scheduler:
             i += 1
 
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                scheduled = self._admit(self.waiting[0], budget)
+            while self.waiting:
+                scheduled = None
+                if budget > 0 and len(self.running) < self.max_num_seqs:
+                    scheduled = self._admit(self.waiting[0], budget)
                 if scheduled is None:
-                    break
+                    # Priority policy: a head that can't be admitted preempts the worst
+                    # running request of a strictly worse priority, then tries again.
+                    victim = (self._priority_victim(self.waiting[0])
+                              if self.priority_policy else None)
+                    if victim is None:
+                        break
+                    budget += self._unschedule(victim, decodes, chunks)
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    continue
                 self.waiting.popleft()
                 chunks.append(scheduled)
                 budget -= scheduled.num_new_tokens
@@ -237,7 +296,8 @@ class Scheduler:
         """Prefix-cache lookup and first chunk for the head of the queue; None if it can't fit."""
         pool = self.block_pool
         hit_block_ids: list[int] = []
-        if self.enable_caching:
+        # NOTE: prompt logprobs need every prompt position computed: no prefix-cache hits.
+        if self.enable_caching and request.sampling_params.prompt_logprobs is None:
             token_ids = request.all_token_ids
             extra_keys = cache_extra_keys(request)
             hashes = extend_block_hashes(self._block_hashes[request.request_id], token_ids,
@@ -277,7 +337,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self._enqueue(request, front=True)
 
     def _free_blocks(self, request: Request) -> None:
         # Tail-first: the request's last blocks are the first to be evicted.

@@ -197,7 +197,7 @@ class OpenAIServer:
         except (asyncio.CancelledError, ConnectionError):
             raise
         except Exception as exc:  # never a traceback (or any detail) in a body
-            request_id = uuid.uuid4().hex
+            request_id = request.get(parity.REQUEST_ID) or uuid.uuid4().hex
             self.log.error("unhandled_error", path=request.path, request_id=request_id,
                            error=f"{type(exc).__name__}: {exc}")
             logging.getLogger("specdec.server").exception("unhandled error %s", request_id)

@@ -162,17 +162,6 @@ def test_ping_and_health_live(fim_server):
     assert status == 200 and loads(payload) == {"status": "alive"}
 
 
-@pytest.mark.parametrize("bridge,expected", [
-    (None, 200),  # loading
-    (types.SimpleNamespace(alive=True), 200),
-    (types.SimpleNamespace(alive=False), 503),  # the engine thread died
-])
-def test_health_live_fails_only_when_the_engine_is_dead(bridge, expected):
-    server = types.SimpleNamespace(bridge=bridge, draining=True)
-    response = asyncio.run(parity.health_live(server, None))
-    assert response.status == expected
-
-
 def test_cors(fim_server, spec_server):
     url = fim_server.base_url + "/v1/models"
     status, headers, _ = http("GET", url, headers={"Origin": ORIGIN})

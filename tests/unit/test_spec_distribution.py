@@ -40,7 +40,9 @@ from tests.stats import chi_square_pvalue, conditional_fit_pvalue
 VOCAB = 16
 END = VOCAB  # the symbol after a stop in the enumerated joint
 EOS = 2  # the tiny tokenizer's <|im_end|>
-PROMPT = [5, 9, 13, 5, 9, 4, 13, 5]  # repetitive, so the n-gram drafter finds matches
+PROMPT = [5, 9, 13, 5, 9, 4, 13, 5]
+# NOTE: the target's own greedy cycle (8, 12, 8, ...) from PROMPT: n-gram drafts get accepted.
+NGRAM_PROMPT = [5, 9, 13, 8, 12, 8, 12, 8, 12, 8]
 NUM_SAMPLES = 2500
 ALPHA = 1e-4  # per p-value; a case makes about a dozen
 
@@ -53,10 +55,13 @@ class Case:
     params: dict
     seeded: bool = False
     stops: list[int] = field(default_factory=list)  # tokens that end a sequence (after min)
+    prompt: list[int] = field(default_factory=lambda: list(PROMPT))
 
 
 PENALTIES = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3,
                  logit_bias={3: 1.5, 7: -2.0, 11: 0.8})
+REPEATING = dict(repetition_penalty=0.8, presence_penalty=-0.6, frequency_penalty=-0.4,
+                 logit_bias={3: 1.5, 7: -1.0, 11: 0.8})
 TRUNCATION = dict(top_k=10, top_p=0.9, min_p=0.05)
 CASES = [
     Case("penalties-draft-seeded", "draft", 4, dict(temperature=0.9, ignore_eos=True,
@@ -65,11 +70,13 @@ CASES = [
     Case("stops-draft-seeded", "draft", 5, dict(temperature=1.0, min_tokens=2,
                                                 stop_token_ids=[11], repetition_penalty=1.2),
          seeded=True, stops=[EOS, 11]),
-    Case("penalties-stops-ngram", "ngram", 4, dict(temperature=1.0, min_tokens=1,
-                                                   stop_token_ids=[7], **PENALTIES),
-         stops=[EOS, 7]),
+    # NOTE: negative penalties make the target repeat itself, so n-gram drafts get accepted.
+    Case("penalties-stops-ngram", "ngram", 4, dict(temperature=0.7, min_tokens=1,
+                                                   stop_token_ids=[7], **REPEATING),
+         stops=[EOS, 7], prompt=NGRAM_PROMPT),
     Case("truncation-ngram-seeded", "ngram", 3, dict(temperature=0.8, ignore_eos=True,
-                                                     **TRUNCATION), seeded=True),
+                                                     repetition_penalty=0.8, **TRUNCATION),
+         seeded=True, prompt=NGRAM_PROMPT),
 ]
 
 
@@ -119,12 +126,13 @@ def run_case(case: Case, target: str, draft: str):
     engine.drafter.propose = counting_propose
     engine._count_spec = recording_count_spec
     params = [sampling_params(case, i) for i in range(NUM_SAMPLES)]
-    outs = llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, params)
+    outs = llm.generate([{"prompt_token_ids": case.prompt}] * NUM_SAMPLES, params)
     return [o.outputs[0] for o in outs], windows, first_accepted, engine.stats()
 
 
-def processed_probs(model, params: SamplingParams, prefixes: list[list[int]]) -> torch.Tensor:
-    """[len(prefixes), V]: the processed next-token distribution after PROMPT + prefix."""
+def processed_probs(model, params: SamplingParams, prompt: list[int],
+                    prefixes: list[list[int]]) -> torch.Tensor:
+    """[len(prefixes), V]: the processed next-token distribution after prompt + prefix."""
     out = []
     for lo in range(0, len(prefixes), 2048):
         chunk = prefixes[lo:lo + 2048]
@@ -133,10 +141,10 @@ def processed_probs(model, params: SamplingParams, prefixes: list[list[int]]) ->
             by_len.setdefault(len(p), []).append(i)
         probs = torch.empty(len(chunk), VOCAB)
         for idx in by_len.values():
-            ids = torch.tensor([PROMPT + chunk[i] for i in idx])
+            ids = torch.tensor([prompt + chunk[i] for i in idx])
             with torch.no_grad():
                 logits = model(ids).logits[:, -1].float()
-            rows = [RowState(params, PROMPT, chunk[i], frozenset([EOS])) for i in idx]
+            rows = [RowState(params, prompt, chunk[i], frozenset([EOS])) for i in idx]
             probs[idx] = compute_probs(process_logits(logits, rows), rows)
         out.append(probs)
     return torch.cat(out)
@@ -160,7 +168,8 @@ def exact_joint(case: Case, model, depth: int) -> torch.Tensor:
         nxt = torch.zeros(len(prefixes), VOCAB + 1)
         nxt[:, END] = 1.0
         if live:
-            nxt[live] = torch.cat([processed_probs(model, params, [prefixes[i] for i in live]),
+            nxt[live] = torch.cat([processed_probs(model, params, case.prompt,
+                                                   [prefixes[i] for i in live]),
                                    torch.zeros(len(live), 1)], dim=1)
         joint = (joint[:, None] * nxt).flatten()
         prefixes = [p + [t] for p in prefixes for t in range(VOCAB + 1)]
@@ -172,19 +181,19 @@ def first_window_acceptance(case: Case, target, draft) -> tuple[float, float]:
     E_t1[sum_x min(p, q)] and the two-step analogue (n-gram: p is one-hot on the proposal,
     and 0 where no n-gram matches, since then there is no window). t1 never stops."""
     params = sampling_params(case, 0)
-    p1 = processed_probs(target, params, [[]])[0]
+    p1 = processed_probs(target, params, case.prompt, [[]])[0]
     firsts = [[a] for a in range(VOCAB)]
-    q1 = processed_probs(target, params, firsts)  # [V, V]: q(x | t1)
+    q1 = processed_probs(target, params, case.prompt, firsts)  # [V, V]: q(x | t1)
     seconds = [[a, x] for a in range(VOCAB) for x in range(VOCAB)]
-    q2 = processed_probs(target, params, seconds).view(VOCAB, VOCAB, VOCAB)
+    q2 = processed_probs(target, params, case.prompt, seconds).view(VOCAB, VOCAB, VOCAB)
     if case.method == "draft":
-        d1 = processed_probs(draft, params, firsts)
-        d2 = processed_probs(draft, params, seconds).view(VOCAB, VOCAB, VOCAB)
+        d1 = processed_probs(draft, params, case.prompt, firsts)
+        d2 = processed_probs(draft, params, case.prompt, seconds).view(VOCAB, VOCAB, VOCAB)
     else:  # one-hot n-gram proposals
         ngram = NgramDrafter(1, 4)
         d1, d2 = torch.zeros(VOCAB, VOCAB), torch.zeros(VOCAB, VOCAB, VOCAB)
         for a in range(VOCAB):
-            prop = ngram.lookup(PROMPT + [a], case.k)
+            prop = ngram.lookup(case.prompt + [a], case.k)
             if prop:
                 d1[a, prop[0]] = 1.0
                 if len(prop) > 1:
@@ -235,7 +244,7 @@ def test_speculative_distribution_is_the_targets(pair, case):
     all_tokens, all_probs = [], []
     for pos in range(max_tokens):
         have = [s for s in seqs if len(s) > pos]
-        probs = processed_probs(target, params, [s[:pos] for s in have])
+        probs = processed_probs(target, params, case.prompt, [s[:pos] for s in have])
         tokens = torch.tensor([s[pos] for s in have])
         pvalues[f"pos{pos + 1}"] = conditional_fit_pvalue(tokens, probs)
         all_tokens.append(tokens)

@@ -97,7 +97,7 @@ def sampling_params(case: Case, i: int) -> SamplingParams:
                           **case.params)
 
 
-def run_case(case: Case, target: str, draft: str):
+def run_case(case: Case, target: str, draft: str, num_samples: int = NUM_SAMPLES):
     """Sample NUM_SAMPLES requests; returns (outputs, window-length Counter, first-window
     accepted count per request, engine stats)."""
     kw = {"model.path": target, "device.device": "cpu", "model.max_model_len": 64,
@@ -125,8 +125,8 @@ def run_case(case: Case, target: str, draft: str):
 
     engine.drafter.propose = counting_propose
     engine._count_spec = recording_count_spec
-    params = [sampling_params(case, i) for i in range(NUM_SAMPLES)]
-    outs = llm.generate([{"prompt_token_ids": case.prompt}] * NUM_SAMPLES, params)
+    params = [sampling_params(case, i) for i in range(num_samples)]
+    outs = llm.generate([{"prompt_token_ids": case.prompt}] * num_samples, params)
     return [o.outputs[0] for o in outs], windows, first_accepted, engine.stats()
 
 
@@ -207,6 +207,38 @@ def z_score(successes: int, trials: int, prob: float) -> float:
     return (successes - trials * prob) / math.sqrt(max(trials * prob * (1 - prob), 1e-12))
 
 
+def fit_pvalues(case: Case, seqs: list[list[int]], target) -> dict[str, float]:
+    """The joint of t1..t3 (END-padded) by chi-square, and every position against the target's
+    exact conditional given the sample's own prefix."""
+    pvalues = {}
+    joint = exact_joint(case, target, 3)
+    assert math.isclose(float(joint.sum()), 1.0, abs_tol=1e-4)
+    counts = torch.zeros_like(joint)
+    for s in seqs:
+        counts[tuple((s + [END] * 3)[:3])] += 1
+    pvalues["joint3"] = chi_square_pvalue(counts, joint)
+    pvalues["pair23"] = chi_square_pvalue(counts.sum(dim=0), joint.sum(dim=0))
+    params = sampling_params(case, 0)
+    all_tokens, all_probs = [], []
+    for pos in range(case.k + 2):
+        have = [s for s in seqs if len(s) > pos]
+        probs = processed_probs(target, params, case.prompt, [s[:pos] for s in have])
+        tokens = torch.tensor([s[pos] for s in have])
+        pvalues[f"pos{pos + 1}"] = conditional_fit_pvalue(tokens, probs)
+        all_tokens.append(tokens)
+        all_probs.append(probs)
+    pvalues["all positions"] = conditional_fit_pvalue(torch.cat(all_tokens), torch.cat(all_probs))
+    return pvalues
+
+
+def acceptance_z(case: Case, first_accepted, num_samples: int, target, draft):
+    """z-scores of P(d1 accepted) and P(d1, d2 accepted) in the window after t1."""
+    exact1, exact2 = first_window_acceptance(case, target, draft)
+    accepted = [a for _, a in first_accepted.values()]
+    return (z_score(sum(a >= 1 for a in accepted), num_samples, exact1),
+            z_score(sum(a >= 2 for a in accepted), num_samples, exact2))
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_speculative_distribution_is_the_targets(pair, case):
     target_dir, draft_dir, target, draft = pair
@@ -217,6 +249,7 @@ def test_speculative_distribution_is_the_targets(pair, case):
     assert all(windows[n] >= 50 for n in range(1, case.k + 1)), windows
     assert stats.spec_num_draft_tokens / stats.spec_num_drafts > 1.5
     assert 0 < stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert all(n > 0 for n in stats.spec_accepted_per_pos[:2]), stats.spec_accepted_per_pos
     assert stats.num_blocks_free == stats.num_blocks_total
 
     seqs = [list(o.token_ids) for o in outs]
@@ -228,36 +261,46 @@ def test_speculative_distribution_is_the_targets(pair, case):
         assert o.finish_reason == ("stop" if stop_hit else "length"), (s, o.finish_reason)
         assert stop_hit or len(s) == max_tokens, f"{s} stopped early"
 
-    pvalues = {}
-    # 1. The exact joint of the first three tokens (END-padded).
-    joint = exact_joint(case, target, 3)
-    assert math.isclose(float(joint.sum()), 1.0, abs_tol=1e-4)
-    counts = torch.zeros_like(joint)
-    for s in seqs:
-        padded = (s + [END] * 3)[:3]
-        counts[tuple(padded)] += 1
-    pvalues["joint3"] = chi_square_pvalue(counts, joint)
-    pvalues["pair23"] = chi_square_pvalue(counts.sum(dim=0), joint.sum(dim=0))
-
-    # 2. Every position against the target's exact conditional given the sample's own prefix.
-    params = sampling_params(case, 0)
-    all_tokens, all_probs = [], []
-    for pos in range(max_tokens):
-        have = [s for s in seqs if len(s) > pos]
-        probs = processed_probs(target, params, case.prompt, [s[:pos] for s in have])
-        tokens = torch.tensor([s[pos] for s in have])
-        pvalues[f"pos{pos + 1}"] = conditional_fit_pvalue(tokens, probs)
-        all_tokens.append(tokens)
-        all_probs.append(probs)
-    pvalues["all positions"] = conditional_fit_pvalue(torch.cat(all_tokens), torch.cat(all_probs))
-
-    # 3. The acceptance of the window right after t1 against its exact value.
-    exact1, exact2 = first_window_acceptance(case, target, draft)
-    if case.method == "draft":  # always a window of k drafts there
+    pvalues = fit_pvalues(case, seqs, target)
+    if case.method == "draft":  # always a window of k drafts right after t1
         assert len(first_accepted) == NUM_SAMPLES
         assert all(n == case.k for n, _ in first_accepted.values())
-    accepted = [a for _, a in first_accepted.values()]
-    z1 = z_score(sum(a >= 1 for a in accepted), NUM_SAMPLES, exact1)
-    z2 = z_score(sum(a >= 2 for a in accepted), NUM_SAMPLES, exact2)
-    assert abs(z1) < 4.5 and abs(z2) < 4.5, (exact1, exact2, z1, z2)
+    z1, z2 = acceptance_z(case, first_accepted, NUM_SAMPLES, target, draft)
+    assert abs(z1) < 4.5 and abs(z2) < 4.5, (z1, z2)
     assert min(pvalues.values()) > ALPHA, pvalues
+
+
+def test_a_biased_accept_rule_fails_these_checks(pair, monkeypatch):
+    """The checks above have the power to see a real bias: the engine with the classic bug
+    (accept with min(1, draft / target)) on the truncation case, 1500 samples."""
+    import specdec.engine as engine_module
+    target_dir, draft_dir, target, draft = pair
+    case = CASES[1]
+    monkeypatch.setattr(engine_module, "rejection_sample", biased_rejection_sample)
+    outs, _, first_accepted, _ = run_case(case, target_dir, draft_dir, num_samples=1500)
+    pvalues = fit_pvalues(case, [list(o.token_ids) for o in outs], target)
+    z1, z2 = acceptance_z(case, first_accepted, 1500, target, draft)
+    assert min(pvalues.values()) < 1e-6 and max(abs(z1), abs(z2)) > 6, (pvalues, z1, z2)
+
+
+def biased_rejection_sample(draft_token_ids, cu_num_draft, draft_probs, target_probs, uniforms,
+                            **_):
+    """The classic bug: accept with min(1, draft_prob / target_prob); otherwise as usual."""
+    out, accepted = [], []
+    ids, u = draft_token_ids.tolist(), uniforms.tolist()
+    for r in range(len(cu_num_draft) - 1):
+        tokens = []
+        for j in range(cu_num_draft[r], cu_num_draft[r + 1]):
+            row, d = target_probs[j + r], ids[j]
+            if u[j] * row[d] < draft_probs[j, d]:
+                tokens.append(d)
+                continue
+            residual = (row - draft_probs[j]).clamp_min(0.0)
+            residual = residual if residual.sum() > 0 else row
+            tokens.append(int(torch.multinomial(residual, 1)))
+            break
+        else:
+            tokens.append(int(torch.multinomial(target_probs[cu_num_draft[r + 1] + r], 1)))
+        out.append(tokens)
+        accepted.append(len(tokens) - 1)
+    return out, accepted

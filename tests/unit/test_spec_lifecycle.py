@@ -63,7 +63,9 @@ def test_seeded_output_is_independent_of_batch_and_kv_pressure(tiny_llama_dir, n
 
 def test_preemption_with_speculation_greedy_and_seeded(tiny_llama_dir, noisy_draft):
     """Greedy: squeezed spec run == no-spec reference; seeded: squeezed == roomy spec run.
-    Mutation planted to confirm: num_computed_tokens not reset on preemption (scheduler)."""
+    Mutation planted to confirm: _admit resuming a seeded request with its last token in the
+    prefill (a plain sample where the roomy run drafts). (Not resetting num_computed_tokens in
+    _preempt is an equivalent mutant: _admit sets it again.)"""
     batch = prompts(8, seed=21)
     greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, logprobs=2)
     reference = make_llm(tiny_llama_dir).generate(batch, greedy)
@@ -83,12 +85,17 @@ def test_preemption_with_speculation_greedy_and_seeded(tiny_llama_dir, noisy_dra
     assert stats.num_blocks_free == stats.num_blocks_total
 
 
-def test_self_draft_accepts_everything_across_preemptions(tiny_llama_dir):
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-cache", "no-cache"])
+def test_self_draft_accepts_everything_across_preemptions(tiny_llama_dir, caching):
     """A copy of the target as draft stays at 100 % acceptance after preemptions: the draft's
     KV is rebuilt (draft_num_computed_tokens reset), never reused stale.
-    Mutation planted to confirm: _preempt not resetting draft_num_computed_tokens."""
+    Mutation planted to confirm: greedy_verify's final token read from row num_accepted - 1.
+    (Not resetting draft_num_computed_tokens in _preempt survives here, with and without the
+    prefix cache: the engine lowers it to num_computed_tokens after the first recompute
+    chunk, and a resumed request mostly gets its own freed blocks back, draft KV included.)"""
     batch = prompts(8, seed=22)
-    tight = squeezed(tiny_llama_dir, tiny_llama_dir, 4)
+    tight = squeezed(tiny_llama_dir, tiny_llama_dir, 4,
+                     **{"cache.enable_prefix_caching": caching})
     out = tight.generate(batch, GREEDY)
     stats = tight.engine.stats()
     assert stats.num_preemptions > 0
@@ -155,7 +162,8 @@ def test_stop_token_id_inside_an_accepted_run(self_draft, free_run):
 
 def test_eos_inside_an_accepted_run(self_draft, tiny_llama_dir):
     """EOS made the argmax by logit_bias and held back by min_tokens = 4: it lands at output
-    position 4, inside the accepted run 1..7 (draft and target both see the bias)."""
+    position 4, inside the accepted run 1..7 (draft and target both see the bias).
+    Mutation planted to confirm: _check_stop testing only the last token of a run."""
     prompt = prompts(1, seed=32)[0]
     params = SamplingParams(temperature=0.0, max_tokens=20, logprobs=3, min_tokens=4,
                             logit_bias={2: 30.0})
@@ -197,7 +205,8 @@ def test_max_tokens_caps_the_last_window(self_draft, free_run):
 def test_n3_with_a_stop_string_some_choices_hit(tiny_llama_dir, noisy_draft):
     """n = 3 seeded sampled choices with a stop string: each choice equals its own no-stop run
     (same seed) cut at the first occurrence of the stop string; choices finish separately.
-    """
+    Mutation planted to confirm: the stop-string cut not trimming the accepted tokens after
+    it (engine._update keeping `tokens` whole)."""
     llm = spec_llm(tiny_llama_dir, noisy_draft, 4)
     prompt = prompts(1, seed=33)[0]
     base = dict(n=3, temperature=1.0, max_tokens=40, ignore_eos=True, seed=7, logprobs=1)
@@ -243,7 +252,8 @@ def v16_pair(tmp_path_factory):
 def test_sampled_logprobs_equal_the_no_spec_targets(v16_pair, method):
     """Sampled requests under speculation: every returned logprob (chosen token and the full
     top-16 = the whole vocabulary) equals the no-spec target's at that position within 1e-5.
-    Mutation planted to confirm: logprobs read from the window rows shifted by one."""
+    Mutation planted to confirm: logprobs computed from the processed (temperature-scaled)
+    rows instead of the raw logits."""
     target, draft = v16_pair
     llm = spec_llm(target, draft if method == "draft" else None, 4, method=method,
                    **{"spec.ngram_min": 1})

@@ -13,12 +13,17 @@ through the engine with k = 3..5 and max_tokens = k + 2, so verify windows of ev
   by enumeration, against the observed counts (binomial z-score).
 
 Mutations planted once to confirm these fail (each reverted):
-- engine._accept builds row j's RowState from `drafts[:j + 1]` (penalty off-by-one);
-- drafters: seeded drafts drawn from STREAM_ACCEPT instead of STREAM_DRAFT;
-- rejection_sample: the bonus token drawn from row k - 1 instead of row k;
-- drafters: the draft samples from row j's RowState built on `drafts[i][:-1]` while reporting
-  those probs (an exact but different draft: only the acceptance check sees it);
-- engine._check_stop: a stop token honoured at n >= min_tokens instead of n > min_tokens.
+- engine._accept builds row j's RowState from `drafts[:j + 1]` (a penalty off-by-one): the
+  acceptance z-score is -28 (draft) / +30 (n-gram, negative penalties);
+- rejection_sample draws the bonus token from row k - 1 instead of row k: p = 0;
+- the drafter builds its RowState on `drafts[i][:-1]` and reports those probs (an exact but
+  different draft): only the acceptance check sees it, z = -28;
+- engine._check_stop tests only the last token of a run: "went on past a stop";
+- the classic min(1, draft / target) accept rule: test_a_biased_accept_rule_fails_these_checks
+  runs it in the suite.
+Seeded-stream mix-ups (recovered token from STREAM_DRAFT, STREAM_DRAFT = STREAM_ACCEPT) are
+too weak for 2500 samples here; test_rejection.py's seeded test catches both. A stop token
+honoured at n >= min_tokens is an equivalent mutant (min_tokens masks it at that position).
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ class Scheduler:
     then waiting requests while the token budget, max_num_seqs and free blocks allow. A waiting
     request that cannot be admitted blocks the ones behind it. Admission never preempts, and
     no admission happens in a step that preempted. Draft slots never cause a preemption: they
-    shrink to what the free blocks hold first.
+    shrink to what the free blocks hold first (except for seeded sampled requests, whose
+    look-ahead is pinned: see `pins_lookahead`).
     """
 
     def __init__(self, scheduler_config, cache_config, num_blocks: int,

@@ -571,6 +571,14 @@ class Engine:
             self.accepted_per_pos[pos] += 1
         self.controller.observe(req.request_id, num_draft, accepted)
 
+    def _uncount_accepted(self, req: Request, kept: int, accepted: int) -> None:
+        """Accepted drafts cut off by a stop never reach the output: take them back out of the
+        speculation counters (the controller's acceptance estimate keeps them)."""
+        req.num_accepted_tokens -= accepted - kept
+        self.counters["accepted_tokens"] -= accepted - kept
+        for pos in range(kept, accepted):
+            self.accepted_per_pos[pos] -= 1
+
     def _update(self, output, new_tokens, num_accepted, now, errors) -> list[RequestOutput]:
         finished: list[tuple[str, RequestStatus, str | int | None]] = []
         deltas: dict[str, tuple[list[int], str]] = {}
@@ -605,7 +613,10 @@ class Engine:
                                        or status == RequestStatus.FINISHED_ERROR):
                 delta_text += tr.detokenizer.flush()  # release text held back for stop strings
             new_tokens[rid] = tokens
-            num_accepted[rid] = min(num_accepted[rid], len(tokens))
+            kept = min(num_accepted[rid], len(tokens))
+            if kept < num_accepted[rid]:  # a stop inside an accepted run
+                self._uncount_accepted(req, kept, num_accepted[rid])
+            num_accepted[rid] = kept
             if tr.logprobs is not None:
                 del tr.logprobs[len(req.output_token_ids) + len(tokens):]
             deltas[rid] = (tokens, delta_text)

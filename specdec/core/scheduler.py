@@ -40,6 +40,17 @@ def cache_extra_keys(request: Request) -> tuple | None:
     return None if salt is None else ("cache_salt", salt)
 
 
+def pins_lookahead(request: Request) -> bool:
+    """Seeded sampled requests get exactly the look-ahead the engine asks for (capped only by
+    their own length and the configured budget), never less because of other requests' load
+    or a preemption: which random stream decides an output position (draft + accept vs plain
+    sample) depends on whether that position is a draft, so a k that varied with the load
+    would change their text. Such a decode waits for a step with budget, and preempts for
+    its draft slots like for its token."""
+    params = request.sampling_params
+    return params.seed is not None and not params.greedy
+
+
 @dataclass(slots=True)
 class ScheduledRequest:
     """One request's share of a step; its window starts at request.num_computed_tokens."""
@@ -70,7 +81,8 @@ class Scheduler:
     request that cannot be admitted blocks the ones behind it. Admission never preempts (except
     under the priority policy, see the glossary), and no admission happens in a step that
     preempted a running request for blocks. Draft slots never cause a preemption: they shrink
-    to what the free blocks hold first.
+    to what the free blocks hold first (except for seeded sampled requests, whose look-ahead
+    is pinned: see `pins_lookahead`).
     """
 
     def __init__(self, scheduler_config, cache_config, num_blocks: int,
@@ -218,8 +230,18 @@ class Scheduler:
                 continue
             num_new = min(num_missing, budget)
             is_decode = num_missing == 1
+            pinned = pins_lookahead(request)
+            num_lookahead = 0
+            if pinned and is_decode:
+                # A pinned decode gets its whole look-ahead or waits for a step with room.
+                num_lookahead = self._grant_lookahead(request, budget, pinned=True)
+                if num_lookahead + 1 > budget:
+                    i += 1
+                    continue
+            elif pinned and request.output_token_ids:
+                num_new = min(num_missing - 1, budget)  # see _admit: resumed pinned requests
             # Make room for the tokens that must be computed, preempting the newest requests.
-            while not self._can_extend(request, num_new):
+            while not self._can_extend(request, num_new + num_lookahead):
                 victim = self._victim(i)
                 self._preempt(victim)
                 preempted.append(victim)
@@ -229,8 +251,7 @@ class Scheduler:
                 if self.priority_policy:
                     continue  # it ranked worst; running[i] is now the next request
                 break  # it was the newest: nothing after it is left to schedule
-            num_lookahead = 0
-            if is_decode:
+            if is_decode and not pinned:
                 reserved = reserved_after[i + 1] if i + 1 < len(reserved_after) else 0
                 num_lookahead = self._grant_lookahead(request, budget, reserved)
             self._allocate_slots(request, num_new + num_lookahead)
@@ -265,9 +286,11 @@ class Scheduler:
             num_batched_tokens=sum(s.num_scheduled_tokens for s in scheduled_all),
             preempted=preempted)
 
-    def _grant_lookahead(self, request: Request, budget: int, reserved_blocks: int = 0) -> int:
+    def _grant_lookahead(self, request: Request, budget: int, reserved_blocks: int = 0,
+                         pinned: bool = False) -> int:
         """Draft slots for a decode: the engine's wish capped by budget, length and the free
-        blocks left after `reserved_blocks` (what later running requests need)."""
+        blocks left after `reserved_blocks` (what later running requests need); pinned: by
+        length and the configured budget only, see `pins_lookahead`."""
         # NOTE: one step yields up to lookahead + 1 tokens (accepted drafts and a bonus token):
         # keep that within max_model_len and max_tokens, drafts past them are waste.
         remaining_outputs = self.max_model_len
@@ -276,6 +299,8 @@ class Scheduler:
         num_blocks_free = max(self.block_pool.num_free_blocks - reserved_blocks, 0)
         num_slots_free = ((len(request.block_ids) + num_blocks_free)
                           * self.block_size - request.num_computed_tokens - 1)
+        if pinned:
+            budget, num_slots_free = self.max_num_batched_tokens, self.max_model_len
         return max(0, min(request.num_lookahead_tokens, budget - 1,
                           self.max_model_len - request.num_tokens - 1, remaining_outputs,
                           num_slots_free))
@@ -307,8 +332,14 @@ class Scheduler:
                 # NOTE: at least one token must be computed to get logits; recompute the whole
                 # last block into a fresh one rather than write into a shared cached block.
                 hit_block_ids = hit_block_ids[:-1]
+        resumed_pinned = pins_lookahead(request) and bool(request.output_token_ids)
+        if resumed_pinned and hit_block_ids and (
+                request.num_tokens - len(hit_block_ids) * self.block_size < 2):
+            hit_block_ids = hit_block_ids[:-1]
         num_computed = len(hit_block_ids) * self.block_size
-        num_new = min(request.num_tokens - num_computed, budget)
+        # NOTE: a resumed pinned request recomputes all but its last token; that one then gets
+        # the decode step with drafts it would have had without the preemption.
+        num_new = min(request.num_tokens - num_computed - int(resumed_pinned), budget)
         num_blocks = cdiv(num_computed + num_new, self.block_size) - len(hit_block_ids)
         # Touching a free cached block takes it out of the free list too.
         num_revived = sum(1 for b in hit_block_ids if pool.blocks[b].ref_cnt == 0)

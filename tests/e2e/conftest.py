@@ -7,6 +7,9 @@ engine has a thread of its own inside); tests talk to it over real HTTP with the
 - `spec_server`: the tiny Llama target with the tiny draft model (spec.method = "draft").
 - `ngram_server`: the same target with the n-gram drafter, small admission limits
   (max_num_seqs 2 + max_queued_requests 1 = 3 choices in flight) and a 64 KiB body limit.
+Both pin k = 3 (spec.adaptive = false): an adaptive server times the two tiny models on this
+machine and may never speculate. The `drafted` fixture asserts that a test's server verified
+drafts while it ran.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def make_config(target_dir: str, **sections):
 def spec_server(tiny_llama_dir, tiny_draft_dir):
     config = make_config(tiny_llama_dir,
                          spec={"method": "draft", "draft_model": tiny_draft_dir,
-                               "num_speculative_tokens": 3},
+                               "num_speculative_tokens": 3, "adaptive": False},
                          server={"served_model_name": SPEC_MODEL})
     server = LiveServer(config).start()
     yield server
@@ -104,13 +107,30 @@ def spec_server(tiny_llama_dir, tiny_draft_dir):
 @pytest.fixture(scope="session")
 def ngram_server(tiny_llama_dir):
     config = make_config(tiny_llama_dir,
-                         spec={"method": "ngram", "num_speculative_tokens": 3},
+                         spec={"method": "ngram", "num_speculative_tokens": 3,
+                               "adaptive": False},
                          scheduler={"max_num_seqs": 2},
                          server={"served_model_name": NGRAM_MODEL, "max_queued_requests": 1,
                                  "max_body_bytes": 65536})
     server = LiveServer(config).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def drafted(request):
+    """After the test: the server it used (`live`, else spec_server, else ngram_server) has
+    verified more drafts than before it, so the test exercised speculation."""
+    names = request.fixturenames
+    if "live" in names:
+        server = request.getfixturevalue("live")[0]
+    else:
+        server = request.getfixturevalue("spec_server" if "spec_server" in names
+                                         else "ngram_server")
+    before = scrape(server)["specdec:spec_decode_num_drafts_total"]
+    yield
+    after = scrape(server)["specdec:spec_decode_num_drafts_total"]
+    assert after > before, "no drafts were verified: the test did not exercise speculation"
 
 
 # ---------------------------------------------------------------------------------- raw HTTP

@@ -37,9 +37,17 @@ async def _wait_idle(server: LiveServer) -> dict:
     raise AssertionError(f"engine never went idle: {metrics}")
 
 
+ABORTED = 'specdec:request_success_total{finished_reason="abort",model_name="tiny-spec"}'
+LENGTH = 'specdec:request_success_total{finished_reason="length",model_name="tiny-spec"}'
+
+
 def test_200_streams_half_cancelled_free_every_block(spec_server):
-    aborted_before = scrape(spec_server)['specdec:request_success_total{finished_reason="abort",'
-                                         'model_name="tiny-spec"}']
+    """100 streams run 8 tokens; 100 ask for 200 and disconnect after their first chunk.
+    The engine must abort those: every request finishes exactly once (length or abort), and
+    the cancelled ones generate a handful of tokens each, not 200.
+    Mutation planted to confirm: the server's disconnect path not calling the engine's abort
+    (the request then runs its 200 tokens and finishes with "length")."""
+    before = scrape(spec_server)
 
     async def run():
         connector = aiohttp.TCPConnector(limit=0)
@@ -59,9 +67,15 @@ def test_200_streams_half_cancelled_free_every_block(spec_server):
         assert finishes == ["length"]
     assert metrics["specdec:kv_cache_usage_perc"] == 0
     assert metrics["specdec:num_blocks_free"] == metrics["specdec:num_blocks_total"]
-    aborted = metrics['specdec:request_success_total{finished_reason="abort",'
-                      'model_name="tiny-spec"}'] - aborted_before
-    assert 1 <= aborted <= NUM_STREAMS // 2
+    delta = {name: metrics[name] - before.get(name, 0.0) for name in metrics}
+    aborted, length = delta[ABORTED], delta[LENGTH]
+    assert delta["specdec:request_success_total"] == NUM_STREAMS  # each finished once
+    assert aborted + length == NUM_STREAMS
+    # A cancelled stream that still ran to 200 tokens would count as "length".
+    assert aborted >= 0.9 * NUM_STREAMS // 2, (aborted, length)
+    # Not aborted: 100 x 200 + 100 x 8 tokens. Aborted after the first chunk: a few steps each.
+    assert delta["specdec:generation_tokens_total"] < NUM_STREAMS // 2 * (8 + 50), delta
+    assert delta["specdec:spec_decode_num_drafts_total"] > 0
     # The server still serves.
     out = spec_server.client().completions.create(model=SPEC_MODEL, prompt="Hi", max_tokens=3,
                                                   extra_body={"ignore_eos": True})
@@ -69,7 +83,10 @@ def test_200_streams_half_cancelled_free_every_block(spec_server):
 
 
 def test_overload_returns_503_with_retry_after(ngram_server):
+    """Mutation planted to confirm the abort check: the bridge's "abort" op not calling
+    engine.abort_request (the held stream then runs its 3 x 480 tokens)."""
     url = ngram_server.base_url + "/v1/completions"
+    before = scrape(ngram_server)
     # max_num_seqs 2 + max_queued_requests 1 = 3 choices in flight; 4 never fit at once,
     # which is a 400 (never admissible), not a 503 (retry later).
     status, headers, body = http("POST", url, {"prompt": "x", "n": 4, "max_tokens": 2})
@@ -92,6 +109,10 @@ def test_overload_returns_503_with_retry_after(ngram_server):
     status, headers, metrics = asyncio.run(run())
     assert status == 503 and headers["Retry-After"] == "1"
     assert metrics["specdec:kv_cache_usage_perc"] == 0
+    # The held stream's 3 x 480 tokens were aborted at its disconnect, not run to the end.
+    generated = (metrics["specdec:generation_tokens_total"]
+                 - before["specdec:generation_tokens_total"])
+    assert generated < 3 * 480 // 2, generated
     out = ngram_server.client().completions.create(model=NGRAM_MODEL, prompt="Hi", max_tokens=3,
                                                    extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 3

@@ -21,7 +21,7 @@ def _prompt_len(server, messages) -> int:
     return len(tok.encode(text, add_special_tokens=False))
 
 
-def test_chat_stream_equals_non_stream_at_temperature_zero(live):
+def test_chat_stream_equals_non_stream_at_temperature_zero(live, drafted):
     server, model = live
     client = server.client()
     full = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=24,
@@ -55,7 +55,7 @@ def test_chat_stream_equals_non_stream_at_temperature_zero(live):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_completions_stream_and_non_stream(spec_server):
+def test_completions_stream_and_non_stream(spec_server, drafted):
     client = spec_server.client()
     tok = spec_server.app.engine.tokenizer
     prompt = "Once upon a time there was"
@@ -73,7 +73,7 @@ def test_completions_stream_and_non_stream(spec_server):
         == ["length"]
 
 
-def test_completions_token_id_prompts_and_prompt_lists(spec_server):
+def test_completions_token_id_prompts_and_prompt_lists(spec_server, drafted):
     client = spec_server.client()
     ids = spec_server.app.engine.tokenizer("Hello world").input_ids
     by_text = client.completions.create(model=SPEC_MODEL, prompt="Hello world", max_tokens=6,
@@ -89,7 +89,7 @@ def test_completions_token_id_prompts_and_prompt_lists(spec_server):
     assert multi.usage.completion_tokens == 4 * 6
 
 
-def test_n3_with_seed_gives_three_seeded_choices(spec_server):
+def test_n3_with_seed_gives_three_seeded_choices(spec_server, drafted):
     client = spec_server.client()
     kwargs = dict(model=SPEC_MODEL, messages=MESSAGES, max_tokens=12, temperature=1.0, n=3,
                   seed=1234, extra_body={"ignore_eos": True, "num_speculative_tokens": 3})
@@ -114,7 +114,7 @@ def test_n3_with_seed_gives_three_seeded_choices(spec_server):
     assert finishes == {0: ["length"], 1: ["length"], 2: ["length"]}
 
 
-def test_chat_logprobs_shape(spec_server):
+def test_chat_logprobs_shape(spec_server, drafted):
     client = spec_server.client()
     out = client.chat.completions.create(model=SPEC_MODEL, messages=MESSAGES, max_tokens=5,
                                          temperature=0, logprobs=True, top_logprobs=3,
@@ -135,7 +135,7 @@ def test_chat_logprobs_shape(spec_server):
     assert tokens == [e.token for e in content]
 
 
-def test_completion_logprobs_shape(spec_server):
+def test_completion_logprobs_shape(spec_server, drafted):
     client = spec_server.client()
     out = client.completions.create(model=SPEC_MODEL, prompt="Hello world", max_tokens=4,
                                     temperature=0, logprobs=2, extra_body={"ignore_eos": True})
@@ -145,7 +145,7 @@ def test_completion_logprobs_shape(spec_server):
     assert all(1 <= len(top) <= 3 and tok in top for tok, top in zip(lp.tokens, lp.top_logprobs))
 
 
-def test_stop_sequence(spec_server):
+def test_stop_sequence(spec_server, drafted):
     client = spec_server.client()
     base = client.completions.create(model=SPEC_MODEL, prompt="The quick brown", max_tokens=24,
                                      temperature=0, extra_body={"ignore_eos": True})
@@ -162,16 +162,16 @@ def test_stop_sequence(spec_server):
     assert stop not in cut.choices[0].text
 
 
-def test_max_tokens_gives_length(ngram_server):
+def test_max_tokens_gives_length(ngram_server, drafted):
     client = ngram_server.client()
     out = client.chat.completions.create(model=NGRAM_MODEL, messages=MESSAGES,
-                                         max_completion_tokens=3,
+                                         max_completion_tokens=16, temperature=0,
                                          extra_body={"ignore_eos": True})
     assert out.choices[0].finish_reason == "length"
-    assert out.usage.completion_tokens == 3
+    assert out.usage.completion_tokens == 16
 
 
-def test_num_speculative_tokens_zero_matches_greedy(spec_server):
+def test_num_speculative_tokens_zero_matches_greedy(spec_server, drafted):
     client = spec_server.client()
     kwargs = dict(model=SPEC_MODEL, prompt="def add(a, b):", max_tokens=16, temperature=0,
                   extra_body={"ignore_eos": True})
@@ -191,7 +191,7 @@ def test_models_health_version(spec_server):
     assert status == 200 and b'"version"' in body
 
 
-def test_raw_sse_framing(spec_server):
+def test_raw_sse_framing(spec_server, drafted):
     status, headers, body = http("POST", spec_server.base_url + "/v1/completions",
                                  {"prompt": "Hello", "max_tokens": 5, "stream": True,
                                   "temperature": 0, "ignore_eos": True})

@@ -32,20 +32,36 @@ def test_sources_listed() -> None:
     assert not (kernels.CUDA_DIR / "__init__.py").exists(), "cuda/ must not be a Python package"
 
 
-def _nvcc_ptx(src: Path, arch: str, out: Path) -> None:
+def _nvcc_ptx(src: Path, arch: str, out: Path) -> str:
     cmd = [NVCC, "-ptx", f"-arch={arch}", "-std=c++17", "-Werror", "all-warnings",
            "-o", str(out), str(src)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     assert proc.stderr.strip() == "", f"nvcc printed diagnostics:\n{proc.stderr}"
-    assert ".entry" in out.read_text()
+    ptx = out.read_text()
+    assert ".entry" in ptx
+    return ptx
+
+
+@pytest.fixture(scope="module")
+def file_ptx(tmp_path_factory):
+    """PTX of cuda/<source> for an arch, compiled once per module (nvcc takes seconds)."""
+    cache: dict[tuple[str, str], str] = {}
+    out_dir = tmp_path_factory.mktemp("ptx")
+
+    def compile_file(source: str, arch: str) -> str:
+        if (source, arch) not in cache:
+            cache[source, arch] = _nvcc_ptx(kernels.CUDA_DIR / source, arch,
+                                            out_dir / f"{source}.{arch}.ptx")
+        return cache[source, arch]
+    return compile_file
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 @pytest.mark.parametrize("source", SOURCES)
-def test_nvcc_ptx(source: str, arch: str, tmp_path: Path) -> None:
-    _nvcc_ptx(kernels.CUDA_DIR / source, arch, tmp_path / "out.ptx")
+def test_nvcc_ptx(source: str, arch: str, file_ptx) -> None:
+    file_ptx(source, arch)
 
 
 @needs_nvcc
@@ -59,13 +75,9 @@ def test_nvrtc_text_is_self_contained(source: str, tmp_path: Path) -> None:
 
 
 @needs_nvcc
-def test_every_kernel_name_is_defined(tmp_path: Path) -> None:
+def test_every_kernel_name_is_defined(file_ptx) -> None:
     """kernels.py looks these names up; each must be an extern "C" entry in the PTX."""
-    entries = ""
-    for source in SOURCES:
-        out = tmp_path / f"{source}.ptx"
-        _nvcc_ptx(kernels.CUDA_DIR / source, "sm_90", out)
-        entries += out.read_text()
+    entries = "".join(file_ptx(source, "sm_90") for source in SOURCES)
     names = [f"paged_attention_{tag}_d{d}" for tag in kernels.DTYPE_TAGS.values()
              for d in kernels.HEAD_DIMS] + [f"write_kv_w{w}" for w in kernels.WRITE_KV_WORDS]
     names += [f"{op}_{tag}" for op in ("rms_norm", "silu_mul", "rope_kv")

@@ -3,7 +3,7 @@ speculative decoding stay token-for-token exact on SmolLM2-135M and the Qwen2.5-
 
 A mismatch is either a bug or a near-tie flipped by different matmul shapes (a k+1 window vs
 one token, a batch of 8 vs 1): at a mismatch the reference's top-2 logit gap must be
-<= 1e-3 (fp32), otherwise the test fails as a bug.
+<= 1e-3 (fp32), otherwise the test fails as a bug; at most one such flip per comparison.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from specdec import LLM, SamplingParams
 from specdec.core.config import Config
-from tests.unit.test_spec import assert_same_greedy
+from tests.unit.test_spec import REAL_NEAR_TIE_GAP, assert_same_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -72,12 +72,12 @@ def test_smollm2_batched_equals_alone_and_survives_preemption(smollm2_dir, smol)
     prompts = chat_ids(smol, CHAT_PROMPTS)
     alone = [smol.generate([p], params)[0] for p in prompts]
     together = smol.generate(prompts, params)
-    assert_same_greedy(together, alone)
+    assert_same_greedy(together, alone, max_gap=REAL_NEAR_TIE_GAP)
     tight = make_llm(smollm2_dir, **{"cache.num_blocks": 24, "cache.block_size": 16,
                                      "scheduler.max_num_batched_tokens": 128})
     squeezed = tight.generate(prompts, params)
     assert tight.engine.scheduler.num_preemptions > 0
-    assert_same_greedy(squeezed, alone)
+    assert_same_greedy(squeezed, alone, max_gap=REAL_NEAR_TIE_GAP)
     assert tight.engine.stats().num_blocks_free == tight.engine.num_blocks
 
 
@@ -87,29 +87,37 @@ def test_smollm2_ngram_greedy_exact(smollm2_dir, smol):
     reference = smol.generate(prompts, params)
     ngram = make_llm(smollm2_dir, **{"spec.method": "ngram", "spec.num_speculative_tokens": 4,
                                      "spec.adaptive": False})
-    assert_same_greedy(ngram.generate(prompts[:1], params), reference[:1])
+    first = ngram.generate(prompts[:1], params)
     out = ngram.generate(prompts, params)
-    assert_same_greedy(out, reference)
+    assert_same_greedy(first + out, reference[:1] + reference, max_gap=REAL_NEAR_TIE_GAP)
     assert ngram.engine.stats().spec_num_accepted_tokens > 0
 
 
-def test_qwen_pair_greedy_exact(qwen_pair_dirs):
-    """The real draft/target pair on 10 code prompts x 64 tokens, alone and in a batch of 8."""
+@pytest.fixture(scope="module")
+def qwen_spec(qwen_pair_dirs):
+    """The real pair loaded once (1.5B fp32 target, int4 0.5B draft, k = 4 pinned); the no-spec
+    reference runs on the same engine with num_speculative_tokens = 0 (the k = 0 path)."""
     draft_dir, target_dir = qwen_pair_dirs
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, logprobs=2)
-    reference_llm = make_llm(target_dir, **{"scheduler.max_num_seqs": 8})
-    prompts = chat_ids(reference_llm, CODE_PROMPTS)
-    reference = reference_llm.generate(prompts, params)
-    del reference_llm
-    spec = make_llm(target_dir, **{"spec.method": "draft", "spec.draft_model": draft_dir,
+    return make_llm(target_dir, **{"spec.method": "draft", "spec.draft_model": draft_dir,
                                    "spec.draft_quantization": "int4",
                                    "spec.num_speculative_tokens": 4, "spec.adaptive": False,
                                    "scheduler.max_num_seqs": 8})
+
+
+def test_qwen_pair_greedy_exact(qwen_spec):
+    """The real draft/target pair on 10 code prompts x 64 tokens: 2 alone and all 10 in
+    batches of 8 equal the no-spec reference (batch-1 exactness at scale is the SmolLM2 and
+    tiny tests' job; this one loads the 1.5B once)."""
+    spec = qwen_spec
+    reference_params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True,
+                                      logprobs=2, num_speculative_tokens=0)
+    prompts = chat_ids(spec, CODE_PROMPTS)
+    reference = spec.generate(prompts, reference_params)
+    assert spec.engine.stats().spec_num_drafts == 0
     plain = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
-    alone = [spec.generate([p], plain)[0] for p in prompts]
-    assert_same_greedy(alone, reference)
+    alone = [spec.generate([p], plain)[0] for p in prompts[:2]]
     batched = spec.generate(prompts, plain)
-    assert_same_greedy(batched, reference)
+    assert_same_greedy(alone + batched, reference[:2] + reference, max_gap=REAL_NEAR_TIE_GAP)
     stats = spec.engine.stats()
     rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
     assert rate > 0.3, f"acceptance rate {rate:.2f}: the draft is broken, not just weak"

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from specdec.core.config import CacheConfig, SchedulerConfig
 from specdec.core.request import Request, RequestStatus, SamplingParams
-from specdec.core.scheduler import Scheduler, cdiv
+from specdec.core.scheduler import Scheduler, cdiv, pins_lookahead
 
 BS = 8
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -369,6 +369,8 @@ def test_random_workloads_finish_without_leaks(seed, num_blocks, max_num_seqs, b
     for i in range(num_requests):
         prompt = [rng.randrange(3) for _ in range(rng.randint(1, 30))]
         r = make_request(f"r{i}", prompt, max_tokens=rng.choice([None, 1, 5, 20, 40]))
+        if rng.random() < 0.4:  # seeded sampled: pinned look-ahead (waits, preempts for it)
+            r.sampling_params = SamplingParams(max_tokens=r.max_tokens, seed=i)
         try:
             sched.add_request(r)
         except ValueError:
@@ -387,6 +389,14 @@ def test_random_workloads_finish_without_leaks(seed, num_blocks, max_num_seqs, b
         drafts = {s.request.request_id: [rng.randrange(3) for _ in range(s.num_lookahead_tokens)]
                   for s in out.scheduled}
         check_kv(sched, kv, out, drafts)
+        for s in out.scheduled:
+            r = s.request
+            if pins_lookahead(r) and r.num_tokens - r.num_computed_tokens == 1:  # a decode
+                left = (max_model_len - r.num_tokens - 1 if r.max_tokens is None
+                        else min(max_model_len - r.num_tokens - 1,
+                                 r.max_tokens - len(r.output_token_ids) - 1))
+                assert s.num_lookahead_tokens == max(0, min(r.num_lookahead_tokens, budget - 1,
+                                                            left))
         new_token_ids, num_accepted = {}, {}
         for s in out.scheduled:
             r = s.request

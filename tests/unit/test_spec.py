@@ -1,10 +1,10 @@
-"""Speculative decoding on tiny random models: greedy exactness for k = 1..8 at batch 1 and in
-a mixed batch, n-gram drafting, the sampled distribution against the target's exact one,
-rollback after rejections, adaptive k with a bad drafter, and the k = 0 path."""
+"""Speculative decoding on tiny random models: greedy exactness with partial acceptance
+(k = 1, 3, 8, a noisy self-draft) at batch 1 and in a mixed batch, full acceptance, full
+rejection, n-gram drafting, rollback after rejections, adaptive k with a bad drafter, and the
+k = 0 path. The sampled distribution is in test_spec_distribution.py."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
@@ -13,14 +13,22 @@ import torch
 from specdec import LLM, SamplingParams
 from specdec.core.config import Config
 from specdec.runner import CostModel
-from tests.conftest import make_tiny_config, save_tiny_model
-from tests.stats import chi_square_pvalue
+from tests.conftest import build_tiny_tokenizer
 
-MAX_NEAR_TIE_GAP = 1e-3  # fp32: a flipped token with a bigger top-2 logit gap is a bug
+# NOTE: a flipped greedy token is forgiven only at a near-tie: the reference's top-2 logit gap
+# within the fp32 noise between matmul shapes (k + 1 windows vs 1 token, batch 8 vs 1). Measured
+# on the tiny llama: max |top-5 logprob difference| against the no-spec batch-8 run, over
+# 8 prompts x 40 tokens, is 1.9e-6 (batch 1), 2.9e-6 (draft k = 1..8, n-gram); 1e-5 is 3.5x
+# that. The real fp32 models (hidden 576..1536) keep 1e-3.
+TINY_NEAR_TIE_GAP = 1e-5
+REAL_NEAR_TIE_GAP = 1e-3
 
 
 def make_llm(path: str, **overrides) -> LLM:
-    base = {"model.path": path, "device.device": "cpu", "model.max_model_len": 512}
+    # NOTE: one thread: tiny per-sequence attention calls are ~10x slower with a thread pool
+    # on a loaded 2-core machine.
+    base = {"model.path": path, "device.device": "cpu", "model.max_model_len": 512,
+            "device.num_threads": 1}
     base.update(overrides)
     return LLM(Config().replace(**base))
 
@@ -39,21 +47,30 @@ def prompts(n: int, seed: int) -> list[dict]:
             for _ in range(n)]
 
 
-def assert_same_greedy(spec_outputs, ref_outputs) -> None:
+def assert_same_greedy(spec_outputs, ref_outputs, max_gap: float = TINY_NEAR_TIE_GAP,
+                       max_flips: int = 1) -> int:
     """Token-for-token equality; at a mismatch the reference's top-2 logprob gap (= logit gap)
-    must show a near-tie, otherwise it is a bug."""
+    must show a near-tie (<= max_gap), otherwise it is a bug; at most `max_flips` requests may
+    be forgiven per call (pass everything a test compares in one call). Returns the flips."""
+    assert len(spec_outputs) == len(ref_outputs)
+    flips = []
     for i, (s, r) in enumerate(zip(spec_outputs, ref_outputs)):
         got, want = s.outputs[0].token_ids, r.outputs[0].token_ids
         if got == want:
             continue
-        pos = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
+        pos = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        assert pos is not None, f"request {i}: lengths differ ({len(got)} vs {len(want)})"
         _, top = r.outputs[0].logprobs[pos]
         gap = top[0][1] - top[1][1]
-        assert gap <= MAX_NEAR_TIE_GAP, (
+        assert gap <= max_gap, (
             f"request {i}: token {pos} differs ({got[pos]} vs {want[pos]}) with top-2 gap "
-            f"{gap:.2e} > {MAX_NEAR_TIE_GAP}: a bug, not a near-tie")
+            f"{gap:.2e} > {max_gap}: a bug, not a near-tie")
+        flips.append((i, pos, gap))
+    assert len(flips) <= max_flips, f"{len(flips)} near-tie flips (at most {max_flips}): {flips}"
+    return len(flips)
 
 
+NOISY_DRAFT_NOISE = 0.05
 GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)
 
 
@@ -64,13 +81,52 @@ def reference(tiny_llama_dir):
     return batch, llm.generate(batch, GREEDY)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_greedy_exact_tiny_pair(tiny_llama_dir, tiny_draft_dir, reference, k):
+def save_noisy_copy(src: str, out_dir: str, noise: float, seed: int) -> str:
+    """The model at `src` with every weight perturbed by noise * its own std (Gaussian)."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(noise * float(param.std()) * torch.randn_like(param))
+    model.save_pretrained(out_dir)
+    build_tiny_tokenizer(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def noisy_draft_dir(tiny_llama_dir, tmp_path_factory):
+    """The target plus 5 % weight noise. Measured acceptance (8 prompts x 40 tokens): 0.75 at
+    k = 1, 0.58 at k = 3, 0.34 at k = 8, so windows are accepted partway at every position."""
+    return save_noisy_copy(tiny_llama_dir, str(tmp_path_factory.mktemp("noisy_draft")),
+                           NOISY_DRAFT_NOISE, seed=5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_greedy_exact_with_partial_acceptance(tiny_llama_dir, noisy_draft_dir, reference, k):
+    """A noisy self-draft accepts some of each window and rejects the rest, so rollback past
+    accepted drafts and the bonus-vs-recovered choice happen at every draft position.
+    Mutation planted to confirm: greedy_verify's final token read from row num_accepted - 1
+    (an off-by-one that only bites when a draft was accepted)."""
     batch, expected = reference
-    llm = spec_llm(tiny_llama_dir, tiny_draft_dir, k)
-    assert_same_greedy(llm.generate(batch[:1], GREEDY), expected[:1])  # batch 1
+    llm = spec_llm(tiny_llama_dir, noisy_draft_dir, k)
+    alone = llm.generate(batch[:1], GREEDY)  # batch 1
     mixed = llm.generate(batch, GREEDY)  # a mixed batch of 8
-    assert_same_greedy(mixed, expected)
+    assert_same_greedy(alone + mixed, expected[:1] + expected)
+    stats = llm.engine.stats()
+    rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
+    assert 0.3 <= rate <= 0.9, f"acceptance {rate:.2f}: the test needs partial acceptance"
+    assert all(n > 0 for n in stats.spec_accepted_per_pos), stats.spec_accepted_per_pos
+    assert stats.spec_num_accepted_tokens < stats.spec_num_draft_tokens
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_greedy_exact_independent_draft_rejects_at_once(tiny_llama_dir, tiny_draft_dir,
+                                                         reference):
+    """An unrelated random draft: nearly every window is rejected at its first token."""
+    batch, expected = reference
+    llm = spec_llm(tiny_llama_dir, tiny_draft_dir, 4)
+    assert_same_greedy(llm.generate(batch, GREEDY), expected)
     stats = llm.engine.stats()
     assert stats.spec_num_drafts > 0 and stats.spec_num_draft_tokens > 0
     assert stats.num_blocks_free == stats.num_blocks_total
@@ -110,9 +166,9 @@ def test_greedy_exact_self_draft_accepts_everything(tiny_llama_dir, reference):
 def test_greedy_exact_ngram(tiny_llama_dir, reference):
     batch, expected = reference
     llm = spec_llm(tiny_llama_dir, None, 4, method="ngram", **{"spec.ngram_min": 1})
-    assert_same_greedy(llm.generate(batch[:1], GREEDY), expected[:1])
+    alone = llm.generate(batch[:1], GREEDY)
     out = llm.generate(batch, GREEDY)
-    assert_same_greedy(out, expected)
+    assert_same_greedy(alone + out, expected[:1] + expected)
     assert llm.engine.stats().spec_num_accepted_tokens > 0
 
 
@@ -166,9 +222,10 @@ def test_adaptive_k_falls_to_zero_with_a_bad_drafter(tiny_llama_dir):
     engine.controller.target_cost = cost
     engine.add_request("bad", [5, 6, 7, 8], SamplingParams(temperature=0.0, max_tokens=80,
                                                            ignore_eos=True))
-    ks, produced = [], []
+    ks, produced, tokens = [], [], []
     while engine.has_unfinished_requests():
         outs = engine.step()
+        tokens += [t for o in outs for t in o.outputs[0].token_ids_delta]
         if engine.controller.last_k:
             ks.append(engine.controller.last_k[0])
             produced.append(sum(len(o.outputs[0].token_ids_delta) for o in outs))
@@ -181,107 +238,5 @@ def test_adaptive_k_falls_to_zero_with_a_bad_drafter(tiny_llama_dir):
                                             SamplingParams(temperature=0.0, max_tokens=80,
                                                            ignore_eos=True))
     assert engine.stats().spec_num_accepted_tokens == 0
-    assert ref[0].outputs[0].token_ids  # the reference ran; equality is covered above
-
-
-# ---- distribution exactness ---------------------------------------------------------------
-
-VOCAB = 32
-PROMPT = [5, 9, 13]
-NUM_SAMPLES = 20_000
-DIST_PARAMS = SamplingParams(temperature=0.7, top_k=20, top_p=0.9, max_tokens=3,
-                             ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def small_vocab_pair(tmp_path_factory):
-    target = save_tiny_model(str(tmp_path_factory.mktemp("v32_target")),
-                             make_tiny_config("llama", vocab_size=VOCAB, initializer_range=0.1),
-                             seed=21)
-    draft = save_tiny_model(str(tmp_path_factory.mktemp("v32_draft")),
-                            make_tiny_config("draft", vocab_size=VOCAB, initializer_range=0.1),
-                            seed=22)
-    return target, draft
-
-
-def exact_joint(target_dir: str, params: SamplingParams) -> torch.Tensor:
-    """P(t1, t2, t3) [V, V, V] of the target's processed distribution, by enumeration with
-    transformers' model (independent of our paged model and of speculation)."""
-    from transformers import AutoModelForCausalLM
-
-    from specdec.sample.sampling import RowState, compute_probs, process_logits
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-
-    def step_probs(prefixes: list[list[int]]) -> torch.Tensor:
-        with torch.no_grad():
-            logits = model(torch.tensor([PROMPT + p for p in prefixes])).logits[:, -1].float()
-        rows = [RowState(params, PROMPT, p, None) for p in prefixes]
-        return compute_probs(process_logits(logits, rows), rows)
-
-    p1 = step_probs([[]])[0]  # [V]
-    p2 = step_probs([[a] for a in range(VOCAB)])  # [V, V]
-    p3 = step_probs([[a, b] for a in range(VOCAB) for b in range(VOCAB)]).view(VOCAB, VOCAB,
-                                                                               VOCAB)
-    return p1[:, None, None] * p2[:, :, None] * p3
-
-
-def sample_joint(llm: LLM) -> torch.Tensor:
-    outs = llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, DIST_PARAMS)
-    counts = torch.zeros(VOCAB, VOCAB, VOCAB)
-    for o in outs:
-        a, b, c = o.outputs[0].token_ids
-        counts[a, b, c] += 1
-    return counts
-
-
-def dist_llm(target: str, draft: str) -> LLM:
-    return spec_llm(target, draft, 2, **{"scheduler.max_num_seqs": 512,
-                                         "scheduler.max_num_batched_tokens": 4096,
-                                         "model.max_model_len": 64, "device.seed": 1})
-
-
-def test_distribution_matches_target_and_catches_a_biased_rule(small_vocab_pair, monkeypatch):
-    target, draft = small_vocab_pair
-    joint = exact_joint(target, DIST_PARAMS)
-    assert math.isclose(float(joint.sum()), 1.0, abs_tol=1e-4)
-    llm = dist_llm(target, draft)
-    counts = sample_joint(llm)
-    stats = llm.engine.stats()
-    rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
-    assert 0.05 < rate < 0.95, f"acceptance {rate:.2f}: the test needs both outcomes"
-    p_first = chi_square_pvalue(counts.sum(dim=(1, 2)), joint.sum(dim=(1, 2)))
-    p_pair = chi_square_pvalue(counts.sum(dim=2), joint.sum(dim=2))
-    p_third = chi_square_pvalue(counts.sum(dim=(0, 1)), joint.sum(dim=(0, 1)))
-    p_joint = chi_square_pvalue(counts, joint)
-    assert min(p_first, p_pair, p_third, p_joint) > 1e-3, (p_first, p_pair, p_third, p_joint)
-
-    # The same test must fail for a real bias: accepting with min(1, draft / target).
-    import specdec.engine as engine_module
-    monkeypatch.setattr(engine_module, "rejection_sample", biased_rejection_sample)
-    biased_counts = sample_joint(dist_llm(target, draft))
-    p_biased = chi_square_pvalue(biased_counts, joint)
-    p_biased_pair = chi_square_pvalue(biased_counts.sum(dim=2), joint.sum(dim=2))
-    assert min(p_biased, p_biased_pair) < 1e-6, (p_biased, p_biased_pair)
-
-
-def biased_rejection_sample(draft_token_ids, cu_num_draft, draft_probs, target_probs, uniforms,
-                            **_):
-    """The classic bug: accept with min(1, draft_prob / target_prob); otherwise as usual."""
-    out, accepted = [], []
-    ids, u = draft_token_ids.tolist(), uniforms.tolist()
-    for r in range(len(cu_num_draft) - 1):
-        tokens = []
-        for j in range(cu_num_draft[r], cu_num_draft[r + 1]):
-            row, d = target_probs[j + r], ids[j]
-            if u[j] * row[d] < draft_probs[j, d]:
-                tokens.append(d)
-                continue
-            residual = (row - draft_probs[j]).clamp_min(0.0)
-            residual = residual if residual.sum() > 0 else row
-            tokens.append(int(torch.multinomial(residual, 1)))
-            break
-        else:
-            tokens.append(int(torch.multinomial(target_probs[cu_num_draft[r + 1] + r], 1)))
-        out.append(tokens)
-        accepted.append(len(tokens) - 1)
-    return out, accepted
+    # 80 tokens of 100 % rejection with k switching between 0 and 1: still the target's own.
+    assert tokens == ref[0].outputs[0].token_ids

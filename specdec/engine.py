@@ -391,8 +391,11 @@ class Engine:
                 to_draft.append((req, k))
         if to_draft:
             matchers = [self.tracked[req.request_id].matcher for req, _ in to_draft]
-            for (req, _), prop, matcher in zip(to_draft, self.drafter.propose(to_draft, matchers),
-                                               matchers):
+            # NOTE: matchers only when some request has a grammar, so a drafter written for
+            # propose(requests) keeps working on unstructured traffic.
+            drafted = (self.drafter.propose(to_draft, matchers) if any(matchers)
+                       else self.drafter.propose(to_draft))
+            for (req, _), prop, matcher in zip(to_draft, drafted, matchers):
                 if matcher is not None and prop.draft_token_ids:
                     valid = matcher.validate(prop.draft_token_ids)
                     if valid < len(prop.draft_token_ids):

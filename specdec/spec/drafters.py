@@ -173,6 +173,15 @@ class DraftModelDrafter:
                              requests[i][0].eos_token_id, requests[i][0].sampling_constants)
                     for i in active]
             processed = process_logits(logits, rows)
+            if masked:
+                # e.g. min_tokens banning the EOS that is all the grammar allows: the target
+                # rows let the grammar win; the draft just stops proposing here.
+                index = torch.tensor(masked, device=processed.device)
+                for m, d in enumerate(torch.isneginf(processed[index].amax(dim=-1)).tolist()):
+                    if d and cut[active[masked[m]]] is None:
+                        cut[active[masked[m]]] = step
+                    if d:
+                        processed[masked[m]] = 0.0
             # Greedy rows propose the draft's argmax (what compute_probs makes one-hot) and
             # keep no probs: greedy verification compares tokens only.
             token_ids = processed.argmax(dim=-1).tolist()

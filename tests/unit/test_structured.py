@@ -228,8 +228,11 @@ def test_a_grammar_that_cannot_advance_finishes_only_its_request(tiny_llama_dir)
     assert pool.num_free_blocks == engine.num_blocks - 1 or pool.usage == 0.0
 
 
-def test_min_tokens_yields_to_a_grammar_that_allows_only_eos(tiny_llama_dir):
-    llm = make_llm(tiny_llama_dir, **spec_kw("ngram", k=3))
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_min_tokens_yields_to_a_grammar_that_allows_only_eos(tiny_llama_dir, tiny_draft_dir,
+                                                             method):
+    llm = make_llm(tiny_llama_dir, **spec_kw(method, tiny_draft_dir if method == "draft"
+                                             else None, k=3))
     so = StructuredOutput("regex", "ab[0-9]?", "structured_outputs.regex")
     out = llm.generate(prompts(2, seed=41), SamplingParams(temperature=1.0, seed=3, max_tokens=32,
                                                            min_tokens=20, structured_output=so))

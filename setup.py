@@ -18,6 +18,7 @@ setup(
         "gguf",
         "accelerate",
         "numpy",
+        "xxhash",
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],

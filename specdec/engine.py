@@ -24,6 +24,7 @@ import torch
 
 from specdec.spec.adaptive import SpeculationController
 from specdec.core.config import Config
+from specdec.core.kv_budget import auto_num_blocks
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
@@ -184,9 +185,8 @@ class Engine:
     def _auto_num_blocks(self, target, draft) -> int:
         bs = self.config.cache.block_size
         per_block = target.kv_bytes_per_block(bs) + (draft.kv_bytes_per_block(bs) if draft else 0)
-        budget = int(self.config.cache.memory_gb * (1 << 30))
-        max_useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // bs) + 1
-        return max(min(budget // per_block, max_useful), -(-self.max_model_len // bs) + 1)
+        return auto_num_blocks(self.config.cache.memory_gb, per_block, bs,
+                               self.config.scheduler.max_num_seqs, self.max_model_len)
 
     def _eos_token_ids(self, path: str) -> list[int]:
         ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []

@@ -3,6 +3,7 @@ sharded safetensors), or from a name that `specdec fetch` knows."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -52,6 +53,38 @@ def iter_weights(path: str):
                 yield name, f.get_tensor(name)
 
 
+def _layer_of(name: str) -> int | None:
+    parts = name.removeprefix("model.").split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" else None
+
+
+def load_quantized(model: LlamaForCausalLM, path: str, quantization: str) -> None:
+    """Load and quantize one decoder layer at a time (then the embedding, norm and lm_head):
+    a layer's full-precision Linear weights are freed as soon as it is quantized, so the
+    peak memory is the quantized model plus one layer, never a full-precision copy."""
+    from specdec.model.quant import quantize_weights
+
+    expected = model._expected_slices()
+    loaded: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for file in safetensors_files(path):
+            f = stack.enter_context(safe_open(file, framework="pt"))
+            handles.update((name, f) for name in f.keys())
+        by_layer: dict[int | None, list[str]] = {}
+        for name in handles:
+            by_layer.setdefault(_layer_of(name), []).append(name)
+        for layer in [*sorted(k for k in by_layer if k is not None), None]:
+            names = by_layer.get(layer, [])
+            loaded |= model.load_weights(((n, handles[n].get_tensor(n)) for n in names),
+                                         strict=False)
+            quantize_weights(model.layers[layer] if layer is not None else model, quantization)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    model.quantization = quantization
+
+
 def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                quantization: str | None = None, max_model_len: int | None = None,
                ) -> LlamaForCausalLM:
@@ -61,14 +94,17 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     torch_dtype = parse_dtype(dtype)
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, verify=True)
     config = load_config(path)
     model = LlamaForCausalLM(config, torch_dtype, device, max_model_len=max_model_len)
-    model.load_weights(iter_weights(path))
+    if quantization is None:
+        model.load_weights(iter_weights(path))
+    else:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"quantization={quantization!r} runs on the CPU only, "
+                             f"got device={device}")
+        load_quantized(model, path, quantization)
     model.eval()
-    if quantization is not None:
-        from specdec.model.quant import quantize_weights
-        quantize_weights(model, quantization)
     return model
 
 

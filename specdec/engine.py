@@ -141,15 +141,18 @@ class Engine:
     def __init__(self, config: Config):
         started = time.perf_counter()
         self.config = config
-        self.startup: dict = {}  # what the start cost: seconds, calibration, memory
+        # What the start cost: seconds since the start at each stage, calibration, memory.
+        self.startup: dict = {}
         dev = config.device
         if dev.num_threads:
             torch.set_num_threads(dev.num_threads)
         torch.manual_seed(dev.seed)
         self.device = resolve_device(dev.device)
         self.tokenizer = load_tokenizer(config.model.path)
+        self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
         target = load_model(config.model.path, config.model.dtype, str(self.device),
                             config.model.quantization)
+        self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
         hf_max = getattr(target.config, "max_position_embeddings", None) or 1 << 30
         self.max_model_len = min(config.model.max_model_len, hf_max)
@@ -163,6 +166,7 @@ class Engine:
             if draft.vocab_size != target.vocab_size:
                 raise ValueError(f"spec.draft_model vocabulary ({draft.vocab_size}) differs from "
                                  f"the target's ({target.vocab_size}); they must share a tokenizer")
+            self.startup["draft_s"] = round(time.perf_counter() - started, 3)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
         self.target_runner = ModelRunner(target, self.num_blocks, block_size)

@@ -23,7 +23,6 @@ import tempfile
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from specdec.model import store
 
 STORAGE_DTYPE = torch.bfloat16
@@ -161,17 +160,15 @@ def gguf_to_entry(gguf_path: str, out_dir: str, source: dict[str, str],
 
 
 def _safetensors_specs(files: list[str], dtype: torch.dtype) -> list[store.TensorSpec]:
+    from specdec.model.reader import SafetensorsFile
+
     specs = []
     for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shape = tuple(f.get_slice(name).get_shape())
-
-                def produce(file=file, name=name) -> torch.Tensor:
-                    with safe_open(file, framework="pt") as g:
-                        return g.get_tensor(name).to(dtype)
-
-                specs.append(store.TensorSpec(name, shape, dtype, produce))
+        reader = SafetensorsFile(file)
+        for name in reader.keys():
+            lazy = reader.lazy(name)
+            specs.append(store.TensorSpec(name, tuple(lazy.shape), dtype,
+                                          lambda lazy=lazy: lazy.load().to(dtype)))
     return specs
 
 

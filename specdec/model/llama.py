@@ -311,7 +311,10 @@ class LlamaForCausalLM(nn.Module):
                     if dst.shape != tensor.shape:
                         raise ValueError(f"checkpoint tensor {hf_name!r} has shape "
                                          f"{tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-                    dst.copy_(tensor)
+                    if hasattr(tensor, "read_into"):  # still on disk (specdec/model/reader.py)
+                        tensor.read_into(dst)
+                    else:
+                        dst.copy_(tensor)
                 loaded.add(f"{target}@{offset}")
         if not strict:
             return loaded

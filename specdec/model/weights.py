@@ -3,7 +3,6 @@ sharded safetensors), or from a name that `specdec fetch` knows."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -12,6 +11,7 @@ from safetensors import safe_open
 
 from specdec.fetch import resolve_model_path
 from specdec.model.llama import LlamaForCausalLM
+from specdec.model.reader import SafetensorsFile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = (None, "int8", "int4")
@@ -53,6 +53,15 @@ def iter_weights(path: str):
                 yield name, f.get_tensor(name)
 
 
+def iter_lazy_weights(path: str):
+    """(name, LazyTensor) for every tensor of the directory: `load_weights` reads each one
+    straight into its parameter (specdec/model/reader.py), with no memory map."""
+    for file in safetensors_files(path):
+        reader = SafetensorsFile(file)
+        for name in reader.keys():
+            yield name, reader.lazy(name)
+
+
 def _layer_of(name: str) -> int | None:
     parts = name.removeprefix("model.").split(".")
     return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" else None
@@ -66,19 +75,12 @@ def load_quantized(model: LlamaForCausalLM, path: str, quantization: str) -> Non
 
     expected = model._expected_slices()
     loaded: set[str] = set()
-    with contextlib.ExitStack() as stack:
-        handles = {}
-        for file in safetensors_files(path):
-            f = stack.enter_context(safe_open(file, framework="pt"))
-            handles.update((name, f) for name in f.keys())
-        by_layer: dict[int | None, list[str]] = {}
-        for name in handles:
-            by_layer.setdefault(_layer_of(name), []).append(name)
-        for layer in [*sorted(k for k in by_layer if k is not None), None]:
-            names = by_layer.get(layer, [])
-            loaded |= model.load_weights(((n, handles[n].get_tensor(n)) for n in names),
-                                         strict=False)
-            quantize_weights(model.layers[layer] if layer is not None else model, quantization)
+    by_layer: dict[int | None, list] = {}
+    for name, tensor in iter_lazy_weights(path):
+        by_layer.setdefault(_layer_of(name), []).append((name, tensor))
+    for layer in [*sorted(k for k in by_layer if k is not None), None]:
+        loaded |= model.load_weights(by_layer.get(layer, []), strict=False)
+        quantize_weights(model.layers[layer] if layer is not None else model, quantization)
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
@@ -98,7 +100,7 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
     config = load_config(path)
     model = LlamaForCausalLM(config, torch_dtype, device, max_model_len=max_model_len)
     if quantization is None:
-        model.load_weights(iter_weights(path))
+        model.load_weights(iter_lazy_weights(path))
     else:
         if torch.device(device).type != "cpu":
             raise ValueError(f"quantization={quantization!r} runs on the CPU only, "

@@ -187,3 +187,31 @@ def test_layer_by_layer_quantized_load_equals_quantizing_the_loaded_model(
     for name in want:
         assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
     assert streamed.quantization == quantization
+
+
+def test_reader_reads_straight_into_the_destination_and_casts(tmp_path):
+    from safetensors.torch import save_file
+
+    from specdec.model.reader import SafetensorsFile
+
+    tensors = {"w": torch.randn(4, 6).to(torch.bfloat16), "b": torch.randn(6),
+               "i": torch.arange(5, dtype=torch.int64)}
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    reader = SafetensorsFile(path)
+    assert sorted(reader.keys()) == sorted(tensors)
+    for name, want in tensors.items():
+        assert torch.equal(reader.lazy(name).load(), want)
+    dst = torch.empty(4, 6, dtype=torch.float32)  # a cast: bf16 on disk, float32 served
+    reader.lazy("w").read_into(dst)
+    assert torch.equal(dst, tensors["w"].float())
+    fused = torch.zeros(10, 6, dtype=torch.bfloat16)  # a row slice of a fused parameter
+    reader.lazy("w").read_into(fused.narrow(0, 3, 4))
+    assert torch.equal(fused[3:7], tensors["w"]) and not fused[:3].any() and not fused[7:].any()
+    with pytest.raises(ValueError, match="shape"):
+        reader.lazy("w").read_into(torch.empty(6, 4, dtype=torch.bfloat16))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 4)
+    with pytest.raises(ValueError, match="truncated"):
+        SafetensorsFile(path).lazy(max(reader.entries, key=lambda n: reader.entries[n][
+            "data_offsets"][1])).load()

@@ -167,6 +167,8 @@ class Engine:
                 raise ValueError(f"spec.draft_model vocabulary ({draft.vocab_size}) differs from "
                                  f"the target's ({target.vocab_size}); they must share a tokenizer")
             self.startup["draft_s"] = round(time.perf_counter() - started, 3)
+            if spec.draft_quantization:  # "cache": packed tensors reused; "source": quantized now
+                self.startup["draft_quantized_from"] = getattr(draft, "quantized_from", None)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
         self.target_runner = ModelRunner(target, self.num_blocks, block_size)

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from specdec.fetch import resolve_model_path
+from specdec.model import quant_cache
 from specdec.model.llama import LlamaForCausalLM
 from specdec.model.reader import SafetensorsFile
 
@@ -105,7 +106,15 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
         if torch.device(device).type != "cpu":
             raise ValueError(f"quantization={quantization!r} runs on the CPU only, "
                              f"got device={device}")
-        load_quantized(model, path, quantization)
+        key = quant_cache.cache_key(path, torch_dtype, quantization)
+        if key is not None and quant_cache.load(model, key):
+            model.quantization = quantization
+            model.quantized_from = "cache"
+        else:
+            load_quantized(model, path, quantization)
+            model.quantized_from = "source"
+            if key is not None:
+                quant_cache.save(model, key)
     model.eval()
     return model
 

@@ -215,3 +215,54 @@ def test_reader_reads_straight_into_the_destination_and_casts(tmp_path):
     with pytest.raises(ValueError, match="truncated"):
         SafetensorsFile(path).lazy(max(reader.entries, key=lambda n: reader.entries[n][
             "data_offsets"][1])).load()
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+def test_quantized_model_cache_is_reused_and_a_damaged_entry_rebuilt(
+        fetched, tmp_path, monkeypatch, quantization):
+    from specdec.model import quant_cache
+    from specdec.model.weights import load_model
+
+    monkeypatch.setenv("SPECDEC_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_model("tiny-test", "float32", quantization=quantization)
+    assert first.quantized_from == "source"
+    (entry,) = [f for f in os.listdir(quant_cache.cache_dir()) if f.endswith(".safetensors")]
+    second = load_model("tiny-test", "float32", quantization=quantization)
+    assert second.quantized_from == "cache"
+    want = first.state_dict()
+    got = second.state_dict()
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert [type(m).__name__ for m in second.modules()] == [
+        type(m).__name__ for m in first.modules()]
+    ids = torch.tensor([5, 77, 300, 12])
+    from tests.conftest import PagedSequences
+    seqs_a, seqs_b = PagedSequences(4, 16), PagedSequences(4, 16)
+    out_a = first(seqs_a.batch([("a", ids.tolist())]), first.make_kv_caches(4, 16))
+    out_b = second(seqs_b.batch([("a", ids.tolist())]), second.make_kv_caches(4, 16))
+    assert torch.equal(out_a, out_b)
+
+    path = os.path.join(quant_cache.cache_dir(), entry)
+    with open(path, "r+b") as f:  # damage one byte: the entry's own hash catches it
+        f.seek(os.path.getsize(path) - 10)
+        f.write(b"\x00\x01")
+    third = load_model("tiny-test", "float32", quantization=quantization)
+    assert third.quantized_from == "source"
+    for name, tensor in third.state_dict().items():
+        assert torch.equal(tensor, want[name]), name
+    assert load_model("tiny-test", "float32", quantization=quantization).quantized_from == "cache"
+
+
+def test_quantized_cache_key_follows_the_packing_code(fetched, monkeypatch):
+    from specdec.model import quant, quant_cache
+
+    path, _ = fetched
+    key = quant_cache.cache_key(path, torch.float32, "int4")
+    assert key == quant_cache.cache_key(path, torch.float32, "int4")
+    assert key != quant_cache.cache_key(path, torch.bfloat16, "int4")
+    assert key != quant_cache.cache_key(path, torch.float32, "int8")
+    monkeypatch.setattr(quant, "FORMAT_VERSION", "something-else")
+    assert key != quant_cache.cache_key(path, torch.float32, "int4")
+    assert quant_cache.cache_key(str(path) + "-nowhere-without-manifest", torch.float32,
+                                 "int4") is None

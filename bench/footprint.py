@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -176,7 +177,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--target-gguf", default=None)
     p.add_argument("--draft-gguf", default=None)
     p.add_argument("--start-timeout", type=float, default=600.0)
-    p.add_argument("--log-dir", default=None, help="server logs (default: a results subdir)")
+    p.add_argument("--log-dir", default=None, help="server logs (default: $TMPDIR/specdec-footprint-logs)")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/...)")
     args = p.parse_args(argv)
     systems = args.systems.split(",")
@@ -193,7 +194,7 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.log_dir = args.log_dir or os.path.join(RESULTS_DIR, "footprint-logs")
+    args.log_dir = args.log_dir or os.path.join(tempfile.gettempdir(), "specdec-footprint-logs")
     os.makedirs(args.log_dir, exist_ok=True)
     sys.path.insert(0, REPO_ROOT)
     from latency_common import machine_info

@@ -1,9 +1,10 @@
 """A disk cache of quantized models: the packed int4 / int8 tensors as `load_quantized` built
 them, so a second start reads them instead of quantizing again.
 
-An entry `$SPECDEC_CACHE_DIR/quantized/<key>.safetensors` holds every tensor of the quantized
-model's state (packed weights, scales, the embedding, the norms) and, in its metadata, which
-module is of which quantized class with which constructor attributes. The key hashes the
+An entry `$SPECDEC_CACHE_DIR/quantized/<key>.safetensors` holds the buffers of the quantized
+modules (packed weights, scales, biases) and, in its metadata, which module is of which
+quantized class with which constructor attributes; the embedding and the norms are read from
+the source entry as on a first load. The key hashes the
 source weights (the xxh3 hashes of the model entry's manifest), the dtype, the quantization,
 torch's version, `quant.FORMAT_VERSION` and the source code of quant.py itself, so any change
 to the packing invalidates old entries. The file carries its own xxh3 hash next to it
@@ -29,7 +30,7 @@ from torch import nn
 from specdec.model import quant, store
 from specdec.model.reader import SafetensorsFile
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 CACHEABLE = ("Int8Linear", "Int4Linear")
 _SIMPLE = (int, float, str, bool, type(None))
 
@@ -78,17 +79,11 @@ def save(model: nn.Module, key: str) -> str | None:
     modules = _modules(model)
     if modules is None:
         return None
-    tensors = {name: tensor for name, tensor in model.state_dict(keep_vars=False).items()}
-    # NOTE: a tied lm_head shares the embedding's storage; store each tensor once.
-    seen: dict[int, str] = {}
-    aliases = {}
-    for name in list(tensors):
-        ptr = tensors[name].data_ptr()
-        if ptr in seen and tensors[name].shape == tensors[seen[ptr]].shape:
-            aliases[name] = seen[ptr]
-            del tensors[name]
-        else:
-            seen[ptr] = name
+    # NOTE: only the quantized modules' buffers: the embedding and the norms are read from
+    # the source entry on load (the float32 embedding of a draft would double its size here).
+    tensors = {f"{name}.{buffer}": tensor for name in modules
+               for buffer, tensor in model.get_submodule(name)._buffers.items()
+               if tensor is not None}
     specs = [store.TensorSpec(name, tuple(t.shape), t.dtype, lambda t=t: t)
              for name, t in tensors.items()]
     path = os.path.join(cache_dir(), f"{key}.safetensors")
@@ -96,8 +91,7 @@ def save(model: nn.Module, key: str) -> str | None:
         os.makedirs(cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
         os.close(fd)
-        store.write_safetensors(tmp, specs, metadata={
-            "modules": json.dumps(modules), "aliases": json.dumps(aliases)})
+        store.write_safetensors(tmp, specs, metadata={"modules": json.dumps(modules)})
         with open(tmp + ".xxh3", "w") as f:
             f.write(store.file_hash(tmp))
         os.replace(tmp + ".xxh3", path + ".xxh3")
@@ -116,10 +110,13 @@ def _shell(cls_name: str, attrs: dict) -> nn.Module:
     return module
 
 
-def load(model: nn.Module, key: str) -> bool:
+def load(model: nn.Module, key: str, source_path: str) -> bool:
     """Fill `model` (built, weights not loaded) from the cache entry `key`: quantized modules
-    rebuilt from their buffers, every other tensor read into place. False if there is no
-    entry, or it does not match its hash (then it is deleted and the caller quantizes)."""
+    rebuilt from their buffers, the other parameters (embedding, norms) read from the source
+    entry `source_path`. False if there is no entry, or it does not match its hash (then it is
+    deleted and the caller quantizes)."""
+    from specdec.model.weights import iter_lazy_weights
+
     path = os.path.join(cache_dir(), f"{key}.safetensors")
     if not os.path.isfile(path):
         return False
@@ -133,7 +130,6 @@ def load(model: nn.Module, key: str) -> bool:
             (size,) = struct.unpack("<Q", f.read(8))
             metadata = json.loads(f.read(size)).get("__metadata__", {})
         modules = json.loads(metadata["modules"])
-        aliases = json.loads(metadata["aliases"])
     except (OSError, ValueError, KeyError):
         for stale in (path, path + ".xxh3"):
             try:
@@ -149,11 +145,12 @@ def load(model: nn.Module, key: str) -> bool:
             module.register_buffer(buffer, reader.lazy(f"{name}.{buffer}").load()
                                    if present else None)
         setattr(parent, child, module)
-    state = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, param in state.items():
-            source = aliases.get(name, name)
-            if source not in reader.entries:
-                raise ValueError(f"quantized cache entry {path} lacks tensor {name!r}")
-            reader.lazy(source).read_into(param.data)
+    params = set(dict(model.named_parameters(remove_duplicate=False)))
+    rest = [(name, tensor) for name, tensor in iter_lazy_weights(source_path)
+            if any(target in params for target, _ in model._map_name(name))]
+    loaded = model.load_weights(rest, strict=False)
+    missing = sorted(p for p in params if not any(s.startswith(p + "@") for s in loaded)
+                     and not (p == "lm_head.weight" and model.arch.tie_word_embeddings))
+    if missing:
+        raise ValueError(f"{source_path} lacks {missing[:5]} for the quantized cache entry")
     return True

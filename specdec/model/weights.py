@@ -107,7 +107,7 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
             raise ValueError(f"quantization={quantization!r} runs on the CPU only, "
                              f"got device={device}")
         key = quant_cache.cache_key(path, torch_dtype, quantization)
-        if key is not None and quant_cache.load(model, key):
+        if key is not None and quant_cache.load(model, key, path):
             model.quantization = quantization
             model.quantized_from = "cache"
         else:

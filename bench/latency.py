@@ -90,7 +90,8 @@ def our_config(name: str, args, pair: Pair | None, target_path: str, draft_path:
 
 def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: str | None,
              prompt_ids, prompts, eos_ids: list[int]) -> SystemResult:
-    from specdec import LLM, SamplingParams, config as cfg
+    from specdec import LLM, SamplingParams
+    from specdec.core import config as cfg
     max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 1
     config = our_config(name, args, pair, target_path, draft_path, max_len)
     start = time.perf_counter()

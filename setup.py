@@ -23,6 +23,7 @@ setup(
         "accelerate",
         "numpy",
         "llguidance>=1.9",
+        "xxhash",
     ],
     extras_require={
         "cuda": ["cupy-cuda12x"],

@@ -39,7 +39,8 @@ if REPO_ROOT not in sys.path:  # run as a script from a checkout without `pip in
     sys.path.append(REPO_ROOT)
 
 from latency_common import (RequestResult, SystemResult, encode_prompts,  # noqa: E402
-                            eos_token_ids, machine_info, strip_eos, sync)
+                            eos_token_ids, machine_info, memory_mb, reset_peak_rss, strip_eos,
+                            sync)
 from latency_hf import run_hf  # noqa: E402
 from prompts import load_code_prompts, load_json_prompts, load_mtbench, take  # noqa: E402
 
@@ -101,6 +102,7 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
     start = time.perf_counter()
     llm = LLM(config)
     result = SystemResult(name, time.perf_counter() - start, {"config": cfg.to_dict(config)})
+    result.settings["startup"] = dict(getattr(llm.engine, "startup", {}))
 
     forced = {"tokens": 0, "valid": 0}
 
@@ -240,6 +242,19 @@ def report(results: dict[str, SystemResult], eos_ids: list[int]) -> tuple[str, d
     return "\n".join(lines), rows
 
 
+def memory_table(results: dict[str, SystemResult]) -> str:
+    """Load time and peak resident memory per system (peak: since that system's start)."""
+    lines = [f"{'system':<12} {'load s':>7} {'start s':>8} {'peak MB':>8} {'calibration':>12}"]
+    for name, res in results.items():
+        startup = res.settings.get("startup", {})
+        peak = res.settings.get("memory", {}).get("peak_rss_mb")
+        lines.append(f"{name:<12} {res.load_s:>7.2f} "
+                     f"{startup.get('start_s', float('nan')):>8.2f} "
+                     f"{'-' if peak is None else format(peak, '.0f'):>8} "
+                     f"{startup.get('calibration', '-'):>12}")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None):
     p = argparse.ArgumentParser(description="batch-1 latency: transformers vs specdec")
     p.add_argument("--pair", choices=sorted(PAIRS), default="qwen")
@@ -318,12 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in systems:
         print(f"[latency] {name}: {len(prompts)} prompts x {args.max_tokens} tokens ...",
               file=sys.stderr, flush=True)
+        gc.collect()
+        peak_is_own = reset_peak_rss()
         if name.startswith("hf"):
             results[name] = run_hf(name, args, target_path, draft_path, prompt_ids, prompts,
                                    eos_ids, pad_id)
         else:
             results[name] = run_ours(name, args, pair, target_path, draft_path, prompt_ids,
                                      prompts, eos_ids)
+        # NOTE: one process runs every system: the peak is this system's only after a reset.
+        results[name].settings["memory"] = dict(memory_mb(), peak_is_own=peak_is_own)
     table, rows = report(results, eos_ids)
     print(table)
     for name, res in results.items():
@@ -333,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<12} forced tokens {res.settings['forced_tokens']} "
                   f"({res.settings['forced_share']:.1%} of output), schema-valid outputs "
                   f"{res.settings['schema_valid']}/{len(res.requests)}")
+    print(memory_table(results))
     differences = explain_differences(results, args, pair, target_path, prompt_ids, eos_ids)
     for d in differences:
         gap = d.get("top2_logprob_gap")

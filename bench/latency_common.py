@@ -1,5 +1,5 @@
 """What bench/latency.py measures and shares between its systems: per-request and per-system
-results, the machine description, prompt encoding and stop ids."""
+results, the machine description, prompt encoding and stop ids, and this process's memory."""
 
 from __future__ import annotations
 
@@ -121,3 +121,27 @@ def encode_prompts(tokenizer, prompts: list[BenchPrompt]) -> list[list[int]]:
     return ids
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: /proc/self/clear_refs "5"), so
+    that each system's peak is its own. False if the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_mb() -> dict[str, float]:
+    """This process's resident memory now (rss_mb) and its peak since the last reset."""
+    usage = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    usage["rss_mb"] = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    usage["peak_rss_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return usage

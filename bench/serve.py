@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from prompts import (BenchPrompt, load_code_prompts, load_mtbench, random_prompts,
                      shared_prefix_prompts, take)
-from serve_stats import (RequestOutcome, parse_counters, print_summary, spec_metrics,
-                         summarize)
+from serve_stats import (RequestOutcome, parse_counters, print_summary, proc_memory,
+                         spec_metrics, summarize)
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -265,6 +265,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--output", default=None, help="JSON path (default bench/results/...)")
     p.add_argument("--save-detailed", action="store_true", help="per-request rows in the JSON")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="a local server's pid: report its resident memory (now and peak)")
     args = p.parse_args(argv)
     if args.num_prompts < 1:
         p.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
@@ -302,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = result["summary"]
     print_summary(summary, args)
+    if args.server_pid:
+        summary["server_memory"] = proc_memory(args.server_pid)
+        print(f"server pid {args.server_pid}: RSS {summary['server_memory']['rss_mb']:.0f} MB, "
+              f"peak RSS {summary['server_memory']['peak_rss_mb']:.0f} MB")
 
     load = (f"rate{args.request_rate:g}" if math.isfinite(args.request_rate) else "rateinf")
     if args.max_concurrency:

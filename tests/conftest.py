@@ -201,3 +201,17 @@ def qwen_pair_dirs() -> tuple[str, str]:
     return (resolve_model_path("qwen2.5-coder-0.5b-instruct"),
             resolve_model_path("qwen2.5-coder-1.5b-instruct"))
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_calibration_cache(tmp_path_factory):
+    """Engines built by tests save their adaptive calibration here, not in ~/.cache."""
+    import os
+
+    old = os.environ.get("SPECDEC_CACHE_DIR")
+    os.environ["SPECDEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("specdec_cache"))
+    yield
+    if old is None:
+        os.environ.pop("SPECDEC_CACHE_DIR", None)
+    else:
+        os.environ["SPECDEC_CACHE_DIR"] = old

@@ -290,10 +290,14 @@ class LlamaForCausalLM(nn.Module):
     # ------------------------------------------------------------------ cache
 
     def make_kv_caches(self, num_blocks: int, block_size: int) -> list[tuple[Tensor, Tensor]]:
-        """Per layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim]."""
+        """Per layer (k_cache, v_cache), each [num_blocks, block_size, num_kv_heads, head_dim].
+
+        NOTE: torch.empty, not zeros: a page of the cache becomes resident only when a block in
+        it is first written. Attention never reads a row before it is written (and masks the
+        padded tail of uniform batches to 0), so the initial contents do not matter."""
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device))
+        return [(torch.empty(shape, dtype=self.dtype, device=self.device),
+                 torch.empty(shape, dtype=self.dtype, device=self.device))
                 for _ in range(self.num_layers)]
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -302,9 +306,11 @@ class LlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ weights
 
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]], strict: bool = True
+                     ) -> set[str]:
         """Copy Hugging Face-named tensors into the (fused) parameters. Raises ValueError
-        naming any missing parameter."""
+        naming any missing parameter (`strict=False`: the caller checks; returns the
+        "param@offset" slices loaded)."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
         for hf_name, tensor in weights:
@@ -320,12 +326,18 @@ class LlamaForCausalLM(nn.Module):
                     if dst.shape != tensor.shape:
                         raise ValueError(f"checkpoint tensor {hf_name!r} has shape "
                                          f"{tuple(tensor.shape)}, expected {tuple(dst.shape)}")
-                    dst.copy_(tensor)
+                    if hasattr(tensor, "read_into"):  # still on disk (specdec/model/reader.py)
+                        tensor.read_into(dst)
+                    else:
+                        dst.copy_(tensor)
                 loaded.add(f"{target}@{offset}")
+        if not strict:
+            return loaded
         expected = self._expected_slices()
         missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+        return loaded
 
     def _map_name(self, hf_name: str) -> list[tuple[str | None, int | None]]:
         name = hf_name.removeprefix("model.")

@@ -32,6 +32,9 @@ import torch
 from torch import Tensor, nn
 
 INT4_GROUP_SIZE = 32
+# NOTE: bump when a quantized layer's buffers change meaning (packing, scales, grouping): it
+# keys the disk cache of quantized models (specdec/model/quant_cache.py).
+FORMAT_VERSION = "int8-rowwise+int4-g32-cpupack-1"
 
 
 class Int8Linear(nn.Module):

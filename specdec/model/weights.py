@@ -10,7 +10,9 @@ import torch
 from safetensors import safe_open
 
 from specdec.fetch import resolve_model_path
+from specdec.model import quant_cache
 from specdec.model.llama import LlamaForCausalLM
+from specdec.model.reader import SafetensorsFile
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZATIONS = (None, "int8", "int4")
@@ -52,6 +54,40 @@ def iter_weights(path: str):
                 yield name, f.get_tensor(name)
 
 
+def iter_lazy_weights(path: str):
+    """(name, LazyTensor) for every tensor of the directory: `load_weights` reads each one
+    straight into its parameter (specdec/model/reader.py), with no memory map."""
+    for file in safetensors_files(path):
+        reader = SafetensorsFile(file)
+        for name in reader.keys():
+            yield name, reader.lazy(name)
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.removeprefix("model.").split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" else None
+
+
+def load_quantized(model: LlamaForCausalLM, path: str, quantization: str) -> None:
+    """Load and quantize one decoder layer at a time (then the embedding, norm and lm_head):
+    a layer's full-precision Linear weights are freed as soon as it is quantized, so the
+    peak memory is the quantized model plus one layer, never a full-precision copy."""
+    from specdec.model.quant import quantize_weights
+
+    expected = model._expected_slices()
+    loaded: set[str] = set()
+    by_layer: dict[int | None, list] = {}
+    for name, tensor in iter_lazy_weights(path):
+        by_layer.setdefault(_layer_of(name), []).append((name, tensor))
+    for layer in [*sorted(k for k in by_layer if k is not None), None]:
+        loaded |= model.load_weights(by_layer.get(layer, []), strict=False)
+        quantize_weights(model.layers[layer] if layer is not None else model, quantization)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+    model.quantization = quantization
+
+
 def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                quantization: str | None = None, max_model_len: int | None = None,
                ) -> LlamaForCausalLM:
@@ -61,14 +97,25 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     torch_dtype = parse_dtype(dtype)
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, verify=True)
     config = load_config(path)
     model = LlamaForCausalLM(config, torch_dtype, device, max_model_len=max_model_len)
-    model.load_weights(iter_weights(path))
+    if quantization is None:
+        model.load_weights(iter_lazy_weights(path))
+    else:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"quantization={quantization!r} runs on the CPU only, "
+                             f"got device={device}")
+        key = quant_cache.cache_key(path, torch_dtype, quantization)
+        if key is not None and quant_cache.load(model, key, path):
+            model.quantization = quantization
+            model.quantized_from = "cache"
+        else:
+            load_quantized(model, path, quantization)
+            model.quantized_from = "source"
+            if key is not None:
+                quant_cache.save(model, key)
     model.eval()
-    if quantization is not None:
-        from specdec.model.quant import quantize_weights
-        quantize_weights(model, quantization)
     return model
 
 

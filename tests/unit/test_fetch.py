@@ -1,6 +1,6 @@
 """`specdec fetch` without the network: a corrupted download is refused and leaves nothing
 behind; a tiny GGUF written here goes through assembly, conversion and load_model, and its
-logits match transformers loading the same GGUF."""
+logits match transformers loading the same GGUF (rounded to the bfloat16 the cache stores)."""
 
 from __future__ import annotations
 
@@ -171,8 +171,12 @@ def test_tiny_gguf_round_trip(tmp_path, monkeypatch, tiny_tokenizer_dir, capsys)
     assert "already there" in capsys.readouterr().out
     assert len(calls) == 3
 
+    # NOTE: the cache stores bfloat16 (the serving dtype): the reference rounds the same way.
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="tiny.gguf",
                                                dtype=torch.float32).eval()
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.copy_(param.to(torch.bfloat16).float())
     model = load_model("tiny-test", "float32")
     prompt = [5, 77, 300, 12, 2, 150, 151, 9, 42, 383, 0, 1, 200]
     seqs = PagedSequences(num_blocks=4, block_size=16)

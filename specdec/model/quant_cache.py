@@ -1,0 +1,156 @@
+"""A disk cache of quantized models: the packed int4 / int8 tensors as `load_quantized` built
+them, so a second start reads them instead of quantizing again.
+
+An entry `$SPECDEC_CACHE_DIR/quantized/<key>.safetensors` holds the buffers of the quantized
+modules (packed weights, scales, biases) and, in its metadata, which module is of which
+quantized class with which constructor attributes; the embedding and the norms are read from
+the source entry as on a first load. The key hashes the
+source weights (the xxh3 hashes of the model entry's manifest), the dtype, the quantization,
+torch's version, `quant.FORMAT_VERSION` and the source code of quant.py itself, so any change
+to the packing invalidates old entries. The file carries its own xxh3 hash next to it
+(`.xxh3`): a damaged entry is rebuilt, never served.
+
+Only classes named in CACHEABLE are cached: each is rebuilt from its buffers and simple
+attributes alone. A model with any other module type (a new kernel's Linear) is quantized
+from the source weights as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import struct
+import tempfile
+
+import torch
+from torch import nn
+
+from specdec.model import quant, store
+from specdec.model.reader import SafetensorsFile
+
+CACHE_FORMAT = 2
+CACHEABLE = ("Int8Linear", "Int4Linear")
+_SIMPLE = (int, float, str, bool, type(None))
+
+
+def cache_dir() -> str:
+    root = os.environ.get("SPECDEC_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "specdec")
+    return os.path.join(root, "quantized")
+
+
+def cache_key(path: str, dtype: torch.dtype, quantization: str) -> str | None:
+    """The entry name for this source and settings; None if the source has no manifest
+    (a local directory we cannot fingerprint cheaply: no caching)."""
+    manifest = store.read_manifest(path)
+    if manifest is None:
+        return None
+    source = {name: entry["xxh3_128"] for name, entry in manifest["files"].items()
+              if name.endswith(".safetensors")}
+    code = hashlib.sha256(inspect.getsource(quant).encode()).hexdigest()
+    key = {"cache_format": CACHE_FORMAT, "source": source, "dtype": str(dtype),
+           "quantization": quantization, "torch": torch.__version__,
+           "quant_format": getattr(quant, "FORMAT_VERSION", None), "quant_code": code}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _modules(model: nn.Module) -> dict[str, dict]:
+    """name -> {"class", "attrs", "buffers"} for every quantized module; None if a module of
+    a class outside CACHEABLE is quantized (not cacheable)."""
+    out = {}
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if module.__class__.__module__ != quant.__name__:
+            continue
+        if cls not in CACHEABLE:
+            return None
+        attrs = {k: v for k, v in vars(module).items()
+                 if not k.startswith("_") and k != "training" and isinstance(v, _SIMPLE)}
+        out[name] = {"class": cls, "attrs": attrs,
+                     "buffers": {k: v is not None for k, v in module._buffers.items()}}
+    return out
+
+
+def save(model: nn.Module, key: str) -> str | None:
+    """Write the quantized model's tensors under `key`; returns the file, or None when the
+    model is not cacheable or the cache is not writable."""
+    modules = _modules(model)
+    if modules is None:
+        return None
+    # NOTE: only the quantized modules' buffers: the embedding and the norms are read from
+    # the source entry on load (the float32 embedding of a draft would double its size here).
+    tensors = {f"{name}.{buffer}": tensor for name in modules
+               for buffer, tensor in model.get_submodule(name)._buffers.items()
+               if tensor is not None}
+    specs = [store.TensorSpec(name, tuple(t.shape), t.dtype, lambda t=t: t)
+             for name, t in tensors.items()]
+    path = os.path.join(cache_dir(), f"{key}.safetensors")
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
+        os.close(fd)
+        store.write_safetensors(tmp, specs, metadata={"modules": json.dumps(modules)})
+        with open(tmp + ".xxh3", "w") as f:
+            f.write(store.file_hash(tmp))
+        os.replace(tmp + ".xxh3", path + ".xxh3")
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    return path
+
+
+def _shell(cls_name: str, attrs: dict) -> nn.Module:
+    cls = getattr(quant, cls_name)
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    for k, v in attrs.items():
+        setattr(module, k, v)
+    return module
+
+
+def load(model: nn.Module, key: str, source_path: str) -> bool:
+    """Fill `model` (built, weights not loaded) from the cache entry `key`: quantized modules
+    rebuilt from their buffers, the other parameters (embedding, norms) read from the source
+    entry `source_path`. False if there is no entry, or it does not match its hash (then it is
+    deleted and the caller quantizes)."""
+    from specdec.model.weights import iter_lazy_weights
+
+    path = os.path.join(cache_dir(), f"{key}.safetensors")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path + ".xxh3") as f:
+            expected = f.read().strip()
+        if store.file_hash(path) != expected:
+            raise ValueError("hash mismatch")
+        reader = SafetensorsFile(path)
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            metadata = json.loads(f.read(size)).get("__metadata__", {})
+        modules = json.loads(metadata["modules"])
+    except (OSError, ValueError, KeyError):
+        for stale in (path, path + ".xxh3"):
+            try:
+                os.remove(stale)
+            except OSError:
+                pass
+        return False
+    for name, spec in modules.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = _shell(spec["class"], spec["attrs"])
+        for buffer, present in spec["buffers"].items():
+            module.register_buffer(buffer, reader.lazy(f"{name}.{buffer}").load()
+                                   if present else None)
+        setattr(parent, child, module)
+    params = set(dict(model.named_parameters(remove_duplicate=False)))
+    rest = [(name, tensor) for name, tensor in iter_lazy_weights(source_path)
+            if any(target in params for target, _ in model._map_name(name))]
+    loaded = model.load_weights(rest, strict=False)
+    missing = sorted(p for p in params if not any(s.startswith(p + "@") for s in loaded)
+                     and not (p == "lm_head.weight" and model.arch.tie_word_embeddings))
+    if missing:
+        raise ValueError(f"{source_path} lacks {missing[:5]} for the quantized cache entry")
+    return True

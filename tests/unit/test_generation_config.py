@@ -47,8 +47,9 @@ def test_write_generation_config_merges_and_is_idempotent(tmp_path, monkeypatch)
 
 
 def test_fetch_refreshes_an_already_fetched_cache(tmp_path, monkeypatch, capsys):
-    source = fetch.ModelSource("tiny-test", ("pkg",), ("m",), "0" * 64, "test")
+    source = fetch.ModelSource("tiny-test", ("pkg==1.0",), ("m",), "0" * 64, "test", ("0" * 64,))
     monkeypatch.setitem(fetch.KNOWN_MODELS, "tiny-test", source)
+    monkeypatch.setattr(fetch, "check_entry", lambda name, dest, full=False: True)  # a valid entry
     monkeypatch.setitem(gc.PUBLISHED, "tiny-test", {"eos_token_id": [2, 0]})
     dest = tmp_path / "tiny-test"
     dest.mkdir()

@@ -96,12 +96,26 @@ def int4_dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: in
 class Int4Linear(nn.Module):
     """y = x @ dequant(int4_weight).T + bias, computed in bfloat16, returned in x's dtype."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE,
+                 source_groups: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """source_groups: (codes [out, in], scales, zero_eff [out, in / 32]) read from the
+        checkpoint (gguf_q4k.q4k_groups), weight = codes * scale + zero_eff; used as they are
+        instead of re-quantizing linear.weight."""
         super().__init__()
         if not int4_fits(linear, group_size):
             raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % "
                              f"{group_size} == 0, got {linear.out_features}x{linear.in_features}")
-        codes, scales, zeros = int4_groups(linear.weight.detach(), group_size)
+        if source_groups is not None:
+            codes, scales, zero_eff = source_groups
+            expected = (linear.out_features, linear.in_features)
+            if tuple(codes.shape) != expected or group_size != q4_cpu.GROUP_SIZE:
+                raise ValueError(f"source_groups: codes {tuple(codes.shape)} for a "
+                                 f"{expected} layer (group {group_size})")
+            codes = codes.to(torch.int32)
+            scales = scales.to(torch.bfloat16)
+            zeros = (zero_eff.float() + 8.0 * scales.float()).to(torch.bfloat16)
+        else:
+            codes, scales, zeros = int4_groups(linear.weight.detach(), group_size)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.group_size = group_size
@@ -109,7 +123,8 @@ class Int4Linear(nn.Module):
                               and q4_cpu.load_kernel() is not None)
         if self.use_q4_kernel:
             # weight = (code - 8) * scale + zero = code * scale + (zero - 8 * scale)
-            zero_eff = zeros.float() - 8.0 * scales.float()
+            zero_eff = (source_groups[2].float() if source_groups is not None
+                        else zeros.float() - 8.0 * scales.float())
             packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
             self.register_buffer("q4_packed", packed)  # [out / 16, in / 32, 4, 64] uint8
             self.register_buffer("q4_scale_zero", scale_zero)  # [out / 16, in / 32, 2, 16]
@@ -147,9 +162,14 @@ def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
     return linear.out_features % 16 == 0 and linear.in_features % group_size == 0
 
 
-def quantize_weights(model: nn.Module, quantization: str) -> nn.Module:
+def quantize_weights(model: nn.Module, quantization: str,
+                     groups: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+                     int8_names: set[str] | None = None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with Int8Linear ("int8") or Int4Linear
-    ("int4"; int8 for a layer the int4 kernel cannot take). CPU only. Returns the model."""
+    ("int4"; int8 for a layer the int4 kernel cannot take). CPU only. Returns the model.
+    With "int4", `groups` maps layer names to their checkpoint's 4-bit groups (see
+    gguf_q4k.q4k_groups: used as they are), and layers in `int8_names` stay int8 (those the
+    checkpoint stored at more than 4 bits)."""
     if quantization not in ("int8", "int4"):
         raise ValueError(f"quantization must be 'int8' or 'int4', got {quantization!r}")
     device = torch.device(getattr(model, "device", "cpu"))
@@ -160,7 +180,10 @@ def quantize_weights(model: nn.Module, quantization: str) -> nn.Module:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        use_int4 = quantization == "int4" and int4_fits(linear)
-        setattr(parent, child, Int4Linear(linear) if use_int4 else Int8Linear(linear))
+        use_int4 = (quantization == "int4" and int4_fits(linear)
+                    and name not in (int8_names or ()))
+        source = (groups or {}).get(name) if use_int4 else None
+        setattr(parent, child,
+                Int4Linear(linear, source_groups=source) if use_int4 else Int8Linear(linear))
     model.quantization = quantization
     return model

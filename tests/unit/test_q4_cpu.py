@@ -135,3 +135,43 @@ def test_env_forces_torch_kernel(monkeypatch):
         assert not Int4Linear(torch.nn.Linear(64, 32)).use_q4_kernel
     finally:
         q4_cpu.load_kernel.cache_clear()
+
+
+def test_q4k_decoding_matches_gguf_dequantize():
+    import gguf
+    import numpy as np
+
+    from specdec.model.gguf_q4k import decode_q4k
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(16, 2 * 144), dtype=np.uint8)  # 16 rows x 512 weights
+    raw[:, 0:2] = np.array([0.01], dtype=np.float16).view(np.uint8)  # finite d, dmin
+    raw[:, 2:4] = np.array([0.02], dtype=np.float16).view(np.uint8)
+    raw[:, 144:146] = np.array([-0.03], dtype=np.float16).view(np.uint8)
+    raw[:, 146:148] = np.array([0.005], dtype=np.float16).view(np.uint8)
+    codes, scales, zero_eff = decode_q4k(raw)
+    assert codes.shape == (16, 512) and scales.shape == zero_eff.shape == (16, 16)
+    assert int(codes.max()) <= 15
+    ours = codes.float() * scales.repeat_interleave(32, 1) + zero_eff.repeat_interleave(32, 1)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K))
+    torch.testing.assert_close(ours, want.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_int4_linear_takes_source_groups_as_they_are():
+    from specdec.model.gguf_q4k import hf_linear_name
+    from specdec.model.quant import quantize_weights
+
+    assert hf_linear_name("blk.3.ffn_up.weight") == "model.layers.3.mlp.up_proj"
+    assert hf_linear_name("output.weight") == "lm_head"
+    assert hf_linear_name("blk.3.attn_norm.weight") is None
+    codes, scales, zero_eff = _random_layer(32, 64, 5)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 32))
+    quantize_weights(model, "int4", groups={"0": (codes, scales, zero_eff)}, int8_names={"1"})
+    assert isinstance(model[0], Int4Linear)
+    assert not isinstance(model[1], Int4Linear)  # kept at int8 as the checkpoint asked
+    x = torch.randn(3, 64)
+    weight = codes.float() * scales.repeat_interleave(32, 1) + zero_eff.repeat_interleave(32, 1)
+    want = x @ weight.T + model[0].bias.detach()
+    torch.testing.assert_close(model[0](x), want, atol=0.02, rtol=0.02)
+    with pytest.raises(ValueError, match="source_groups"):
+        Int4Linear(torch.nn.Linear(64, 48), source_groups=(codes, scales, zero_eff))

@@ -128,7 +128,7 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
            "--no-warmup", "--log-disable"]
     if name == "llamacpp-draft":
         cmd += ["-md", str(ensure_gguf(draft)), "--spec-draft-n-max", str(args.llamacpp_k),
-                "-td", str(threads), "-tbd", str(threads), "-cd", str(max_len)]
+                "-td", str(threads), "-tbd", str(threads)]
     start = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -310,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             results[name] = run_ours(name, args, pair, target_path, draft_path, prompt_ids,
                                      prompts, eos_ids)
+        # NOTE: a table after every system, so a run cut off by a timeout keeps what it measured
+        print(report(results, eos_ids)[0], file=sys.stderr, flush=True)
     table, rows = report(results, eos_ids)
     print(table)
     differences = explain_differences(results, args, pair, target_path, prompt_ids, eos_ids)

@@ -7,6 +7,9 @@ Systems (all greedy, same prompts with the chat template applied, same dtype and
     ours         specdec, no speculation
     ours-draft   specdec with the draft model
     ours-ngram   specdec with the n-gram (prompt lookup) drafter
+    llamacpp     llama.cpp's llama-server on the same Q4_K_M GGUF (built once; see
+                 latency_llamacpp.py), over HTTP
+    llamacpp-draft  the same with the draft GGUF (-md, --spec-draft-n-max --llamacpp-k)
 
 Each system loads, warms up on one prompt, then runs the prompts one at a time. tokens/s is
 generated tokens / wall time, summed over prompts. The `same` column checks greedy outputs
@@ -38,15 +41,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.append(REPO_ROOT)
 
-from latency_common import (RequestResult, SystemResult, encode_prompts,  # noqa: E402
-                            eos_token_ids, machine_info, memory_mb, reset_peak_rss, strip_eos,
-                            sync)
+from latency_common import (PeakRss, RequestResult, SystemResult,  # noqa: E402
+                            encode_prompts, eos_token_ids, machine_info, memory_mb,
+                            reset_peak_rss, strip_eos, sync)
 from latency_hf import run_hf  # noqa: E402
 from prompts import load_code_prompts, load_json_prompts, load_mtbench, take  # noqa: E402
 
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
-ALL_SYSTEMS = ("hf", "hf-assisted", "hf-ngram", "ours", "ours-draft", "ours-ngram")
-DRAFT_SYSTEMS = ("hf-assisted", "ours-draft")
+ALL_SYSTEMS = ("hf", "hf-assisted", "hf-ngram", "ours", "ours-draft", "ours-ngram",
+               "llamacpp", "llamacpp-draft")
+DRAFT_SYSTEMS = ("hf-assisted", "ours-draft", "llamacpp-draft")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,8 @@ def our_config(name: str, args, pair: Pair | None, target_path: str, draft_path:
         "model.path": target_path, "model.dtype": args.dtype,
         "device.num_threads": args.threads, "device.device": args.device,
     }
+    if args.quantization:
+        overrides["model.quantization"] = args.quantization
     if name == "ours":
         overrides["spec.method"] = "none"
     else:
@@ -99,6 +105,7 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
     from specdec.core import config as cfg
     max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 1
     config = our_config(name, args, pair, target_path, draft_path, max_len)
+    peak = PeakRss()
     start = time.perf_counter()
     llm = LLM(config)
     result = SystemResult(name, time.perf_counter() - start, {"config": cfg.to_dict(config)})
@@ -140,6 +147,7 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
         result.settings["forced_tokens"] = forced["tokens"]
         result.settings["forced_share"] = forced["tokens"] / num_tokens if num_tokens else 0.0
         result.settings["schema_valid"] = forced["valid"]
+    result.settings["peak_rss_mb"] = peak.stop()
     del llm
     gc.collect()
     return result
@@ -214,7 +222,7 @@ def count_same(result: SystemResult, reference: SystemResult, eos_ids: list[int]
 def report(results: dict[str, SystemResult], eos_ids: list[int]) -> tuple[str, dict]:
     hf, ours = results.get("hf"), results.get("ours")
     header = (f"{'system':<12} {'tok/s':>8} {'x hf':>6} {'x ours':>7} {'accept':>7} "
-              f"{'mean k':>7} {'ttft ms':>8} {'tokens':>7} {'same':>9}")
+              f"{'mean k':>7} {'ttft ms':>8} {'tokens':>7} {'same':>9} {'peak MB':>8}")
     lines = [header, "-" * len(header)]
     rows = {}
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
@@ -223,6 +231,8 @@ def report(results: dict[str, SystemResult], eos_ids: list[int]) -> tuple[str, d
         reference = ours if name.startswith("ours-") else hf if name != "hf" else None
         if name == "ours":
             reference = hf
+        if name.startswith("llamacpp"):  # its kernels differ from ours: informative only
+            reference = results.get("llamacpp") if name != "llamacpp" else ours
         same = None
         if reference is not None:
             same = {"reference": reference.name, "identical": count_same(res, reference, eos_ids),
@@ -233,12 +243,14 @@ def report(results: dict[str, SystemResult], eos_ids: list[int]) -> tuple[str, d
         rows[name] = summary
         ttft = summary["median_ttft_s"]
         same_text = "-" if same is None else f"{same['identical']}/{same['total']}"
+        summary["peak_rss_mb"] = res.settings.get("peak_rss_mb")
         lines.append(f"{name:<12} {summary['tokens_per_s']:>8.2f} {fmt(summary['x_hf'], '.2f'):>6} "
                      f"{fmt(summary['x_ours'], '.2f'):>7} "
                      f"{fmt(summary['acceptance_length'], '.2f'):>7} "
                      f"{fmt(summary['mean_k'], '.2f'):>7} "
                      f"{fmt(None if ttft is None else ttft * 1e3, '.1f'):>8} "
-                     f"{summary['num_output_tokens']:>7} {same_text:>9}")
+                     f"{summary['num_output_tokens']:>7} {same_text:>9} "
+                     f"{fmt(summary['peak_rss_mb'], '.0f'):>8}")
     return "\n".join(lines), rows
 
 
@@ -271,10 +283,14 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--draft-quantization", choices=["int8", "int4"], default=None)
+    p.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                   help="target weight-only quantization (model.quantization)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--k", type=int, default=4, help="speculative tokens (k max when adaptive)")
     p.add_argument("--fixed-k", action="store_true", help="turn off our adaptive k")
+    p.add_argument("--llamacpp-k", type=int, default=8,
+                   help="llama.cpp's --spec-draft-n-max for llamacpp-draft")
     p.add_argument("--systems", default=None,
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
     p.add_argument("--seed", type=int, default=0)
@@ -335,7 +351,12 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         gc.collect()
         peak_is_own = reset_peak_rss()
-        if name.startswith("hf"):
+        if name.startswith("llamacpp"):
+            from latency_llamacpp import run_llamacpp
+            max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 16
+            results[name] = run_llamacpp(name, args, args.target or pair.target, draft_name,
+                                         prompt_ids, prompts, max_len)
+        elif name.startswith("hf"):
             results[name] = run_hf(name, args, target_path, draft_path, prompt_ids, prompts,
                                    eos_ids, pad_id)
         else:
@@ -343,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                                      prompts, eos_ids)
         # NOTE: one process runs every system: the peak is this system's only after a reset.
         results[name].settings["memory"] = dict(memory_mb(), peak_is_own=peak_is_own)
+        # NOTE: a table after every system, so a run cut off by a timeout keeps what it measured
+        print(report(results, eos_ids)[0], file=sys.stderr, flush=True)
     table, rows = report(results, eos_ids)
     print(table)
     for name, res in results.items():

@@ -3,8 +3,11 @@
 bfloat16; logits stay float32. The tied embedding table keeps the model dtype.
 
 - int8: one scale per output channel, `torch._weight_int8pack_mm`.
-- int4: asymmetric, one (scale, zero) per group of 32 input channels,
-  `torch._weight_int4pack_mm_for_cpu`. A layer whose shape the kernel cannot take (out_features
+- int4: asymmetric, one (scale, zero) per group of 32 input channels. Where the compiled kernel
+  of specdec/kernels/q4_cpu.py loads (a C++ compiler and AVX512-VNNI), it runs there: activations
+  quantized to int8 per group of 32, Q4 x Q8 dot products, each weight read once for all rows
+  (a 5-row verify window costs about 2 single-row steps, not 3.8); otherwise
+  `torch._weight_int4pack_mm_for_cpu`. A layer whose shape the kernels cannot take (out_features
   not a multiple of 16, in_features not a multiple of the group) stays int8.
 
 NOTE: measured on the 2-core dev CPU (1 thread, min of 5 runs; M = 1 / 3 / 5 rows):
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from specdec.kernels import q4_cpu
 
 INT4_GROUP_SIZE = 32
 # NOTE: bump when a quantized layer's buffers change meaning (packing, scales, grouping): it
@@ -94,25 +99,55 @@ def int4_dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: in
 class Int4Linear(nn.Module):
     """y = x @ dequant(int4_weight).T + bias, computed in bfloat16, returned in x's dtype."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> None:
+    def __init__(self, linear: nn.Linear, group_size: int = INT4_GROUP_SIZE,
+                 source_groups: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """source_groups: (codes [out, in], scales, zero_eff [out, in / 32]) read from the
+        checkpoint (gguf_q4k.q4k_groups), weight = codes * scale + zero_eff; used as they are
+        instead of re-quantizing linear.weight."""
         super().__init__()
         if not int4_fits(linear, group_size):
             raise ValueError(f"int4 needs out_features % 16 == 0 and in_features % "
                              f"{group_size} == 0, got {linear.out_features}x{linear.in_features}")
-        codes, scales, zeros = int4_groups(linear.weight.detach(), group_size)
+        if source_groups is not None:
+            codes, scales, zero_eff = source_groups
+            expected = (linear.out_features, linear.in_features)
+            if tuple(codes.shape) != expected or group_size != q4_cpu.GROUP_SIZE:
+                raise ValueError(f"source_groups: codes {tuple(codes.shape)} for a "
+                                 f"{expected} layer (group {group_size})")
+            codes = codes.to(torch.int32)
+            scales = scales.to(torch.bfloat16)
+            zeros = (zero_eff.float() + 8.0 * scales.float()).to(torch.bfloat16)
+        else:
+            codes, scales, zeros = int4_groups(linear.weight.detach(), group_size)
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.group_size = group_size
-        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)  # [out, in / 2] uint8
-        self.register_buffer("packed_weight", packed)
-        # [num_groups, out, 2] bfloat16: (scale, zero) per group and output channel
-        self.register_buffer("scales_and_zeros",
-                             torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
+        self.use_q4_kernel = (group_size == q4_cpu.GROUP_SIZE
+                              and q4_cpu.load_kernel() is not None)
+        if self.use_q4_kernel:
+            # weight = (code - 8) * scale + zero = code * scale + (zero - 8 * scale)
+            zero_eff = (source_groups[2].float() if source_groups is not None
+                        else zeros.float() - 8.0 * scales.float())
+            packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+            self.register_buffer("q4_packed", packed)  # [out / 16, in / 32, 4, 64] uint8
+            self.register_buffer("q4_scale_zero", scale_zero)  # [out / 16, in / 32, 2, 16]
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)  # [out, in / 2] uint8
+            self.register_buffer("packed_weight", packed)
+            # [num_groups, out, 2] bfloat16: (scale, zero) per group and output channel
+            self.register_buffer("scales_and_zeros",
+                                 torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous())
         bias = None if linear.bias is None else linear.bias.detach().clone()
         self.register_buffer("bias", bias)
 
     def forward(self, x: Tensor) -> Tensor:
         # x: [num_tokens, in_features] -> [num_tokens, out_features]
+        if self.use_q4_kernel:
+            out = q4_cpu.q4_linear(q4_cpu.load_kernel(), x, self.q4_packed,
+                                   self.q4_scale_zero).to(x.dtype)
+            if self.bias is not None:
+                out = out + self.bias
+            return out
         out = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(),
                                                 self.packed_weight, self.group_size,
                                                 self.scales_and_zeros).to(x.dtype)
@@ -121,17 +156,23 @@ class Int4Linear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        kernel = "q4_cpu" if self.use_q4_kernel else "torch"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"int4 group={self.group_size}")
+                f"int4 group={self.group_size}, kernel={kernel}")
 
 
 def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
     return linear.out_features % 16 == 0 and linear.in_features % group_size == 0
 
 
-def quantize_weights(model: nn.Module, quantization: str) -> nn.Module:
+def quantize_weights(model: nn.Module, quantization: str,
+                     groups: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+                     int8_names: set[str] | None = None) -> nn.Module:
     """Replace the model's nn.Linear layers in place with Int8Linear ("int8") or Int4Linear
-    ("int4"; int8 for a layer the int4 kernel cannot take). CPU only. Returns the model."""
+    ("int4"; int8 for a layer the int4 kernel cannot take). CPU only. Returns the model.
+    With "int4", `groups` maps layer names to their checkpoint's 4-bit groups (see
+    gguf_q4k.q4k_groups: used as they are), and layers in `int8_names` stay int8 (those the
+    checkpoint stored at more than 4 bits)."""
     if quantization not in ("int8", "int4"):
         raise ValueError(f"quantization must be 'int8' or 'int4', got {quantization!r}")
     device = torch.device(getattr(model, "device", "cpu"))
@@ -142,7 +183,10 @@ def quantize_weights(model: nn.Module, quantization: str) -> nn.Module:
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        use_int4 = quantization == "int4" and int4_fits(linear)
-        setattr(parent, child, Int4Linear(linear) if use_int4 else Int8Linear(linear))
+        use_int4 = (quantization == "int4" and int4_fits(linear)
+                    and name not in (int8_names or ()))
+        source = (groups or {}).get(name) if use_int4 else None
+        setattr(parent, child,
+                Int4Linear(linear, source_groups=source) if use_int4 else Int8Linear(linear))
     model.quantization = quantization
     return model

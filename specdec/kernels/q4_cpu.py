@@ -1,0 +1,133 @@
+"""A weight-only 4-bit matmul for the CPU whose cost is flat in the number of rows (1..8): each
+weight byte is read once for all rows of a verify window. C++ (q4_cpu.cpp), built on first use
+with `torch.utils.cpp_extension.load` and cached under ~/.cache/specdec/ext (or
+$TORCH_EXTENSIONS_DIR); the AVX512-VNNI path does llama.cpp-style Q4 x Q8 dot products.
+
+Glossary:
+- codes [N, K]: 4-bit weight codes 0..15; the weight is codes * scale + zero_eff per group of 32
+  inputs (asymmetric; zero_eff is the weight at code 0).
+- q, dx, xsum: the activations quantized to int8 per row and group of 32 (q = round(x / dx),
+  dx = max|x| / 127) and the float sum of x over each group.
+- packed [N/16, K/32, 4, 64] uint8 and scale_zero [N/16, K/32, 2, 16] bfloat16: the kernel's layout
+  (see q4_cpu.cpp). `FORMAT_VERSION` names it; a cache of packed tensors keys on it.
+
+`q4_reference` is the plain torch version of the same arithmetic (float64, exact integer group
+sums); tests compare the kernel against it. Where no compiler or no AVX512-VNNI is present,
+`load_kernel()` returns None and Int4Linear keeps torch's own int4 kernel.
+Set SPECDEC_Q4_KERNEL=torch to force torch's kernel (for before/after measurements).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+FORMAT_VERSION = 1
+GROUP_SIZE = 32
+TILE_COLUMNS = 16
+
+_SOURCE = Path(__file__).with_name("q4_cpu.cpp")
+_log = logging.getLogger(__name__)
+
+
+def q4_fits(out_features: int, in_features: int) -> bool:
+    return out_features % TILE_COLUMNS == 0 and in_features % GROUP_SIZE == 0
+
+
+def q4_pack(codes: Tensor, scales: Tensor, zero_eff: Tensor) -> tuple[Tensor, Tensor]:
+    """codes [N, K] (0..15), scales and zero_eff [N, K/32] -> (packed [N/16, K/32, 4, 64] uint8,
+    scale_zero [N/16, K/32, 2, 16] bfloat16), the kernel's layout."""
+    n, k = codes.shape
+    if not q4_fits(n, k):
+        raise ValueError(f"q4 needs out_features % {TILE_COLUMNS} == 0 and in_features % "
+                         f"{GROUP_SIZE} == 0, got {n}x{k}")
+    tiles, groups = n // TILE_COLUMNS, k // GROUP_SIZE
+    # [tiles, 16 cols, groups, 8 steps, 4 inputs] -> [tiles, groups, 8 steps, 16 cols, 4 inputs]
+    c = codes.to(torch.uint8).reshape(tiles, TILE_COLUMNS, groups, 8, 4).permute(0, 2, 3, 1, 4)
+    c = c.reshape(tiles, groups, 4, 2, 64)  # step s = 2 * chunk + parity
+    packed = (c[:, :, :, 0] | (c[:, :, :, 1] << 4)).contiguous()  # [tiles, groups, 4, 64]
+    sz = torch.stack([scales, zero_eff], dim=0).to(torch.bfloat16)  # [2, N, groups]
+    sz = sz.reshape(2, tiles, TILE_COLUMNS, groups).permute(1, 3, 0, 2).contiguous()
+    return packed, sz  # sz: [tiles, groups, 2, 16]
+
+
+def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """x [M, K] -> q [M, K] (int8 values, float32), dx [M, G], xsum [M, G]; as the kernel does."""
+    m, k = x.shape
+    groups = x.float().reshape(m, k // GROUP_SIZE, GROUP_SIZE)
+    dx = groups.abs().amax(dim=-1) / 127.0  # [M, G]
+    safe = torch.where(dx > 0, dx, torch.ones_like(dx))
+    q = torch.where(dx[..., None] > 0, torch.round(groups / safe[..., None]),
+                    torch.zeros_like(groups))
+    return q.reshape(m, k), dx, groups.sum(dim=-1)
+
+
+def q4_reference(x: Tensor, codes: Tensor, scales: Tensor, zero_eff: Tensor) -> Tensor:
+    """The kernel's arithmetic in plain torch: x [M, K], codes [N, K], scales/zero_eff [N, G] ->
+    y [M, N] float32. Group sums of codes * q are exact (float64 holds them)."""
+    m, k = x.shape
+    n = codes.shape[0]
+    q, dx, xsum = quantize_activations(x)
+    qg = q.double().reshape(m, k // GROUP_SIZE, GROUP_SIZE)  # [M, G, 32]
+    cg = codes.double().reshape(n, k // GROUP_SIZE, GROUP_SIZE)  # [N, G, 32]
+    int_sums = torch.einsum("mgi,ngi->mng", qg, cg)  # [M, N, G], exact integers
+    s = scales.to(torch.bfloat16).double()  # the kernel reads bfloat16
+    z = zero_eff.to(torch.bfloat16).double()
+    y = (int_sums * s[None] * dx.double()[:, None]).sum(-1) + xsum.double() @ z.T
+    return y.float()
+
+
+def _extension_name() -> str:
+    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest.update(torch.__version__.encode())
+    # NOTE: built with -march=native, so the build is only valid on this CPU model.
+    try:
+        digest.update(_cpu_model().encode())
+    except OSError:
+        pass
+    return f"specdec_q4_cpu_{digest.hexdigest()[:12]}"
+
+
+def _cpu_model() -> str:
+    text = Path("/proc/cpuinfo").read_text()
+    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(lines[:2])
+
+
+@functools.cache
+def load_kernel(use_simd: bool = True):
+    """The compiled extension module, or None (no compiler, no AVX512-VNNI with use_simd, or
+    SPECDEC_Q4_KERNEL=torch). Built once per source/torch/CPU and cached on disk."""
+    if os.environ.get("SPECDEC_Q4_KERNEL", "") == "torch":
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        name = _extension_name()
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(
+            Path.home() / ".cache" / "specdec" / "ext")
+        build_dir = Path(root) / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        module = cpp_extension.load(
+            name=name, sources=[str(_SOURCE)], build_directory=str(build_dir),
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+            verbose=False)
+    except Exception as error:  # no compiler, no ninja, a build error: keep torch's kernel
+        _log.warning("q4 CPU kernel unavailable (%s); using torch's int4 kernel", error)
+        return None
+    if use_simd and not module.q4_has_vnni():
+        _log.warning("q4 CPU kernel built without AVX512-VNNI; using torch's int4 kernel")
+        return None
+    return module
+
+
+def q4_linear(kernel, x: Tensor, packed: Tensor, scale_zero: Tensor,
+              use_simd: bool = True) -> Tensor:
+    """x [M, K] -> y [M, N] float32 with the compiled kernel."""
+    return kernel.q4_linear(x.contiguous(), packed, scale_zero, use_simd)

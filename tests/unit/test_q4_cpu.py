@@ -1,0 +1,177 @@
+"""The CPU 4-bit kernel (specdec/kernels/q4_cpu.cpp) against its plain torch reference, its
+packing, and the fallback to torch's kernel where the extension cannot load."""
+
+import pytest
+import torch
+
+from specdec.kernels import q4_cpu
+from specdec.model.quant import Int4Linear, int4_dequantize, int4_groups
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = q4_cpu.load_kernel(use_simd=False)  # builds once (cached on disk)
+    if module is None:
+        pytest.skip("the q4 CPU extension does not build here (no compiler)")
+    return module
+
+
+def _random_layer(n, k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    scales = (torch.rand(n, k // 32, generator=gen) * 0.02).bfloat16().float()
+    zero_eff = (torch.randn(n, k // 32, generator=gen) * 0.1).bfloat16().float()
+    return codes, scales, zero_eff
+
+
+def test_pack_layout_puts_each_code_where_the_kernel_reads_it():
+    codes, scales, zero_eff = _random_layer(32, 64, 0)
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    assert packed.shape == (2, 2, 4, 64) and packed.dtype == torch.uint8
+    assert scale_zero.shape == (2, 2, 2, 16) and scale_zero.dtype == torch.bfloat16
+    for n in range(32):
+        for k in range(64):
+            tile, j = divmod(n, 16)
+            group, within = divmod(k, 32)
+            step, b = divmod(within, 4)
+            byte = int(packed[tile, group, step // 2, j * 4 + b])
+            code = byte >> 4 if step % 2 else byte & 0x0F
+            assert code == int(codes[n, k]), (n, k)
+    assert torch.equal(scale_zero[1, 1, 0], scales[16:32, 1].bfloat16())
+    assert torch.equal(scale_zero[0, 1, 1], zero_eff[0:16, 1].bfloat16())
+
+
+@pytest.mark.parametrize("use_simd", [False, True])
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(kernel, use_simd, num_rows, dtype):
+    if use_simd and not kernel.q4_has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    n, k = 48, 160
+    codes, scales, zero_eff = _random_layer(n, k, num_rows)
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(7)).to(dtype)
+    x[0, :32] = 0.0  # an all-zero activation group (dx = 0)
+    got = q4_cpu.q4_linear(kernel, x, packed, scale_zero, use_simd)
+    want = q4_cpu.q4_reference(x, codes, scales, zero_eff)
+    assert got.shape == (num_rows, n) and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    # NOTE: the integer group sums are exact in both; only the float32 combination of the
+    # groups differs in order (5 groups here), so the error is a few float32 ulps of the terms.
+    bound = 1e-5 * (want.abs().max() + 1.0)
+    assert (got - want).abs().max() <= bound
+
+
+def test_simd_and_plain_paths_agree_on_a_model_sized_layer(kernel):
+    if not kernel.q4_has_vnni():
+        pytest.skip("this CPU has no AVX512-VNNI")
+    codes, scales, zero_eff = _random_layer(256, 1536, 3)
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    x = torch.randn(6, 1536).bfloat16()
+    fast = q4_cpu.q4_linear(kernel, x, packed, scale_zero, True)
+    plain = q4_cpu.q4_linear(kernel, x, packed, scale_zero, False)
+    want = q4_cpu.q4_reference(x, codes, scales, zero_eff)
+    assert (fast - plain).abs().max() <= 1e-4 * want.abs().max()
+    assert (fast - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_reference_is_the_matmul_up_to_activation_rounding():
+    codes, scales, zero_eff = _random_layer(32, 256, 4)
+    weight = codes.float() * scales.repeat_interleave(32, 1) + zero_eff.repeat_interleave(32, 1)
+    x = torch.randn(4, 256)
+    exact = x @ weight.T
+    got = q4_cpu.q4_reference(x, codes, scales, zero_eff)
+    # int8 activations per group of 32: about 0.4 % relative error per group, averaging out
+    assert ((got - exact).norm() / exact.norm()).item() < 0.01
+
+
+def test_int4_linear_uses_the_kernel_and_matches_the_reference(kernel):
+    if q4_cpu.load_kernel() is None:
+        pytest.skip("no AVX512-VNNI: Int4Linear uses torch's kernel")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 48, bias=True)
+    qlinear = Int4Linear(linear)
+    assert qlinear.use_q4_kernel and "kernel=q4_cpu" in repr(qlinear)
+    codes, scales, zeros = int4_groups(linear.weight.detach(), 32)
+    zero_eff = zeros.float() - 8 * scales.float()
+    x = torch.randn(5, 96)
+    want = q4_cpu.q4_reference(x, codes, scales, zero_eff) + linear.bias.detach()
+    got = qlinear(x)
+    assert got.dtype == torch.float32
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    # and the same weights as torch's kernel's format, to bfloat16 rounding of zero_eff
+    dequant = int4_dequantize(codes, scales, zeros, 32)
+    torch.testing.assert_close(got, (x @ dequant.T + linear.bias).detach(), atol=0.05,
+                               rtol=0.02)
+
+
+def test_int4_linear_falls_back_to_torch_kernel_when_extension_cannot_load(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    q4_cpu.load_kernel.cache_clear()
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    try:
+        assert q4_cpu.load_kernel() is None
+        linear = torch.nn.Linear(64, 32)
+        qlinear = Int4Linear(linear)
+        assert not qlinear.use_q4_kernel and hasattr(qlinear, "packed_weight")
+        x = torch.randn(3, 64)
+        codes, scales, zeros = int4_groups(linear.weight.detach(), 32)
+        dequant = int4_dequantize(codes, scales, zeros, 32)
+        torch.testing.assert_close(qlinear(x), (x.bfloat16().float() @ dequant.T
+                                                + linear.bias).detach(), atol=0.05, rtol=0.02)
+    finally:
+        q4_cpu.load_kernel.cache_clear()
+
+
+def test_env_forces_torch_kernel(monkeypatch):
+    q4_cpu.load_kernel.cache_clear()
+    monkeypatch.setenv("SPECDEC_Q4_KERNEL", "torch")
+    try:
+        assert q4_cpu.load_kernel() is None
+        assert not Int4Linear(torch.nn.Linear(64, 32)).use_q4_kernel
+    finally:
+        q4_cpu.load_kernel.cache_clear()
+
+
+def test_q4k_decoding_matches_gguf_dequantize():
+    import gguf
+    import numpy as np
+
+    from specdec.model.gguf_q4k import decode_q4k
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(16, 2 * 144), dtype=np.uint8)  # 16 rows x 512 weights
+    raw[:, 0:2] = np.array([0.01], dtype=np.float16).view(np.uint8)  # finite d, dmin
+    raw[:, 2:4] = np.array([0.02], dtype=np.float16).view(np.uint8)
+    raw[:, 144:146] = np.array([-0.03], dtype=np.float16).view(np.uint8)
+    raw[:, 146:148] = np.array([0.005], dtype=np.float16).view(np.uint8)
+    codes, scales, zero_eff = decode_q4k(raw)
+    assert codes.shape == (16, 512) and scales.shape == zero_eff.shape == (16, 16)
+    assert int(codes.max()) <= 15
+    ours = codes.float() * scales.repeat_interleave(32, 1) + zero_eff.repeat_interleave(32, 1)
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K))
+    torch.testing.assert_close(ours, want.float(), rtol=1e-6, atol=1e-7)
+
+
+def test_int4_linear_takes_source_groups_as_they_are():
+    from specdec.model.gguf_q4k import hf_linear_name
+    from specdec.model.quant import quantize_weights
+
+    assert hf_linear_name("blk.3.ffn_up.weight") == "model.layers.3.mlp.up_proj"
+    assert hf_linear_name("output.weight") == "lm_head"
+    assert hf_linear_name("blk.3.attn_norm.weight") is None
+    codes, scales, zero_eff = _random_layer(32, 64, 5)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 32))
+    quantize_weights(model, "int4", groups={"0": (codes, scales, zero_eff)}, int8_names={"1"})
+    assert isinstance(model[0], Int4Linear)
+    assert not isinstance(model[1], Int4Linear)  # kept at int8 as the checkpoint asked
+    x = torch.randn(3, 64)
+    weight = codes.float() * scales.repeat_interleave(32, 1) + zero_eff.repeat_interleave(32, 1)
+    want = x @ weight.T + model[0].bias.detach()
+    torch.testing.assert_close(model[0](x), want, atol=0.02, rtol=0.02)
+    with pytest.raises(ValueError, match="source_groups"):
+        Int4Linear(torch.nn.Linear(64, 48), source_groups=(codes, scales, zero_eff))

@@ -23,6 +23,7 @@ from typing import Protocol
 import torch
 
 from specdec.core.request import Request
+from specdec.core.scheduler import pins_lookahead
 from specdec.runner import ModelRunner, SeqSlice
 from specdec.sample.grammar import GrammarMatcher, apply_token_bitmask_, new_bitmask
 from specdec.sample.sampling import (STREAM_DRAFT, RowState, compute_probs, process_logits,
@@ -107,7 +108,18 @@ class DraftModelDrafter:
         for i, (req, _) in enumerate(requests):
             start = min(req.draft_num_computed_tokens, req.num_tokens - 1)
             num_missing = req.num_tokens - start
-            if budget is not None and num_missing > budget:
+            if budget is not None and num_missing > budget and pins_lookahead(req):
+                # NOTE: a seeded request must draft the k it was granted (which random stream
+                # decides a position depends on it): it catches up now, in forwards of its own
+                # of at most the budget each, instead of waiting for a later step.
+                chunk = self.max_num_batched_tokens
+                while num_missing > chunk:
+                    self.runner.execute([SeqSlice(req.token_ids_slice(start, start + chunk),
+                                                  start, req.block_ids, 0)])
+                    start += chunk
+                    num_missing -= chunk
+                    req.draft_num_computed_tokens = start
+            elif budget is not None and num_missing > budget:
                 if budget > 0:
                     seqs.append(SeqSlice(req.token_ids_slice(start, start + budget), start,
                                          req.block_ids, 0))
@@ -115,7 +127,7 @@ class DraftModelDrafter:
                     budget = 0
                 continue
             if budget is not None:
-                budget -= num_missing
+                budget = max(budget - num_missing, 0)
             seqs.append(SeqSlice(req.token_ids_slice(start, req.num_tokens), start,
                                  req.block_ids, 1))
             drafting.append(i)

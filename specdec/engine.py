@@ -104,6 +104,7 @@ class EngineStats:
     spec_num_draft_tokens: int
     spec_num_accepted_tokens: int
     spec_accepted_per_pos: list[int]
+    lora_info: object = None  # specdec.engine_lora.LoRAInfo when LoRA is enabled
 
 
 @dataclass(slots=True)
@@ -159,6 +160,11 @@ class Engine:
                              if draft else None)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
                                    self.max_model_len)
+        self.lora = None  # LoRAManager: adapters on the target only; the draft stays the base
+        if config.lora.active:
+            from specdec.engine_lora import make_lora_manager
+            self.lora = make_lora_manager(config.lora, target, self.target_runner,
+                                          self.scheduler)
         self.drafter = None
         if spec.enabled:
             self.drafter = (DraftModelDrafter(self.draft_runner,
@@ -250,9 +256,15 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None) -> None:
+                    arrival_time: float | None = None, lora_request=None) -> None:
+        """`lora_request`: an adapter name, a specdec.model.lora.LoRARequest (registered on
+        first use) or None (the base model)."""
         if request_id in self.tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        lora = None
+        if lora_request is not None:
+            from specdec.engine_lora import resolve_lora
+            lora = resolve_lora(self.lora, lora_request)
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer(prompt).input_ids
         elif not isinstance(prompt, (list, tuple)):
@@ -282,6 +294,8 @@ class Engine:
         eos = frozenset(self.eos_token_ids) if self.eos_token_ids else None
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
                       arrival_time=arrival_time or time.monotonic(), prompt=prompt_text)
+        if lora is not None:
+            req.lora_name, req.lora_int_id = lora.lora_name, lora.lora_int_id
         # Validates logit_bias ids; built once, used by every row of every step.
         req.sampling_constants = build_request_constants(params, eos, self.vocab_size)
         self.scheduler.add_request(req)  # raises ValueError if it can never fit
@@ -331,6 +345,10 @@ class Engine:
 
         seqs: list[SeqSlice] = []
         sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
+        lora_slots = {}
+        if self.lora is not None:  # NOTE: the scheduler keeps these within lora.max_loras
+            lora_slots = self.lora.activate({s.request.lora_int_id for s in output.scheduled
+                                             if s.request.lora_int_id})
         for s in output.scheduled:
             req = s.request
             start = req.num_computed_tokens
@@ -339,7 +357,8 @@ class Engine:
             drafts = prop.draft_token_ids if prop else []
             final = start + s.num_new_tokens == req.num_tokens
             seqs.append(SeqSlice(tokens + drafts, start, req.block_ids,
-                                 1 + len(drafts) if final else 0))
+                                 1 + len(drafts) if final else 0,
+                                 lora_slots.get(req.lora_int_id, -1)))
             if final:
                 sampled.append((req, drafts, prop.draft_probs if prop and drafts else None))
         all_decode = all(s.num_new_tokens == 1 for s in output.scheduled)
@@ -525,5 +544,12 @@ class Engine:
             spec_num_drafts=self.counters["drafts"],
             spec_num_draft_tokens=self.counters["draft_tokens"],
             spec_num_accepted_tokens=self.counters["accepted_tokens"],
-            spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]))
+            spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]),
+            lora_info=self._lora_info())
+
+    def _lora_info(self):
+        if self.lora is None:
+            return None
+        from specdec.engine_lora import lora_info
+        return lora_info(self)
 

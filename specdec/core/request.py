@@ -155,6 +155,9 @@ class Request:
     eos_token_id: int | frozenset[int] | None = None  # every id that ends generation
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
+    # LoRA adapter (specdec.model.lora): its name and never-reused id; 0 = the base model.
+    lora_name: str | None = None
+    lora_int_id: int = 0
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

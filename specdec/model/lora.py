@@ -271,7 +271,11 @@ def lora_reference(x: Tensor, adapter: LoRAAdapter, layer: int, fused: str) -> T
 
 
 class LoRAManager:
-    """Adapters by name: registry, host LRU, resident slots (LRU among the idle ones)."""
+    """Adapters: the registry by name, a host LRU and the resident slots, both by lora_int_id.
+
+    An id is never reused: re-adding a name gets a new id, so prefix-cache blocks (keyed by
+    the id) are never shared across different weights. Removing a name stops new requests;
+    requests already running keep their id and reload it from its path if it was evicted."""
 
     def __init__(self, arch, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -281,70 +285,76 @@ class LoRAManager:
         self.max_cpu_loras = max(max_cpu_loras, max_loras)
         self.slots = LoRASlots(arch, max_loras, max_lora_rank, dtype, device)
         self.registry: dict[str, LoRARequest] = {}
+        self.by_id: dict[int, LoRARequest] = {}
         self._next_id = 1
-        self.host: OrderedDict[str, LoRAAdapter] = OrderedDict()  # LRU: oldest first
-        self.slot_of: OrderedDict[str, int] = OrderedDict()  # resident; LRU: oldest first
-        self.slot_owner: list[str | None] = [None] * max_loras
+        self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # LRU: oldest first
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident; LRU: oldest first
+        self.slot_owner: list[int | None] = [None] * max_loras
 
-    def add(self, name: str, path: str) -> LoRARequest:
+    def add(self, name: str, path: str, adapter: LoRAAdapter | None = None) -> LoRARequest:
         """Register (and parse, so that a bad adapter fails here) an adapter; LoRAError if bad.
-        Re-adding a name replaces it (a new id, so no prefix-cache block is shared)."""
+        `adapter`: already parsed by load_adapter (off the engine thread, so a load never
+        blocks a step)."""
         if not isinstance(name, str) or not name:
             raise LoRAError(f"lora_name must be a non-empty string, got {name!r}")
-        adapter = load_adapter(name, path, self.max_lora_rank, self.arch)
+        if not isinstance(path, str) or not path:
+            raise LoRAError(f"lora_path must be a non-empty string, got {path!r}")
+        if adapter is None:
+            adapter = load_adapter(name, path, self.max_lora_rank, self.arch)
         if name in self.registry:
             self.remove(name)
         request = LoRARequest(name, self._next_id, path)
         self._next_id += 1
         self.registry[name] = request
-        self._cache(adapter)
+        self.by_id[request.lora_int_id] = request
+        self._cache(request.lora_int_id, adapter)
         return request
 
-    def remove(self, name: str) -> None:
-        if name not in self.registry:
-            raise KeyError(name)
-        del self.registry[name]
-        self.host.pop(name, None)
-        slot = self.slot_of.pop(name, None)
+    def remove(self, name: str) -> LoRARequest:
+        """Unregister a name (KeyError if unknown); frees its host copy and slot."""
+        request = self.registry.pop(name)
+        self.host.pop(request.lora_int_id, None)
+        slot = self.slot_of.pop(request.lora_int_id, None)
         if slot is not None:
             self.slot_owner[slot] = None
+        return request
 
-    def _cache(self, adapter: LoRAAdapter) -> None:
-        self.host[adapter.name] = adapter
-        self.host.move_to_end(adapter.name)
+    def _cache(self, lora_id: int, adapter: LoRAAdapter) -> None:
+        self.host[lora_id] = adapter
+        self.host.move_to_end(lora_id)
         while len(self.host) > self.max_cpu_loras:
             self.host.popitem(last=False)
 
-    def _host_adapter(self, name: str) -> LoRAAdapter:
-        adapter = self.host.get(name)
+    def _host_adapter(self, lora_id: int) -> LoRAAdapter:
+        adapter = self.host.get(lora_id)
         if adapter is None:
-            req = self.registry[name]
-            adapter = load_adapter(name, req.lora_path, self.max_lora_rank, self.arch)
-            self._cache(adapter)
-        self.host.move_to_end(name)
+            req = self.by_id[lora_id]
+            adapter = load_adapter(req.lora_name, req.lora_path, self.max_lora_rank, self.arch)
+            self._cache(lora_id, adapter)
+        self.host.move_to_end(lora_id)
         return adapter
 
-    def activate(self, names: set[str]) -> dict[str, int]:
-        """Slots for the adapters of one step (at most max_loras distinct); loads the missing
-        ones into slots held by adapters outside `names`, least recently used first."""
-        if len(names) > self.max_loras:
-            raise RuntimeError(f"{len(names)} adapters in one step > lora.max_loras="
+    def activate(self, lora_ids: set[int]) -> dict[int, int]:
+        """Slots for the adapters of one step (at most max_loras distinct ids); loads the missing
+        ones into slots held by adapters outside `lora_ids`, least recently used first."""
+        if len(lora_ids) > self.max_loras:
+            raise RuntimeError(f"{len(lora_ids)} adapters in one step > lora.max_loras="
                                f"{self.max_loras}")
-        for name in names:
-            if name in self.slot_of:
-                self.slot_of.move_to_end(name)
-        for name in names:
-            if name in self.slot_of:
+        for lora_id in lora_ids:
+            if lora_id in self.slot_of:
+                self.slot_of.move_to_end(lora_id)
+        for lora_id in lora_ids:
+            if lora_id in self.slot_of:
                 continue
             if None in self.slot_owner:
                 slot = self.slot_owner.index(None)
             else:
-                victim = next(n for n in self.slot_of if n not in names)
+                victim = next(i for i in self.slot_of if i not in lora_ids)
                 slot = self.slot_of.pop(victim)
-            self.slots.load(slot, self._host_adapter(name))
-            self.slot_owner[slot] = name
-            self.slot_of[name] = slot
-        return {name: self.slot_of[name] for name in names}
+            self.slots.load(slot, self._host_adapter(lora_id))
+            self.slot_owner[slot] = lora_id
+            self.slot_of[lora_id] = slot
+        return {lora_id: self.slot_of[lora_id] for lora_id in lora_ids}
 
     def make_batch(self, token_slots: list[int], device: torch.device) -> LoRABatch | None:
         """token_slots: per token, its slot or -1 (base). None when no token has an adapter."""

@@ -77,13 +77,12 @@ def test_logits_match_peft(setup, windows):
     base_dir, dirs = setup
     model = load_model(base_dir, "float32")
     manager = _manager(model)
-    for name, path in dirs.items():
-        manager.add(name, path)
+    ids = {name: manager.add(name, path).lora_int_id for name, path in dirs.items()}
     for name in dirs:
         want = peft_logits(base_dir, dirs[name], PROMPT)
         base = peft_logits(base_dir, None, PROMPT)
         assert (want - base).abs().max() > 1e-2, "the adapter must change the logits"
-        slot = manager.activate({name})[name]
+        slot = manager.activate({ids[name]})[ids[name]]
         seqs = PagedSequences(num_blocks=16, block_size=4, seed=3)
         caches = model.make_kv_caches(16, 4)
         start = 0
@@ -99,9 +98,9 @@ def test_ragged_batch_mixes_base_and_two_adapters(setup):
     base_dir, dirs = setup
     model = load_model(base_dir, "float32")
     manager = _manager(model)
-    for name, path in dirs.items():
-        manager.add(name, path)
-    slots = manager.activate(set(dirs))
+    ids = {name: manager.add(name, path).lora_int_id for name, path in dirs.items()}
+    by_id = manager.activate(set(ids.values()))
+    slots = {name: by_id[i] for name, i in ids.items()}
     prompts = {"base": PROMPT[:17], "a1": PROMPT[3:26], "a2": PROMPT[5:14]}
     want = {name: peft_logits(base_dir, dirs.get(name), p) for name, p in prompts.items()}
     seqs = PagedSequences(num_blocks=32, block_size=4, seed=5)
@@ -128,10 +127,9 @@ def test_slot_eviction_reloads(setup):
     base_dir, dirs = setup
     model = load_model(base_dir, "float32")
     manager = _manager(model, max_loras=1)
-    for name, path in dirs.items():
-        manager.add(name, path)
+    ids = {name: manager.add(name, path).lora_int_id for name, path in dirs.items()}
     for name in ["a1", "a2", "a1"]:
-        slot = manager.activate({name})[name]
+        slot = manager.activate({ids[name]})[ids[name]]
         assert slot == 0
         seqs = PagedSequences(num_blocks=16, block_size=4, seed=1)
         batch = seqs.batch([("s", PROMPT)])
@@ -140,7 +138,13 @@ def test_slot_eviction_reloads(setup):
         torch.testing.assert_close(got, peft_logits(base_dir, dirs[name], PROMPT),
                                    atol=1e-4, rtol=0)
     with pytest.raises(RuntimeError, match="max_loras"):
-        manager.activate({"a1", "a2"})
+        manager.activate(set(ids.values()))
+    # max_cpu_loras = 0 means max_loras = 1 here: an adapter evicted from the host LRU is
+    # read again from its path when next activated
+    assert manager.max_cpu_loras == 1 and list(manager.host) == [ids["a1"]]
+    assert ids["a2"] not in manager.host and manager.slot_owner[0] == ids["a1"]
+    slot = manager.activate({ids["a2"]})[ids["a2"]]
+    assert ids["a2"] in manager.host and manager.slot_owner[slot] == ids["a2"]
 
 
 # ---- validation --------------------------------------------------------------------------

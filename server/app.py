@@ -20,6 +20,7 @@ from server.bridge import AsyncEngine, EngineDeadError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import APIError, GenerationRequest, dumps
 from server.responses import LogprobFormatter, ResponseState, frame
+from server.lora import add_lora_routes, lora_model_cards, served_lora
 from server.ui import add_ui_routes
 
 DISCONNECT_POLL_S = 0.5
@@ -104,6 +105,7 @@ class OpenAIServer:
             web.get("/metrics", self.prometheus),
             web.get("/version", self.version),
         ])
+        add_lora_routes(self)
         if config.server.ui:
             add_ui_routes(self.app, api_key_required=bool(self.api_key))
 
@@ -188,7 +190,8 @@ class OpenAIServer:
         self._require_ready()
         return json_response({"object": "list", "data": [{
             "id": self.model_name, "object": "model", "created": self.created,
-            "owned_by": "specdec", "max_model_len": self.engine.max_model_len}]})
+            "owned_by": "specdec", "max_model_len": self.engine.max_model_len,
+            "root": self.config.model.path, "parent": None}] + lora_model_cards(self)})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         self._require_ready()
@@ -231,9 +234,9 @@ class OpenAIServer:
             gen = protocol.parse_chat(body, self.engine.tokenizer)
         else:
             gen = protocol.parse_completion(body)
+        lora_name = None
         if gen.model is not None and gen.model != self.model_name:
-            raise APIError(404, f"model {gen.model!r} does not exist; this server serves "
-                                f"{self.model_name!r}", param="model", code="model_not_found")
+            lora_name = served_lora(self, gen.model)  # 404 model_not_found if unknown
         num_choices = len(gen.prompts) * gen.n
         bridge = self.bridge
         if bridge.num_in_flight + num_choices > bridge.max_in_flight:
@@ -247,13 +250,13 @@ class OpenAIServer:
         self._enter()
         try:
             try:
-                collector = await bridge.add(request_ids, prompts, params)
+                collector = await bridge.add(request_ids, prompts, params, lora_name)
             except ValueError as exc:
                 raise protocol.from_value_error(exc) from None
             except EngineDeadError as exc:
                 raise APIError(500, str(exc)) from None
             state = ResponseState(gen, num_choices, LogprobFormatter(
-                self.engine.tokenizer), self.model_name)
+                self.engine.tokenizer), lora_name or self.model_name)
             try:
                 if gen.stream:
                     return await self._stream(request, gen, collector, state)

@@ -275,7 +275,7 @@ class LoRAManager:
 
     An id is never reused: re-adding a name gets a new id, so prefix-cache blocks (keyed by
     the id) are never shared across different weights. Removing a name stops new requests;
-    requests already running keep their id and reload it from its path if it was evicted."""
+    requests already running keep their id (and reload it from its path if it was evicted)."""
 
     def __init__(self, arch, max_loras: int, max_lora_rank: int, max_cpu_loras: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -311,13 +311,11 @@ class LoRAManager:
         return request
 
     def remove(self, name: str) -> LoRARequest:
-        """Unregister a name (KeyError if unknown); frees its host copy and slot."""
-        request = self.registry.pop(name)
-        self.host.pop(request.lora_int_id, None)
-        slot = self.slot_of.pop(request.lora_int_id, None)
-        if slot is not None:
-            self.slot_owner[slot] = None
-        return request
+        """Unregister a name (KeyError if unknown): new requests can no longer pick it.
+
+        NOTE: its host copy and slot stay until the LRUs evict them, so requests already
+        running on it finish without reading its directory again (it may be gone)."""
+        return self.registry.pop(name)
 
     def _cache(self, lora_id: int, adapter: LoRAAdapter) -> None:
         self.host[lora_id] = adapter

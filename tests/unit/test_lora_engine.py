@@ -126,3 +126,28 @@ def test_lora_modules_forms():
     assert cfg.lora.active and cfg.lora.modules == (("a", "/x"),) and cfg.lora.max_loras == 2
     with pytest.raises(ConfigError, match="lora.max_loras"):
         Config().replace(**{"lora.max_loras": 0})
+
+
+def test_scheduler_admits_at_most_max_loras_and_keys_the_cache_by_adapter():
+    """Bookkeeping only: a third distinct adapter waits while two run; the block hash's extra
+    keys carry the adapter id (and the cache salt)."""
+    from specdec.core.config import CacheConfig, SchedulerConfig
+    from specdec.core.request import Request
+    from specdec.core.scheduler import Scheduler, cache_extra_keys
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+                          CacheConfig(block_size=8), 64, 128)
+    scheduler.max_loras = 2
+    requests = []
+    for i, lora_id in enumerate([1, 2, 0, 1, 3, 2]):
+        req = Request(f"r{i}", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4))
+        req.lora_int_id, req.lora_name = lora_id, f"l{lora_id}" if lora_id else None
+        requests.append(req)
+        scheduler.add_request(req)
+    admitted = [s.request.request_id for s in scheduler.schedule().scheduled]
+    assert admitted == ["r0", "r1", "r2", "r3"]  # r4 (a third adapter) blocks the queue (FCFS)
+    assert cache_extra_keys(requests[0]) == ("lora", 1)
+    assert cache_extra_keys(requests[2]) is None
+    salted = Request("s", [1], SamplingParams(cache_salt="t"))
+    salted.lora_int_id = 4
+    assert cache_extra_keys(salted) == ("cache_salt", "t", "lora", 4)

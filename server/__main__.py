@@ -2,6 +2,7 @@
 
     specdec serve --config configs/X.toml [--host H] [--port P] [--api-key K]
                   [--max-queued-requests N] [--shutdown-timeout S] [--section.key VALUE ...]
+                  [--lora-modules NAME=PATH|'{"name": N, "path": P}' ...]
 
 The socket is bound before the engine loads, so /health answers 503 while loading. SIGTERM or
 SIGINT: new requests get 503, in-flight ones may finish for up to --shutdown-timeout seconds,
@@ -34,6 +35,9 @@ def build_config(argv: list[str]) -> Config:
                                           "(env SPECDEC_API_KEY)")
     parser.add_argument("--max-queued-requests", type=int)
     parser.add_argument("--shutdown-timeout", type=float)
+    parser.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
+                        help='LoRA adapters (PEFT directories) served as model NAME; also '
+                             'the JSON form {"name", "path", "base_model_name"}')
     args, rest = parser.parse_known_args(argv)
     overrides: dict[str, object] = dict(parse_overrides(rest))
     for flag, key in (("host", "server.host"), ("port", "server.port"),
@@ -43,6 +47,8 @@ def build_config(argv: list[str]) -> Config:
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value
+    if args.lora_modules:
+        overrides["lora.modules"] = args.lora_modules
     if "server.api_key" not in overrides and os.environ.get("SPECDEC_API_KEY"):
         overrides["server.api_key"] = os.environ["SPECDEC_API_KEY"]
     if args.config:

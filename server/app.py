@@ -23,6 +23,7 @@ from server.bridge import AsyncEngine, EngineDeadError
 from server.metrics import CONTENT_TYPE, ServerMetrics
 from server.protocol import APIError, GenerationRequest, dumps
 from server.responses import LogprobFormatter, ResponseState, frame
+from server.lora import add_lora_routes, lora_model_cards, served_lora
 from server.ui import add_ui_routes
 
 DISCONNECT_POLL_S = 0.5
@@ -123,6 +124,7 @@ class OpenAIServer:
             web.get("/metrics", self.prometheus),
             web.get("/version", self.version),
         ])
+        add_lora_routes(self)
         if config.server.ui:
             add_ui_routes(self.app, api_key_required=bool(self.api_key))
         parity.register(self)  # /tokenize /detokenize /ping /infill, CORS
@@ -230,7 +232,8 @@ class OpenAIServer:
         return json_response({"object": "list", "data": [{
             "id": name, "object": "model", "created": self.created,
             "owned_by": "specdec", "root": self.model_name, "parent": None,
-            "max_model_len": self.engine.max_model_len} for name in self.model_names]})
+            "max_model_len": self.engine.max_model_len} for name in self.model_names]
+            + lora_model_cards(self)})
 
     async def prometheus(self, request: web.Request) -> web.Response:
         self._require_ready()
@@ -292,9 +295,9 @@ class OpenAIServer:
         another response shape (llama.cpp's /infill) than ResponseState."""
         if "X-Request-Id" not in request.headers:  # ours: the response id uses it too
             gen.request_id = request.get(parity.REQUEST_ID) or gen.request_id
+        lora_name = None
         if gen.model is not None and gen.model not in self.model_names:
-            raise APIError(404, f"model {gen.model!r} does not exist; this server serves "
-                                f"{self.model_names!r}", param="model", code="model_not_found")
+            lora_name = served_lora(self, gen.model)  # 404 model_not_found if unknown
         num_choices = len(gen.prompts) * gen.n
         bridge = self.bridge
         self.limits.check_admissible(len(gen.prompts), gen.n)
@@ -309,14 +312,15 @@ class OpenAIServer:
         self._enter()
         try:
             try:
-                collector = await bridge.add(request_ids, prompts, params, gen.priority)
+                collector = await bridge.add(request_ids, prompts, params, gen.priority,
+                                             lora_name)
             except ValueError as exc:
                 raise protocol.from_value_error(exc) from None
             except EngineDeadError:
                 raise internal_error(gen.request_id) from None
             state = (make_state(gen, num_choices) if make_state is not None else
                      ResponseState(gen, num_choices, LogprobFormatter(self.engine.tokenizer),
-                                   self.model_name))
+                                   lora_name or self.model_name))
             try:
                 if gen.stream:
                     return await self._stream(request, gen, collector, state)

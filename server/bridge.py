@@ -197,15 +197,17 @@ class AsyncEngine:
 
     # ------------------------------------------------------------------ handler API
     async def add(self, request_ids: list[str], prompts: list, params: list[SamplingParams],
-                  priority: int = 0) -> OutputCollector:
-        """Admit all choices of one HTTP request; raises ValueError (bad input) atomically."""
+                  priority: int = 0, lora_name: str | None = None) -> OutputCollector:
+        """Admit all choices of one HTTP request; raises ValueError (bad input) atomically.
+        `lora_name`: the LoRA adapter every choice runs on (None: the base model)."""
         if not self.alive:
             raise EngineDeadError(f"engine is not running: {self.error!r}")
         loop = asyncio.get_running_loop()
         collector = OutputCollector(loop, request_ids)
         future = loop.create_future()
         self.num_in_flight += len(request_ids)
-        self._submit(("add", collector, (list(zip(request_ids, prompts, params)), priority),
+        self._submit(("add", collector, ([(rid, prompt, sp, lora_name) for rid, prompt, sp
+                                          in zip(request_ids, prompts, params)], priority),
                       future))
         try:
             await future
@@ -234,6 +236,12 @@ class AsyncEngine:
             return await asyncio.wait_for(future, 30.0)
         except (asyncio.TimeoutError, EngineDeadError):
             return self.stats_snapshot
+
+    async def call(self, fn):
+        """Run `fn(engine)` on the engine thread between steps; returns or raises its result."""
+        future = asyncio.get_running_loop().create_future()
+        self._submit(("call", fn, None, future))
+        return await future
 
     def abort_all(self) -> None:
         self._submit(("abort_all", None, None, None))
@@ -304,11 +312,13 @@ class AsyncEngine:
             added = []
             choices, priority = payload
             try:
-                for request_id, prompt, params in choices:
+                for request_id, prompt, params, lora_name in choices:
+                    extra = {}  # NOTE: only what is set (test engines take the plain call)
                     if priority:
-                        engine.add_request(request_id, prompt, params, priority=priority)
-                    else:
-                        engine.add_request(request_id, prompt, params)
+                        extra["priority"] = priority
+                    if lora_name is not None:
+                        extra["lora_request"] = lora_name
+                    engine.add_request(request_id, prompt, params, **extra)
                     added.append(request_id)
                     self._collectors[request_id] = target
             except Exception as exc:  # ValueError: bad input (400); others: 500
@@ -327,6 +337,13 @@ class AsyncEngine:
                 engine.abort_request(request_id)
                 collector.abort(request_id)
             self._collectors.clear()
+        elif op == "call":
+            try:
+                result = target(engine)
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                _resolve(future, error=exc)
+                return
+            _resolve(future, result=result)
         elif op == "stats":
             self.stats_snapshot = engine.stats()
             _resolve(future, result=self.stats_snapshot)

@@ -81,6 +81,9 @@ class _EngineStatsCollector:
         for position, count in enumerate(s.spec_accepted_per_pos or ()):
             per_pos.add_metric([self.model_name, str(position)], count)
         yield per_pos
+        if getattr(s, "lora_info", None) is not None:
+            from server.lora import lora_info_metric
+            yield lora_info_metric(s.lora_info)
 
 
 class ServerMetrics:

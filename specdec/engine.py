@@ -112,6 +112,7 @@ class EngineStats:
     spec_accepted_per_pos: list[int]
     spec_num_forced_tokens: int = 0
     spec_mean_k: float = 0.0  # mean draft length chosen for the running decodes
+    lora_info: object = None  # specdec.engine_lora.LoRAInfo when LoRA is enabled
 
 
 @dataclass(slots=True)
@@ -193,6 +194,11 @@ class Engine:
                              if draft else None)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
                                    self.max_model_len)
+        self.lora = None  # LoRAManager: adapters on the target only; the draft stays the base
+        if config.lora.active:
+            from specdec.engine_lora import make_lora_manager
+            self.lora = make_lora_manager(config.lora, target, self.target_runner,
+                                          self.scheduler)
         self.drafter = None
         if spec.enabled:
             self.drafter = (DraftModelDrafter(self.draft_runner,
@@ -317,9 +323,16 @@ class Engine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0,
+                    lora_request=None) -> None:
+        """`lora_request`: an adapter name, a specdec.model.lora.LoRARequest (registered on
+        first use) or None (the base model)."""
         if request_id in self.tracked:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        lora = None
+        if lora_request is not None:
+            from specdec.engine_lora import resolve_lora
+            lora = resolve_lora(self.lora, lora_request)
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer(prompt).input_ids
         elif not isinstance(prompt, (list, tuple)):
@@ -355,6 +368,8 @@ class Engine:
         req = Request(request_id, prompt_ids, params, eos_token_id=eos,
                       arrival_time=arrival_time or time.monotonic(), prompt=prompt_text,
                       priority=priority)
+        if lora is not None:
+            req.lora_name, req.lora_int_id = lora.lora_name, lora.lora_int_id
         matcher = None
         if params.structured_output is not None:  # ValueError naming its parameter
             matcher = self.grammar_compiler.matcher(params.structured_output)
@@ -406,6 +421,10 @@ class Engine:
         seqs: list[SeqSlice] = []
         sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
         prompt_rows: list[tuple[Request | None, int]] = []  # per seq, see _prompt_logprobs
+        lora_slots = {}
+        if self.lora is not None:  # NOTE: the scheduler keeps these within lora.max_loras
+            lora_slots = self.lora.activate({s.request.lora_int_id for s in output.scheduled
+                                             if s.request.lora_int_id})
         for s in output.scheduled:
             req = s.request
             start = req.num_computed_tokens
@@ -420,7 +439,8 @@ class Engine:
                 num_prompt_rows = s.num_new_tokens - (1 if final else 0)
                 num_logits += num_prompt_rows
             prompt_rows.append((req if num_prompt_rows else None, num_prompt_rows))
-            seqs.append(SeqSlice(tokens + drafts, start, req.block_ids, num_logits))
+            seqs.append(SeqSlice(tokens + drafts, start, req.block_ids, num_logits,
+                                 lora_slots.get(req.lora_int_id, -1)))
             if final:
                 sampled.append((req, drafts, prop.draft_probs if prop and drafts else None))
         all_decode = all(s.num_new_tokens == 1 for s in output.scheduled)
@@ -762,9 +782,16 @@ class Engine:
             spec_num_accepted_tokens=self.counters["accepted_tokens"],
             spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]),
             spec_num_forced_tokens=self.counters["forced_tokens"],
-            spec_mean_k=self._mean_k())
+            spec_mean_k=self._mean_k(),
+            lora_info=self._lora_info())
 
     def _mean_k(self) -> float:
         decodes = [r for r in self.scheduler.running if not r.is_prefill]
         return sum(r.num_lookahead_tokens for r in decodes) / len(decodes) if decodes else 0.0
+
+    def _lora_info(self):
+        if self.lora is None:
+            return None
+        from specdec.engine_lora import lora_info
+        return lora_info(self)
 

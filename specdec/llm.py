@@ -10,6 +10,7 @@ import time
 from specdec.core.config import Config, load, parse_overrides
 from specdec.engine import Engine, RequestOutput
 from specdec.core.request import SamplingParams
+from specdec.model.lora import LoRARequest  # noqa: F401 - vLLM's import site: specdec.llm
 
 class LLM:
     """Offline API in vLLM's shape: `LLM(config)`, `generate(prompts, params)`, `chat(...)`."""
@@ -30,17 +31,21 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
-        """A prompt is a string or {"prompt_token_ids": [...]} (or {"prompt": str})."""
+                 use_tqdm: bool = False, lora_request=None) -> list[RequestOutput]:
+        """A prompt is a string or {"prompt_token_ids": [...]} (or {"prompt": str}).
+        `lora_request`: a LoRARequest (or adapter name), or a list of them, one per prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        loras = lora_request if isinstance(lora_request, list) else [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"lora_request has {len(loras)} entries for {len(prompts)} prompts")
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
         children: dict[str, tuple[int, int]] = {}
         try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
+            for i, (prompt, p, lora) in enumerate(zip(prompts, params, loras)):
                 if isinstance(prompt, dict):
                     prompt = (prompt["prompt_token_ids"] if "prompt_token_ids" in prompt
                               else prompt.get("prompt"))
@@ -48,7 +53,7 @@ class LLM:
                 for j in range(p.n):
                     child = dataclasses.replace(p, n=1, seed=None if p.seed is None else p.seed + j)
                     rid = f"{base}-{j}"
-                    self.engine.add_request(rid, prompt, child)
+                    self.engine.add_request(rid, prompt, child, lora_request=lora)
                     children[rid] = (i, j)
             finals = self._run(set(children), use_tqdm)
         except BaseException:

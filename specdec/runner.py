@@ -22,6 +22,7 @@ class SeqSlice:
     start: int
     block_ids: list[int]
     num_logits: int  # logits for the last num_logits tokens of this slice (0: none)
+    lora_slot: int = -1  # the adapter's resident slot (specdec.model.lora); -1: the base
 
 
 class ModelRunner:
@@ -41,6 +42,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
         self.graph_runners: dict = {}  # query_len -> CudaGraphRunner
+        self.lora = None  # a LoRAManager when adapters are enabled (target only)
         # Timing model for adaptive speculation: seconds = fixed + per_token * num_tokens.
         self.cost = CostModel()
 
@@ -73,6 +75,10 @@ class ModelRunner:
             query_start_loc.append(offset + n)
             block_tables.append(table + [0] * (max_blocks - len(table)))
         dev = self.device
+        lora = None
+        if self.lora is not None and any(s.lora_slot >= 0 for s in seqs):
+            lora = self.lora.make_batch(
+                [s.lora_slot for s in seqs for _ in range(len(s.token_ids))], dev)
         return ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -84,6 +90,7 @@ class ModelRunner:
             query_lens=query_lens,
             seq_lens_list=seq_lens,
             use_kernels=self.use_kernels,
+            lora=lora,
         )
 
     @torch.inference_mode()
@@ -97,7 +104,7 @@ class ModelRunner:
         batch = self.build_batch(seqs)
         t0 = time.perf_counter()
         graphs = self.graph_runners.get(batch.query_lens[0])
-        if graphs is not None and graphs.can_run(batch):
+        if graphs is not None and batch.lora is None and graphs.can_run(batch):
             logits = graphs.run(batch)
         else:
             logits = self.model(batch, self.kv_caches)

@@ -8,6 +8,7 @@ A config file has one table per section; every key is a field of that section's 
     [spec]       method, draft_model, draft_dtype, draft_quantization, num_speculative_tokens, ...
     [server]     host, port, api_key, max_queued_requests, shutdown_timeout, served_model_name, ui, ...
     [device]     device, num_threads, cuda_graphs, seed
+    [lora]       enabled, modules, max_loras, max_lora_rank, max_cpu_loras, allow_runtime_updates
 
 Unknown sections or keys and bad values raise ConfigError naming the key.
 """
@@ -190,6 +191,65 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LoRAConfig:
+    """Adapters served on the target model (vLLM's --enable-lora family).
+
+    `modules`: "NAME=PATH" strings, JSON strings or tables {"name", "path", "base_model_name"},
+    normalized to ((name, path), ...). LoRA is on when `enabled` or `modules` is non-empty.
+    `max_loras`: adapters resident at once (one step's distinct adapters); `max_cpu_loras`:
+    parsed adapters kept on the host (0: max_loras)."""
+
+    enabled: bool = False
+    modules: tuple = ()
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 0
+    allow_runtime_updates: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", parse_lora_modules(self.modules))
+        _check(self.max_loras >= 1, "lora.max_loras", self.max_loras, ">= 1")
+        _check(self.max_lora_rank >= 1, "lora.max_lora_rank", self.max_lora_rank, ">= 1")
+        _check(self.max_cpu_loras >= 0, "lora.max_cpu_loras", self.max_cpu_loras, ">= 0")
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or bool(self.modules)
+
+
+def parse_lora_modules(value) -> tuple:
+    """"a=/p b=/q", ["a=/p", '{"name": "b", "path": "/q"}', {"name": "c", "path": "/r"}]
+    -> (("a", "/p"), ("b", "/q"), ...); ConfigError naming the entry otherwise."""
+    import json
+    if isinstance(value, str):
+        value = [value] if value.lstrip().startswith("{") else value.split()
+    out, names = [], set()
+    for entry in value or ():
+        if isinstance(entry, (tuple, list)) and len(entry) == 2:
+            name, path = entry
+        else:
+            if isinstance(entry, str) and entry.lstrip().startswith("{"):
+                try:
+                    entry = json.loads(entry)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"lora.modules entry {entry!r} is not valid JSON: {e}") \
+                        from None
+            if isinstance(entry, dict):
+                name, path = entry.get("name"), entry.get("path")
+            elif isinstance(entry, str) and "=" in entry:
+                name, _, path = entry.partition("=")
+            else:
+                raise ConfigError(f"lora.modules entry must be NAME=PATH or "
+                                  f'{{"name", "path"}}, got {entry!r}')
+        _check(isinstance(name, str) and bool(name) and isinstance(path, str) and bool(path),
+               "lora.modules entry", entry, "a non-empty name and path")
+        _check(name not in names, "lora.modules name", name, "unique")
+        names.add(name)
+        out.append((name, os.path.expanduser(os.path.expandvars(path))))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -197,6 +257,7 @@ class Config:
     spec: SpecConfig = field(default_factory=SpecConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         if self.device.device != "auto":
@@ -209,7 +270,8 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-                  "spec": SpecConfig, "server": ServerConfig, "device": DeviceConfig}
+                  "spec": SpecConfig, "server": ServerConfig, "device": DeviceConfig,
+                  "lora": LoRAConfig}
 
 
 def check_device(config: Config, device_type: str) -> None:
@@ -266,6 +328,9 @@ def _coerce(key: str, tp, value):
         elif hint is str:
             if isinstance(value, str):
                 return value
+        elif hint is tuple:
+            if isinstance(value, (str, list, tuple)):
+                return parse_lora_modules(value)
     names = " or ".join(h.__name__ for h in hints if h is not type(None))
     raise ConfigError(f"{key} must be {names}, got {value!r}")
 

@@ -185,6 +185,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     prompt: str | None = None
     priority: int = 0  # scheduler.policy = "priority": lower runs first (vLLM's semantics)
+    # LoRA adapter (specdec.model.lora): its name and never-reused id; 0 = the base model.
+    lora_name: str | None = None
+    lora_int_id: int = 0
 
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING

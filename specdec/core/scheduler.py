@@ -35,9 +35,13 @@ def cdiv(a: int, b: int) -> int:
 
 
 def cache_extra_keys(request: Request) -> tuple | None:
-    """What a request's KV depends on besides its tokens: its cache salt (tenant isolation)."""
+    """What a request's KV depends on besides its tokens: its cache salt (tenant isolation)
+    and its LoRA adapter's id."""
     salt = request.sampling_params.cache_salt
-    return None if salt is None else ("cache_salt", salt)
+    keys = () if salt is None else ("cache_salt", salt)
+    if request.lora_int_id:
+        keys += ("lora", request.lora_int_id)
+    return keys or None
 
 
 def pins_lookahead(request: Request) -> bool:
@@ -98,6 +102,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.max_loras = 0  # > 0: at most this many distinct adapters running (LoRA slots)
         # Per request: chained hashes of its full blocks, and how many of its blocks are cached.
         self._block_hashes: dict[str, list[bytes]] = {}
         self._num_cached_blocks: dict[str, int] = {}
@@ -263,7 +268,8 @@ class Scheduler:
         if not preempted:
             while self.waiting:
                 scheduled = None
-                if budget > 0 and len(self.running) < self.max_num_seqs:
+                if (budget > 0 and len(self.running) < self.max_num_seqs
+                        and self._lora_fits(self.waiting[0])):
                     scheduled = self._admit(self.waiting[0], budget)
                 if scheduled is None:
                     # Priority policy: a head that can't be admitted preempts the worst
@@ -285,6 +291,13 @@ class Scheduler:
             scheduled=scheduled_all,
             num_batched_tokens=sum(s.num_scheduled_tokens for s in scheduled_all),
             preempted=preempted)
+
+    def _lora_fits(self, request: Request) -> bool:
+        """Whether admitting `request` keeps the running adapters within max_loras."""
+        if not self.max_loras or not request.lora_int_id:
+            return True
+        running = {r.lora_int_id for r in self.running if r.lora_int_id}
+        return request.lora_int_id in running or len(running) < self.max_loras
 
     def _grant_lookahead(self, request: Request, budget: int, reserved_blocks: int = 0,
                          pinned: bool = False) -> int:

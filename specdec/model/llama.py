@@ -37,6 +37,7 @@ class ForwardBatch:
     query_lens: list[int]
     seq_lens_list: list[int]
     use_kernels: bool = True  # CUDA: the CuPy kernels (False: the torch reference ops)
+    lora: object = None  # a specdec.model.lora.LoRABatch when some token has an adapter
 
 
 def _get(cfg, name: str, default=None):
@@ -147,7 +148,8 @@ class DecoderLayer(nn.Module):
         # hidden: [num_tokens, hidden_size]; cos, sin: [num_tokens, 1, head_dim // 2]
         num_tokens = hidden.shape[0]
         fused = batch.use_kernels  # NOTE: CUDA: fused kernels; the CPU runs the references
-        qkv = self.qkv_proj(self.input_layernorm(hidden, fused))  # [num_tokens, q + 2 kv]
+        normed = self.input_layernorm(hidden, fused)
+        qkv = self._lora(batch, "qkv", normed, self.qkv_proj(normed))  # [num_tokens, q + 2 kv]
         query, key, value = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -159,12 +161,18 @@ class DecoderLayer(nn.Module):
                                    batch.query_start_loc, self.scale, batch.query_lens,
                                    batch.seq_lens_list, use_kernels=fused)
         # attn: [num_tokens, num_heads, head_dim]
-        normed, hidden = ops.rms_norm(self.o_proj(attn.reshape(num_tokens, self.q_size)),
+        attn = attn.reshape(num_tokens, self.q_size)
+        normed, hidden = ops.rms_norm(self._lora(batch, "o", attn, self.o_proj(attn)),
                                       self.post_attention_layernorm.weight,
                                       self.post_attention_layernorm.eps, residual=hidden,
                                       use_kernels=fused)
-        mlp = self.down_proj(ops.silu_mul(self.gate_up_proj(normed), use_kernels=fused))
-        return hidden + mlp
+        gate_up = self._lora(batch, "gate_up", normed, self.gate_up_proj(normed))
+        act = ops.silu_mul(gate_up, use_kernels=fused)
+        return hidden + self._lora(batch, "down", act, self.down_proj(act))
+
+    def _lora(self, batch: ForwardBatch, fused: str, x: Tensor, y: Tensor) -> Tensor:
+        # y = proj(x) [num_tokens, out]; plus each token's adapter delta (specdec.model.lora)
+        return y if batch.lora is None else batch.lora.apply(self.layer_id, fused, x, y)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,153 @@
+"""LoRA through the engine: [lora] config, one batch mixing base and adapters equals peft's greedy
+output, speculation (n-gram and draft model) leaves every adapter's greedy output unchanged,
+prefix-cache isolation between adapters, max_loras admission, offline LoRARequest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec import LLM, SamplingParams
+from specdec.core.config import Config, ConfigError, parse_lora_modules
+from specdec.model.lora import LoRARequest
+from tests.unit.test_lora import ADAPTERS, make_adapter
+
+pytest.importorskip("peft")
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+PROMPTS = [[(11 * i + j) % 300 + 5 for i in range(n)] for j, n in enumerate([37, 12, 25, 40])]
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora_engine")
+    return {name: make_adapter(tiny_llama_dir, str(root / name), seed=20 + i, **kw)
+            for i, (name, kw) in enumerate(ADAPTERS.items())}
+
+
+def make_llm(path: str, adapters: dict, **overrides) -> LLM:
+    base = {"model.path": path, "device.device": "cpu", "model.max_model_len": 512,
+            "lora.modules": [f"{n}={p}" for n, p in adapters.items()], "lora.max_lora_rank": 8}
+    base.update(overrides)
+    return LLM(Config().replace(**base))
+
+
+def peft_greedy(base_dir: str, adapter_dir: str | None, prompt: list[int], n: int) -> list[int]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
+def run(llm: LLM, loras: list) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=loras)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+LORAS = [None, "a1", "a2", "a1"]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_llama_dir, adapters):
+    return run(make_llm(tiny_llama_dir, adapters), LORAS)
+
+
+def test_mixed_batch_equals_peft(tiny_llama_dir, adapters, plain):
+    for prompt, lora, got in zip(PROMPTS[:3], LORAS, plain):
+        want = peft_greedy(tiny_llama_dir, adapters.get(lora), prompt, GREEDY.max_tokens)
+        assert got == want, lora
+    assert plain[1] != plain[2] and plain[0] != plain[1]
+
+
+@pytest.mark.parametrize("spec", [
+    {"spec.method": "ngram", "spec.num_speculative_tokens": 3},
+    {"spec.method": "draft", "spec.num_speculative_tokens": 3, "spec.adaptive": False},
+    {"spec.method": "draft", "spec.num_speculative_tokens": 2, "spec.adaptive": False},
+], ids=["ngram", "draft-k3", "draft-k2"])
+def test_speculation_keeps_each_adapters_output(tiny_llama_dir, tiny_draft_dir, adapters,
+                                                plain, spec):
+    overrides = dict(spec)
+    if spec["spec.method"] == "draft":
+        overrides["spec.draft_model"] = tiny_draft_dir
+    llm = make_llm(tiny_llama_dir, adapters, **overrides)
+    assert run(llm, LORAS) == plain
+    assert llm.engine.counters["drafts"] > 0
+
+
+def test_one_slot_serves_two_adapters_in_turn(tiny_llama_dir, adapters, plain):
+    """max_loras = 1: the scheduler never runs two adapters at once; outputs unchanged."""
+    llm = make_llm(tiny_llama_dir, adapters, **{"lora.max_loras": 1})
+    assert run(llm, LORAS) == plain
+
+
+def test_prefix_cache_isolated_between_adapters(tiny_llama_dir, adapters):
+    llm = make_llm(tiny_llama_dir, adapters)
+    prompt = {"prompt_token_ids": PROMPTS[3]}
+    first = llm.generate(prompt, GREEDY, lora_request="a1")[0]
+    other = llm.generate(prompt, GREEDY, lora_request="a2")[0]
+    base = llm.generate(prompt, GREEDY)[0]
+    again = llm.generate(prompt, GREEDY, lora_request="a1")[0]
+    assert first.metrics.num_cached_tokens == 0
+    assert other.metrics.num_cached_tokens == 0
+    assert base.metrics.num_cached_tokens == 0
+    assert again.metrics.num_cached_tokens > 0
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_offline_lora_request_and_errors(tiny_llama_dir, adapters):
+    llm = make_llm(tiny_llama_dir, {}, **{"lora.enabled": True})
+    req = LoRARequest("mine", 7, adapters["a2"])
+    got = llm.generate({"prompt_token_ids": PROMPTS[2]}, GREEDY, lora_request=req)[0]
+    assert got.outputs[0].token_ids == peft_greedy(tiny_llama_dir, adapters["a2"], PROMPTS[2],
+                                                   GREEDY.max_tokens)
+    with pytest.raises(ValueError, match="lora_request: unknown adapter 'nope'"):
+        llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request="nope")
+    off = make_llm(tiny_llama_dir, {}, **{"lora.modules": []})
+    with pytest.raises(ValueError, match="needs LoRA enabled"):
+        off.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request="a1")
+    assert not off.engine.has_unfinished_requests()
+
+
+def test_lora_modules_forms():
+    assert parse_lora_modules("a=/x b=/y") == (("a", "/x"), ("b", "/y"))
+    assert parse_lora_modules(['{"name": "c", "path": "/z", "base_model_name": "m"}',
+                               {"name": "d", "path": "/w"}]) == (("c", "/z"), ("d", "/w"))
+    with pytest.raises(ConfigError, match="lora.modules entry"):
+        parse_lora_modules(["no-equals-sign"])
+    with pytest.raises(ConfigError, match="lora.modules name"):
+        parse_lora_modules(["a=/x", "a=/y"])
+    cfg = Config().replace(**{"lora.modules": "a=/x", "lora.max_loras": "2"})
+    assert cfg.lora.active and cfg.lora.modules == (("a", "/x"),) and cfg.lora.max_loras == 2
+    with pytest.raises(ConfigError, match="lora.max_loras"):
+        Config().replace(**{"lora.max_loras": 0})
+
+
+def test_scheduler_admits_at_most_max_loras_and_keys_the_cache_by_adapter():
+    """Bookkeeping only: a third distinct adapter waits while two run; the block hash's extra
+    keys carry the adapter id (and the cache salt)."""
+    from specdec.core.config import CacheConfig, SchedulerConfig
+    from specdec.core.request import Request
+    from specdec.core.scheduler import Scheduler, cache_extra_keys
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+                          CacheConfig(block_size=8), 64, 128)
+    scheduler.max_loras = 2
+    requests = []
+    for i, lora_id in enumerate([1, 2, 0, 1, 3, 2]):
+        req = Request(f"r{i}", [5, 6, 7, 8, 9], SamplingParams(max_tokens=4))
+        req.lora_int_id, req.lora_name = lora_id, f"l{lora_id}" if lora_id else None
+        requests.append(req)
+        scheduler.add_request(req)
+    admitted = [s.request.request_id for s in scheduler.schedule().scheduled]
+    assert admitted == ["r0", "r1", "r2", "r3"]  # r4 (a third adapter) blocks the queue (FCFS)
+    assert cache_extra_keys(requests[0]) == ("lora", 1)
+    assert cache_extra_keys(requests[2]) is None
+    salted = Request("s", [1], SamplingParams(cache_salt="t"))
+    salted.lora_int_id = 4
+    assert cache_extra_keys(salted) == ("cache_salt", "t", "lora", 4)

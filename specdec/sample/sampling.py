@@ -55,7 +55,9 @@ def build_request_constants(params: SamplingParams, eos_token_id, vocab_size: in
                             ) -> RequestConstants:
     """Validate the request's token ids against the vocabulary and build its constants."""
     for t in (params.logit_bias or {}):
-        _check_token_id("logit_bias", t, vocab_size)
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"logit_bias token id {t} is outside the vocabulary "
+                             f"[0, {vocab_size})")
     banned = set(params.stop_token_ids) if params.min_tokens > 0 else set()
     if params.min_tokens > 0:
         if isinstance(eos_token_id, int):

@@ -222,7 +222,8 @@ def test_block_hash_is_sha256_of_an_unambiguous_encoding():
     assert isinstance(digest, bytes) and len(digest) == 32
     assert ROOT_HASH == hashlib.sha256(b"specdec prefix cache root").digest()
     # Different splits of the same ids, extra keys or parents all give different digests.
-    others = {hash_block_tokens(ROOT_HASH, [1, 2, 3]), hash_block_tokens(ROOT_HASH, [1, 2, 3, 4, 0]),
+    others = {hash_block_tokens(ROOT_HASH, [1, 2, 3]),
+              hash_block_tokens(ROOT_HASH, [1, 2, 3, 4, 0]),
               hash_block_tokens(ROOT_HASH, [1, 2, 3, 4], ("cache_salt", "a")),
               hash_block_tokens(digest, [1, 2, 3, 4]), hash_block_tokens(ROOT_HASH, [4, 3, 2, 1])}
     assert digest not in others and len(others) == 5

@@ -31,7 +31,7 @@ serve: fetch
 	exec $(BIN)/specdec serve --config $(CONFIG)
 
 test: venv
-	$(BIN)/python -m pytest tests -q -ra --durations=15
+	$(BIN)/python -m pytest tests -q -ra --durations=25
 
 test-fast: venv
 	$(BIN)/python -m pytest tests/unit -q -m "not slow"

@@ -47,8 +47,8 @@ def lora_model_cards(server) -> list[dict]:
             for req in list(manager.registry.values())]
 
 
-def lora_info_metric(info) -> GaugeMetricFamily:
-    gauge = GaugeMetricFamily("specdec:lora_requests_info",
+def lora_info_metric(info, prefix: str = "specdec") -> GaugeMetricFamily:
+    gauge = GaugeMetricFamily(f"{prefix}:lora_requests_info",
                               "Running and waiting LoRA adapters (value: Unix time).",
                               labels=["running_lora_adapters", "waiting_lora_adapters",
                                       "max_lora"])

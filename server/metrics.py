@@ -83,7 +83,7 @@ class _EngineStatsCollector:
         yield per_pos
         if getattr(s, "lora_info", None) is not None:
             from server.lora import lora_info_metric
-            yield lora_info_metric(s.lora_info)
+            yield lora_info_metric(s.lora_info, prefix)
 
 
 class ServerMetrics:

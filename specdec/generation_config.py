@@ -8,7 +8,8 @@ tokenizer's EOS only), so fetch writes the published values from PUBLISHED back
 
 EOS set (decision, documented in docs/INTERFACES.md): the tokenizer's EOS, every
 `eos_token_id` in generation_config.json, and `<|endoftext|>` whenever the tokenizer has it as
-a special token. The last rule makes caches fetched before this change stop at the end of a
+a special token next to fill-in-the-middle tokens (a code model: it ends a middle there; in a
+chat tokenizer it is often just the padding token, which the tiny test models sample). The last rule makes caches fetched before this change stop at the end of a
 fill-in-the-middle answer too (Qwen2.5-Coder ends a middle with `<|endoftext|>`, id 151643):
 `<|endoftext|>` ends a document in every tokenizer that has one, so no useful text follows it.
 """
@@ -20,6 +21,8 @@ import os
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 ENDOFTEXT = "<|endoftext|>"
+# The "middle" marker of each FIM style (Qwen/StarCoder, StarCoder 1, DeepSeek, CodeLlama).
+FIM_MIDDLE_TOKENS = ("<|fim_middle|>", "<fim_middle>", "<\uff5cfim\u2581end\uff5c>", "<MID>")
 
 # Published generation_config.json values for the models `specdec fetch` knows (the upstream
 # Hugging Face repositories' files; the keys the GGUF conversion drops).
@@ -81,7 +84,8 @@ def eos_token_ids(tokenizer, generation_config: dict) -> list[int]:
     eos = generation_config.get("eos_token_id")
     for token_id in (eos if isinstance(eos, list) else [eos]):
         add(token_id)
-    add(special_token_id(tokenizer, ENDOFTEXT))
+    if any(special_token_id(tokenizer, t) is not None for t in FIM_MIDDLE_TOKENS):
+        add(special_token_id(tokenizer, ENDOFTEXT))
     return ids
 
 

@@ -142,6 +142,9 @@ def test_lora_requests_info_metric(lora_server):
              if line.startswith("specdec:lora_requests_info{")]
     assert len(lines) == 1 and 'max_lora="2"' in lines[0]
     assert 'running_lora_adapters=""' in lines[0]  # idle between requests
+    vllm = [line for line in body.decode().splitlines()
+            if line.startswith("vllm:lora_requests_info{")]
+    assert len(vllm) == 1 and 'max_lora="2"' in vllm[0]  # vLLM's name too (metrics_prefix)
 
 
 def test_runtime_updates_off_by_default(ngram_server):

@@ -23,11 +23,15 @@ def test_eos_set_rule(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     endoftext = tok.convert_tokens_to_ids("<|endoftext|>")
-    # tokenizer EOS first, then generation_config's list, then <|endoftext|> (special).
-    assert gc.eos_token_ids(tok, {}) == [tok.eos_token_id, endoftext]
+    # tokenizer EOS first, then generation_config's list; this tokenizer has no FIM tokens,
+    # so its <|endoftext|> (the padding token) is not an end.
+    assert gc.eos_token_ids(tok, {}) == [tok.eos_token_id]
     assert gc.eos_token_ids(tok, {"eos_token_id": [7, tok.eos_token_id]}) == [
-        tok.eos_token_id, 7, endoftext]
-    assert gc.eos_token_ids(tok, {"eos_token_id": 9}) == [tok.eos_token_id, 9, endoftext]
+        tok.eos_token_id, 7]
+    assert gc.eos_token_ids(tok, {"eos_token_id": 9}) == [tok.eos_token_id, 9]
+    tok.add_special_tokens({"additional_special_tokens": ["<|fim_middle|>"]})
+    tok._specdec_special_tokens = None  # drop the cached specials
+    assert gc.eos_token_ids(tok, {}) == [tok.eos_token_id, endoftext]  # a code model
 
 
 def test_sampling_defaults_ignore_bad_values():

@@ -105,10 +105,12 @@ def sampling_params(case: Case, i: int) -> SamplingParams:
 def run_case(case: Case, target: str, draft: str, num_samples: int = NUM_SAMPLES):
     """Sample NUM_SAMPLES requests; returns (outputs, window-length Counter, first-window
     accepted count per request, engine stats)."""
+    # NOTE: a budget with room for every draft catch-up: a request whose catch-up is chunked
+    # drafts nothing that step, and the checks below count a k-draft window right after t1.
     kw = {"model.path": target, "device.device": "cpu", "model.max_model_len": 64,
           "spec.method": case.method, "spec.num_speculative_tokens": case.k,
           "spec.adaptive": False, "scheduler.max_num_seqs": 512,
-          "scheduler.max_num_batched_tokens": 4096, "device.seed": 7,
+          "scheduler.max_num_batched_tokens": 16384, "device.seed": 7,
           "device.num_threads": 1}
     if case.method == "draft":
         kw["spec.draft_model"] = draft

@@ -41,7 +41,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.append(REPO_ROOT)
 
-from latency_common import (PeakRss, RequestResult, SystemResult,  # noqa: E402
+from latency_common import (RequestResult, SystemResult,  # noqa: E402
                             encode_prompts, eos_token_ids, machine_info, memory_mb,
                             reset_peak_rss, strip_eos, sync)
 from latency_hf import run_hf  # noqa: E402
@@ -105,7 +105,6 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
     from specdec.core import config as cfg
     max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 1
     config = our_config(name, args, pair, target_path, draft_path, max_len)
-    peak = PeakRss()
     start = time.perf_counter()
     llm = LLM(config)
     result = SystemResult(name, time.perf_counter() - start, {"config": cfg.to_dict(config)})
@@ -147,7 +146,6 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
         result.settings["forced_tokens"] = forced["tokens"]
         result.settings["forced_share"] = forced["tokens"] / num_tokens if num_tokens else 0.0
         result.settings["schema_valid"] = forced["valid"]
-    result.settings["peak_rss_mb"] = peak.stop()
     del llm
     gc.collect()
     return result
@@ -243,7 +241,9 @@ def report(results: dict[str, SystemResult], eos_ids: list[int]) -> tuple[str, d
         rows[name] = summary
         ttft = summary["median_ttft_s"]
         same_text = "-" if same is None else f"{same['identical']}/{same['total']}"
-        summary["peak_rss_mb"] = res.settings.get("peak_rss_mb")
+        # NOTE: llama.cpp: its server process's peak; ours: this process's VmHWM since a reset
+        summary["peak_rss_mb"] = (res.settings.get("peak_rss_mb")
+                                  or res.settings.get("memory", {}).get("peak_rss_mb"))
         lines.append(f"{name:<12} {summary['tokens_per_s']:>8.2f} {fmt(summary['x_hf'], '.2f'):>6} "
                      f"{fmt(summary['x_ours'], '.2f'):>7} "
                      f"{fmt(summary['acceptance_length'], '.2f'):>7} "

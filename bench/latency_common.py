@@ -71,30 +71,6 @@ class SystemResult:
         }
 
 
-class PeakRss:
-    """The largest resident set size of this process, sampled every 20 ms until stop()
-    (includes whatever the process already held: python, torch, earlier systems' leftovers)."""
-
-    def __init__(self, interval_s: float = 0.02) -> None:
-        import threading
-        self._peak = 0
-        self._done = threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
-        self._thread.start()
-
-    def _run(self, interval_s: float) -> None:
-        while not self._done.wait(interval_s):
-            with open("/proc/self/statm") as f:
-                self._peak = max(self._peak, int(f.read().split()[1]) * self._page)
-
-    def stop(self) -> float:
-        """Peak in MiB."""
-        self._done.set()
-        self._thread.join()
-        return self._peak / (1 << 20)
-
-
 def machine_info(threads: int, device: str) -> dict:
     cpu_model = platform.processor()
     try:

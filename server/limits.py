@@ -65,6 +65,27 @@ class RequestLimits:
                                    f"choices; the limit is {self.max_choices_per_request} "
                                    f"(server.max_choices_per_request)")
 
+    def check_infill(self, body: dict) -> None:
+        """llama.cpp's /infill: each text field, and all of them together, within the prompt
+        limit (they become one prompt), before the FIM template tokenizes them."""
+        fields = [(name, body.get(name)) for name in ("input_prefix", "input_suffix", "prompt")]
+        extra = body.get("input_extra")
+        if isinstance(extra, list):
+            fields += [(f"input_extra[{i}].text", c.get("text")) for i, c in enumerate(extra)
+                       if isinstance(c, dict)]
+        total = 0
+        for name, text in fields:
+            if not isinstance(text, str):
+                continue  # type errors are fim.parse_infill's
+            if len(text) > self.max_prompt_chars:
+                raise _over(name, f"{len(text)} characters", self.max_prompt_chars,
+                            "max_prompt_chars")
+            total += len(text)
+        if total > self.max_prompt_chars:
+            raise _over("input_prefix + input_suffix + prompt + input_extra",
+                        f"{total} characters", self.max_prompt_chars, "max_prompt_chars",
+                        param="input_prefix")
+
     def check_admissible(self, num_prompts: int, n: int) -> None:
         """A request larger than the server's whole capacity can never run: 400, not 503."""
         num_choices = num_prompts * n

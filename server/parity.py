@@ -15,6 +15,7 @@ response body uses (`cmpl-<id>` / `chatcmpl-<id>`).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import uuid
 
@@ -153,8 +154,11 @@ async def infill(server, request: web.Request) -> web.StreamResponse:
     server._check_admitting()
     body = await server._read_json(request)
     server._check_admitting()
-    gen, truncated = fim.parse_infill(
-        body, server.fim_template, server.engine.tokenizer, server.model_name,
+    server.limits.check_body(body, "infill")  # stop, logit_bias, stop_token_ids, prompt
+    server.limits.check_infill(body)
+    parse = functools.partial(  # the FIM template tokenizes: in the pool, off the event loop
+        fim.parse_infill, body, server.fim_template, server.engine.tokenizer, server.model_name,
         server.engine.max_model_len, getattr(server.engine, "generation_defaults", None))
+    gen, truncated = await asyncio.get_running_loop().run_in_executor(server.tokenize_pool, parse)
     return await server.run_generation(
         request, gen, make_state=lambda g, n: fim.InfillState(g, server.model_name, truncated))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 
 import aiohttp
 import openai
@@ -308,3 +309,61 @@ def test_infill_n_predict_validation_and_minus_one(fim_server):
                                             "n_predict": -1, "temperature": 0,
                                             "stop": ["\n"]})
     assert status == 200 and loads(payload)["stop"] is True
+
+
+INFILL_LIMITS = [  # (body, param, words the message must contain); the server's default limits
+    ({"input_prefix": "y" * 16385}, "input_prefix",
+     ["input_prefix has 16385 characters", "16384", "max_prompt_chars"]),
+    ({"input_prefix": "a", "input_suffix": "y" * 16385}, "input_suffix",
+     ["input_suffix has 16385 characters", "max_prompt_chars"]),
+    ({"input_prefix": "a", "input_extra": [{"filename": "f.py", "text": "y" * 16385}]},
+     "input_extra[0].text", ["16385 characters"]),
+    ({"input_prefix": "y" * 9000, "input_suffix": "z" * 8000}, "input_prefix",
+     ["17000 characters", "16384", "max_prompt_chars"]),
+    ({"input_prefix": "a", "stop": [f"s{i}" for i in range(17)]}, "stop",
+     ["17 strings", "max_stop_strings"]),
+    ({"input_prefix": "a", "logit_bias": {str(i): 1 for i in range(1025)}}, "logit_bias",
+     ["1025 entries", "max_logit_bias_entries"]),
+]
+
+
+@pytest.mark.parametrize("body,param,words", INFILL_LIMITS)
+def test_infill_past_a_limit_is_a_400_before_tokenizing(fim_server, body, param, words):
+    tokenizer = fim_server.app.engine.tokenizer
+    calls = []
+
+    def encode(text, *args, **kwargs):
+        calls.append(len(text))
+        return type(tokenizer).encode(tokenizer, text, *args, **kwargs)
+
+    tokenizer.encode = encode
+    try:
+        status, _, payload = http("POST", fim_server.base_url + "/infill",
+                                  {**body, "n_predict": 2})
+    finally:
+        del tokenizer.encode
+    assert status == 400, payload
+    err = loads(payload)["error"]
+    assert err["param"] == param, err
+    for word in words:
+        assert word in err["message"], err["message"]
+    assert calls == []  # rejected on the raw body: nothing was tokenized
+
+
+def test_infill_tokenizes_in_the_pool(fim_server):
+    tokenizer = fim_server.app.engine.tokenizer
+    threads = []
+
+    def encode(text, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return type(tokenizer).encode(tokenizer, text, *args, **kwargs)
+
+    tokenizer.encode = encode
+    try:
+        status, _, payload = http("POST", fim_server.base_url + "/infill",
+                                  {"input_prefix": "def f(", "input_suffix": "):\n",
+                                   "n_predict": 2})
+    finally:
+        del tokenizer.encode
+    assert status == 200, payload
+    assert threads and all(t.name.startswith("specdec-tokenize") for t in threads), threads

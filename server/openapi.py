@@ -62,6 +62,42 @@ _SAMPLING = {
 _TEXT_PART = {"type": "object", "required": ["type", "text"],
               "properties": {"type": {"const": "text"}, "text": _STR}}
 
+# Structured outputs (server.structured): one constraint per request.
+_JSON_SCHEMA = {"type": "object"}  # a JSON Schema; what the grammar compiler rejects is a 400
+_RESPONSE_FORMAT = {"oneOf": [
+    {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}},
+    {"type": "object", "required": ["type"], "properties": {"type": {"const": "json_object"}}},
+    {"type": "object", "required": ["type", "json_schema"], "properties": {
+        "type": {"const": "json_schema"},
+        "json_schema": {"type": "object", "required": ["schema"], "properties": {
+            "name": _STR, "description": _STR, "schema": _JSON_SCHEMA,
+            "strict": _nullable(_BOOL)}}}},
+    {"type": "null"}]}
+_STRUCTURED_OUTPUTS = _nullable({  # vLLM's: exactly one of the kinds
+    "type": "object", "minProperties": 1, "maxProperties": 1,
+    "properties": {"json": {"oneOf": [_JSON_SCHEMA, _STR]}, "regex": _STR,
+                   "choice": {"type": "array", "items": _STR, "minItems": 1},
+                   "grammar": _STR, "json_object": {"const": True}}})
+
+# Tool calling (server.tools).
+_FUNCTION_NAME = {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}
+_TOOL = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": _FUNCTION_NAME, "description": _STR, "parameters": _JSON_SCHEMA,
+        "strict": _nullable(_BOOL)}}}}
+_TOOL_CHOICE = {"oneOf": [
+    {"enum": ["none", "auto", "required"]},
+    {"type": "object", "required": ["type", "function"], "properties": {
+        "type": {"const": "function"},
+        "function": {"type": "object", "required": ["name"],
+                     "properties": {"name": _FUNCTION_NAME}}}},
+    {"type": "null"}]}
+_TOOL_CALL = {"type": "object", "required": ["id", "type", "function"], "properties": {
+    "id": _STR, "type": {"const": "function"},
+    "function": {"type": "object", "required": ["name", "arguments"],
+                 "properties": {"name": _STR, "arguments": _STR}}}}
+
 _CHAT_REQUEST = {
     "type": "object", "required": ["messages"],
     "properties": {
@@ -69,11 +105,19 @@ _CHAT_REQUEST = {
             "type": "object", "required": ["role"],
             "properties": {"role": {"enum": list(CHAT_ROLES)},
                            "content": {"oneOf": [_STR, {"type": "array", "items": _TEXT_PART},
-                                                 {"type": "null"}]}}}},
+                                                 {"type": "null"}]},
+                           "name": _STR,
+                           "tool_calls": {"type": "array", "items": _TOOL_CALL},
+                           "tool_call_id": _STR}}},
         "max_tokens": _nullable({"type": "integer", "minimum": 1}),
         "max_completion_tokens": _nullable({"type": "integer", "minimum": 1}),
         "logprobs": _nullable(_BOOL),
         "top_logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}),
+        "response_format": _RESPONSE_FORMAT,
+        "structured_outputs": _STRUCTURED_OUTPUTS,
+        "tools": _nullable({"type": "array", "items": _TOOL}),
+        "tool_choice": _TOOL_CHOICE,
+        "parallel_tool_calls": _nullable(_BOOL),
         **_SAMPLING,
     },
 }
@@ -90,6 +134,9 @@ _COMPLETION_REQUEST = {
         "max_tokens": _nullable({"type": "integer", "minimum": 1}),
         "logprobs": _nullable({"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS}),
         "echo": {"const": False},
+        "suffix": _nullable(_STR),  # fill-in-the-middle: a 400 when the model has no FIM tokens
+        "response_format": _RESPONSE_FORMAT,
+        "structured_outputs": _STRUCTURED_OUTPUTS,
         **_SAMPLING,
     },
 }
@@ -121,8 +168,13 @@ def _response(obj: str, choice: dict) -> dict:
 
 _CHAT_RESPONSE = _response("chat.completion", {"message": {
     "type": "object", "required": ["role", "content"],
-    "properties": {"role": {"const": "assistant"}, "content": _nullable(_STR)}}})
+    "properties": {"role": {"const": "assistant"}, "content": _nullable(_STR),
+                   "tool_calls": {"type": "array", "items": _TOOL_CALL, "minItems": 1}}}})
 _COMPLETION_RESPONSE = _response("text_completion", {"text": _STR})
+
+# One Server-Sent Event: `data:` holds a JSON chunk, an error object, or the literal [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": _STR, "event": _STR, "id": _STR}}
 
 _STATUS = {"type": "object", "required": ["status"], "properties": {"status": _STR}}
 
@@ -149,7 +201,7 @@ def _generation(summary: str, request: str, response: str) -> dict:
                                    "then `data: [DONE]`)",
                     "content": {"application/json": {"schema": {
                                     "$ref": f"#/components/schemas/{response}"}},
-                                "text/event-stream": {"schema": _STR}}},
+                                "text/event-stream": {"schema": _SSE_EVENT}}},
             **_errors(400, 401, 404, 413, 500, 503)},
     }}
 
@@ -166,6 +218,42 @@ def _health(summary: str) -> dict:
     return {"get": {"summary": summary, "responses": {
         "200": {"description": "ready / alive", **body},
         "503": {"description": "not ready / dead", **body}}}}
+
+
+_TOKENIZE_REQUEST = {"oneOf": [
+    {"type": "object", "required": ["prompt"], "properties": {
+        "model": _nullable(_STR), "prompt": _STR, "add_special_tokens": _nullable(_BOOL),
+        "return_token_strs": _nullable(_BOOL)}},
+    {"type": "object", "required": ["messages"], "properties": {
+        "model": _nullable(_STR), "messages": _CHAT_REQUEST["properties"]["messages"],
+        "add_special_tokens": _nullable(_BOOL), "add_generation_prompt": _nullable(_BOOL),
+        "return_token_strs": _nullable(_BOOL)}}]}
+_TOKENIZE_RESPONSE = {"type": "object", "required": ["count", "max_model_len", "tokens"],
+                      "properties": {"count": _INT, "max_model_len": _INT,
+                                     "tokens": {"type": "array", "items": _INT},
+                                     "token_strs": _nullable({"type": "array", "items": _STR})}}
+_DETOKENIZE_REQUEST = {"type": "object", "required": ["tokens"], "properties": {
+    "model": _nullable(_STR), "tokens": {"type": "array", "items": {"type": "integer",
+                                                                    "minimum": 0}}}}
+_INFILL_REQUEST = {"type": "object", "properties": {  # llama.cpp's /infill
+    "input_prefix": _nullable(_STR), "input_suffix": _nullable(_STR), "prompt": _nullable(_STR),
+    "input_extra": _nullable({"type": "array", "maxItems": 64, "items": {
+        "type": "object", "properties": {"filename": _STR, "text": _STR}}}),
+    "n_predict": {"oneOf": [{"type": "integer", "minimum": 1}, {"const": -1}, {"type": "null"}]},
+    "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 100}),
+    "top_k": _nullable({"type": "integer", "minimum": -1}),
+    "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+    "seed": _nullable(_INT), "stop": _SAMPLING["stop"], "stream": _nullable(_BOOL)}}
+_INFILL_RESPONSE = {"type": "object", "required": ["content"],
+                    "properties": {"content": _STR, "stop": _BOOL}}
+
+
+def _post(summary: str, request: dict, response: dict, codes: tuple[int, ...]) -> dict:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request}}},
+        "responses": {"200": {"description": summary, "content": {
+            "application/json": {"schema": response}}}, **_errors(*codes)}}}
 
 
 def document(version: str) -> dict:
@@ -192,6 +280,17 @@ def document(version: str) -> dict:
             "/version": _get("Server version", {"type": "object", "required": ["version"],
                                                 "properties": {"version": _STR}}),
             "/metrics": _get("Prometheus metrics", _STR, (503,), media="text/plain"),
+            "/tokenize": _post("Token ids of a prompt or of chat messages (vLLM's)",
+                               _TOKENIZE_REQUEST, _TOKENIZE_RESPONSE, (400, 404, 413, 503)),
+            "/detokenize": _post("Text of token ids (vLLM's)", _DETOKENIZE_REQUEST,
+                                 {"type": "object", "required": ["prompt"],
+                                  "properties": {"prompt": _STR}}, (400, 404, 413, 503)),
+            "/infill": {"post": {**_post(
+                "Fill-in-the-middle in llama.cpp's shape (a 400 when the model has no FIM "
+                "tokens; with stream=true Server-Sent Events)", _INFILL_REQUEST,
+                _INFILL_RESPONSE, (400, 401, 413, 500, 503))["post"]}},
+            "/ping": {**_health("Readiness, as /health (SageMaker's name)"),
+                      "post": _health("Readiness, as /health")["get"]},
         },
         "components": {"schemas": {
             "ChatCompletionRequest": _CHAT_REQUEST,

@@ -110,6 +110,16 @@ async def tokenize(server, request: web.Request) -> web.Response:
     server._require_ready()
     body = await server._read_json(request)
     _check_model(server, body)
+    if body.get("messages") is not None:  # the chat limits, or the prompt's
+        server.limits.check_body({"messages": body["messages"]}, "chat")
+    else:
+        server.limits.check_body({"prompt": body.get("prompt")}, "completion")
+    result = await asyncio.get_running_loop().run_in_executor(  # templating and encode
+        server.tokenize_pool, _tokenize, server, body)
+    return json_response(result)
+
+
+def _tokenize(server, body: dict) -> dict:
     tokenizer = server.engine.tokenizer
     return_strs = protocol._get(body, "return_token_strs", "bool", False)
     if body.get("messages") is not None:
@@ -130,9 +140,9 @@ async def tokenize(server, request: web.Request) -> web.Response:
             raise bad_request("prompt", "prompt must be a string (or send messages)")
         add_special = protocol._get(body, "add_special_tokens", "bool", True)
         tokens = tokenizer.encode(prompt, add_special_tokens=add_special)
-    return json_response({
-        "count": len(tokens), "max_model_len": server.engine.max_model_len, "tokens": tokens,
-        "token_strs": tokenizer.convert_ids_to_tokens(tokens) if return_strs else None})
+    return {"count": len(tokens), "max_model_len": server.engine.max_model_len,
+            "tokens": tokens,
+            "token_strs": tokenizer.convert_ids_to_tokens(tokens) if return_strs else None}
 
 
 async def detokenize(server, request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 import types
 
 import openai
@@ -152,6 +153,33 @@ def test_tokenize_detokenize(fim_server):
     assert status == 400 and loads(payload)["error"]["param"] == "tokens"
     status, _, payload = http("POST", base + "/tokenize", {"prompt": 5})
     assert status == 400 and loads(payload)["error"]["param"] == "prompt"
+
+
+def test_tokenize_limits_and_pool(fim_server):
+    """/tokenize has the prompt limits of the generation routes, and encodes in the pool."""
+    base = fim_server.base_url
+    status, _, payload = http("POST", base + "/tokenize", {"prompt": "y" * 16385})
+    err = loads(payload)["error"]
+    assert status == 400 and err["param"] == "prompt"
+    assert "16385 characters" in err["message"] and "max_prompt_chars" in err["message"]
+    status, _, payload = http("POST", base + "/tokenize", {
+        "messages": [{"role": "user", "content": "y" * 9000},
+                     {"role": "user", "content": "z" * 8000}]})
+    assert status == 400 and loads(payload)["error"]["param"] == "messages"
+    tokenizer = fim_server.app.engine.tokenizer
+    threads = []
+
+    def encode(text, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return type(tokenizer).encode(tokenizer, text, *args, **kwargs)
+
+    tokenizer.encode = encode
+    try:
+        status, _, _ = http("POST", base + "/tokenize", {"prompt": "Hello"})
+    finally:
+        del tokenizer.encode
+    assert status == 200 and threads
+    assert all(name.startswith("specdec-tokenize") for name in threads), threads
 
 
 def test_ping_and_health_live(fim_server):

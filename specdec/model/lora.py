@@ -10,9 +10,11 @@
   [slots, size, r_max] (zero-padded to `max_lora_rank`), so swapping an adapter in is a copy.
 - fused projections: qkv_proj (q, k, v) and gate_up_proj (gate, up) shrink once with the
   stacked A's, and each sub-projection's B expands its own rank segment into its own columns.
-- application (CPU and CUDA, torch): per forward, a LoRABatch holds each token's slot (-1 =
-  base) grouped by distinct slot; each group is one index_select, one shrink, one expand per
-  sub-projection and one index_add_.
+- application: per forward, a LoRABatch holds each token's slot (-1 = base). On the CPU it is
+  grouped by distinct slot: each group is one index_select, one shrink, one expand per
+  sub-projection and one index_add_. On CUDA (device.kernels = "cupy") the slot per row goes to
+  the CuPy shrink/expand kernels (cuda/lora.cu: BGMV for decode rows, SGMV for prefill and
+  verify segments), which CUDA graphs capture with the per-row slots as a static input.
 """
 
 from __future__ import annotations
@@ -205,6 +207,9 @@ class LoRASlots:
         self.max_rank = max_rank
         sizes = _module_shapes(arch)
         self.sizes = sizes
+        # fused name -> each sub-projection's first output column (slice-aware expand)
+        self.offsets = {fused: [sum(sizes[s][0] for s in subs[:j]) for j in range(len(subs))]
+                        for fused, subs in FUSED.items()}
         # layer -> fused name -> (A [slots, n_sub * r_max, in], [B [slots, size, r_max], ...])
         self.layers: list[dict[str, tuple[Tensor, list[Tensor]]]] = []
         for _ in range(arch.num_layers):
@@ -236,15 +241,32 @@ class LoRASlots:
 
 @dataclass(slots=True)
 class LoRABatch:
-    """Per-forward context: the slot tensors and each token's slot grouped by distinct slot."""
+    """Per-forward context: the slot tensors and each token's slot.
+
+    Two ways to apply it, with the same result:
+    - grouped (the CPU, and CUDA with device.kernels = "torch"): `groups` holds each distinct
+      slot's token indices; one index_select, shrink, expand and index_add_ per group.
+    - kernels (CUDA): `row_slots` [num_tokens] int32 on the device, one slot per row (-1: the
+      base), through ops.lora_shrink / ops.lora_expand (Punica-style BGMV for one-row
+      segments, SGMV over `seg_starts` otherwise). Nothing here depends on which adapters are
+      in the batch, so a CUDA graph captures it with `row_slots` as a static input."""
 
     slots: LoRASlots
     groups: list[tuple[int, Tensor | None]]  # (slot, token indices [n] int64; None = all)
+    row_slots: Tensor | None = None  # [num_tokens] int32: the kernel path
+    seg_starts: Tensor | None = None  # [num_segments + 1] int32: rows of one slot each
+    max_seg_len: int = 1  # the longest segment (sizes the SGMV grid); 1: BGMV
 
     def apply(self, layer_id: int, fused: str, x: Tensor, y: Tensor) -> Tensor:
         """y [num_tokens, out] += per token: (x @ A_slot^T) @ B_slot^T, slice by slice."""
         a_stack, b_list = self.slots.layers[layer_id][fused]
         r_max = self.slots.max_rank
+        if self.row_slots is not None:
+            from specdec.kernels import ops
+            shrink = ops.lora_shrink(x, a_stack, self.row_slots, self.seg_starts,
+                                     self.max_seg_len)  # [num_tokens, n_sub * r_max] float32
+            return ops.lora_expand(y, shrink, b_list, self.slots.offsets[fused], self.row_slots,
+                                   r_max, self.seg_starts, self.max_seg_len)
         for slot, idx in self.groups:
             xs = x if idx is None else x.index_select(0, idx)  # [n, in]
             shrink = xs @ a_stack[slot].t()  # [n, n_sub * r_max]
@@ -256,6 +278,15 @@ class LoRABatch:
             else:
                 y = y.index_add(0, idx, delta.to(y.dtype))
         return y
+
+
+def segment_starts(query_lens: list[int]) -> tuple[list[int], int]:
+    """The SGMV segments of a ragged batch: one per sequence (each runs on one adapter).
+    Returns (starts [num_seqs + 1], the longest segment)."""
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return starts, max(query_lens, default=0)
 
 
 def lora_reference(x: Tensor, adapter: LoRAAdapter, layer: int, fused: str) -> Tensor:
@@ -354,11 +385,25 @@ class LoRAManager:
             self.slot_of[lora_id] = slot
         return {lora_id: self.slot_of[lora_id] for lora_id in lora_ids}
 
-    def make_batch(self, token_slots: list[int], device: torch.device) -> LoRABatch | None:
-        """token_slots: per token, its slot or -1 (base). None when no token has an adapter."""
+    def make_batch(self, token_slots: list[int], device: torch.device,
+                   use_kernels: bool = False,
+                   query_lens: list[int] | None = None) -> LoRABatch | None:
+        """token_slots: per token, its slot or -1 (base). None when no token has an adapter.
+        `use_kernels`: the row-indexed kernel path (CUDA), its segments the sequences of
+        `query_lens` (every token of a sequence has the sequence's slot)."""
         distinct = sorted(set(token_slots) - {-1})
         if not distinct:
             return None
+        if use_kernels:
+            row_slots = torch.tensor(token_slots, dtype=torch.int32).to(device)
+            starts, longest = segment_starts(query_lens or [1] * len(token_slots))
+            if starts[-1] != len(token_slots):
+                raise ValueError(f"query_lens sum to {starts[-1]}, token_slots has "
+                                 f"{len(token_slots)} entries")
+            if longest <= 1:
+                return LoRABatch(self.slots, [], row_slots)
+            return LoRABatch(self.slots, [], row_slots,
+                             torch.tensor(starts, dtype=torch.int32).to(device), longest)
         if len(distinct) == 1 and -1 not in token_slots:
             return LoRABatch(self.slots, [(distinct[0], None)])
         slots_t = torch.tensor(token_slots, dtype=torch.long)

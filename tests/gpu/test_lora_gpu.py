@@ -10,24 +10,14 @@ import pytest
 import torch
 
 from specdec.kernels import ops
-from specdec.model.lora import FUSED, LoRAAdapter, LoRAManager, _module_shapes
+from specdec.model.lora import FUSED, LoRAManager
 from tests.conftest import PagedSequences
 from tests.gpu.cases import relative_error
 from tests.gpu.conftest import poison_allocator
 from tests.gpu.test_graphs import tiny_dirs  # noqa: F401 - the module's fixture
+from tests.unit.test_lora_graphs import random_adapter
 
 TOLS = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}
-
-
-def random_adapter(arch, name: str, rank: int, seed: int) -> LoRAAdapter:
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for layer in range(arch.num_layers):
-        for module, (out_features, in_features) in _module_shapes(arch).items():
-            a = torch.randn(rank, in_features, generator=gen) * 0.1
-            b = torch.randn(out_features, rank, generator=gen) * 0.1
-            weights[(layer, module)] = (a, b)
-    return LoRAAdapter(name, f"/random/{name}", rank, weights)
 
 
 @pytest.mark.parametrize("dtype", list(TOLS))
@@ -70,7 +60,7 @@ def test_shrink_expand_match_reference(kernels, dtype, fused, sizes, in_features
 
 
 def _manager(model, num_slots=2):
-    manager = LoRAManager(model.arch, num_slots, 8, 0, model.dtype, model.device)
+    manager = LoRAManager(model.arch, num_slots, 8, 3, model.dtype, model.device)  # host: all 3
     ids = [manager.add(f"r{i}", f"/random/r{i}", random_adapter(model.arch, f"r{i}", 4 + 2 * i,
                                                                 seed=i)).lora_int_id
            for i in range(3)]

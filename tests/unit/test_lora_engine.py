@@ -1,6 +1,7 @@
 """LoRA through the engine: [lora] config, one batch mixing base and adapters equals peft's greedy
-output, speculation (n-gram and draft model) leaves every adapter's greedy output unchanged,
-prefix-cache isolation between adapters, max_loras admission, offline LoRARequest."""
+output, speculation (n-gram and draft model, with and without spec.draft_lora) leaves every
+adapter's greedy output unchanged, the adaptive controller's k per request follows its adapter's
+acceptance, prefix-cache isolation between adapters, max_loras admission, offline LoRARequest."""
 
 from __future__ import annotations
 
@@ -151,3 +152,94 @@ def test_scheduler_admits_at_most_max_loras_and_keys_the_cache_by_adapter():
     salted = Request("s", [1], SamplingParams(cache_salt="t"))
     salted.lora_int_id = 4
     assert cache_extra_keys(salted) == ("cache_salt", "t", "lora", 4)
+
+
+# ---- spec.draft_lora, and k per request ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def draft_adapter(tiny_draft_dir, tmp_path_factory):
+    """An adapter for the (smaller) draft model's shapes."""
+    return make_adapter(tiny_draft_dir, str(tmp_path_factory.mktemp("draft_lora") / "d"),
+                        seed=31, **ADAPTERS["a1"])
+
+
+def test_draft_lora_keeps_each_adapters_output(tiny_llama_dir, tiny_draft_dir, adapters,
+                                               draft_adapter, plain):
+    llm = make_llm(tiny_llama_dir, adapters, **{
+        "spec.method": "draft", "spec.draft_model": tiny_draft_dir, "spec.adaptive": False,
+        "spec.num_speculative_tokens": 3, "spec.draft_lora": draft_adapter})
+    draft_runner = llm.engine.draft_runner
+    assert draft_runner.lora is not None and draft_runner.lora_default_slot == 0
+    assert llm.engine.target_runner.lora_default_slot == -1  # the target: request adapters
+    assert run(llm, LORAS) == plain
+    assert llm.engine.counters["drafts"] > 0
+
+
+def test_draft_lora_changes_the_drafts(tiny_llama_dir, adapters, plain):
+    """The draft is the target's own base weights: its greedy drafts are the base's tokens. With
+    spec.draft_lora = a1 they become a1's tokens. Acceptance per request follows, while every
+    output stays its adapter's."""
+    def acceptance(draft_lora):
+        overrides = {"spec.method": "draft", "spec.draft_model": tiny_llama_dir,
+                     "spec.adaptive": False, "spec.num_speculative_tokens": 3}
+        if draft_lora:
+            overrides["spec.draft_lora"] = adapters["a1"]
+        llm = make_llm(tiny_llama_dir, adapters, **overrides)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]], GREEDY,
+                            lora_request=LORAS[:2])
+        assert [o.outputs[0].token_ids for o in outs] == plain[:2]
+        return [o.metrics.num_accepted_tokens / o.metrics.num_draft_tokens for o in outs]
+
+    base_draft = acceptance(draft_lora=False)
+    a1_draft = acceptance(draft_lora=True)
+    # measured: [1.0, 0.0] and [0.0, 1.0] (the tiny adapters move every greedy token)
+    assert base_draft[0] > 0.9 and a1_draft[1] > 0.9  # the draft is the request's model
+    assert base_draft[1] < base_draft[0] and a1_draft[0] < a1_draft[1]
+
+
+class _FixedCost:
+    """A cost table that live steps do not move (the controller's plan becomes deterministic)."""
+
+    def __init__(self, table):
+        from specdec.runner import CostModel
+        self.model = CostModel()
+        self.model.table = dict(table)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def observe(self, *args) -> None:
+        pass
+
+
+def test_adaptive_k_per_request_follows_its_adapters_acceptance(tiny_llama_dir, adapters):
+    """Draft = the target's base weights: the base request accepts nearly every draft, the
+    adapter request fewer; with fixed costs (a cheap draft, a flat verify) the controller gives
+    the adapter request fewer drafts per step than the base one."""
+    llm = make_llm(tiny_llama_dir, adapters, **{
+        "spec.method": "draft", "spec.draft_model": tiny_llama_dir, "spec.adaptive": True,
+        "spec.num_speculative_tokens": 4})
+    engine = llm.engine
+    engine.target_runner.cost = engine.controller.target_cost = _FixedCost(
+        {1: 1.0, 2: 1.0, 64: 1.05})
+    engine.draft_runner.cost = engine.controller.draft_cost = _FixedCost({1: 0.01, 64: 0.011})
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[0]}],
+                        params, lora_request=[None, "a2"])
+    base, adapted = (o.metrics for o in outs)
+    base_k = base.num_draft_tokens / base.num_drafts
+    adapted_k = adapted.num_draft_tokens / adapted.num_drafts
+    assert base.num_accepted_tokens / base.num_draft_tokens > 0.9
+    assert adapted.num_accepted_tokens / adapted.num_draft_tokens < 0.6
+    assert base_k > adapted_k + 0.5, (base_k, adapted_k)
+
+
+def test_draft_lora_config_and_errors(tiny_llama_dir, tiny_draft_dir, tmp_path):
+    with pytest.raises(ConfigError, match="spec.draft_lora"):
+        Config().replace(**{"spec.method": "ngram", "spec.draft_lora": "/x"})
+    from specdec.model.lora import LoRAError
+    with pytest.raises(LoRAError, match=r"spec.draft_lora = .*adapter_config.json does not "
+                                        r"exist"):
+        make_llm(tiny_llama_dir, {}, **{"spec.method": "draft",
+                                        "spec.draft_model": tiny_draft_dir,
+                                        "spec.draft_lora": str(tmp_path / "missing")})

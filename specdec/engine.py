@@ -427,7 +427,8 @@ class Engine:
         lora_slots = {}
         if self.lora is not None:  # NOTE: the scheduler keeps these within lora.max_loras
             lora_slots = self.lora.activate({s.request.lora_int_id for s in output.scheduled
-                                             if s.request.lora_int_id})
+                                             if s.request.lora_int_id},
+                                            {r.lora_int_id for r in self.scheduler.running})
         for s in output.scheduled:
             req = s.request
             start = req.num_computed_tokens

@@ -33,6 +33,7 @@ def make_lora_manager(lora_config, target, target_runner, scheduler) -> LoRAMana
                           lora_config.max_cpu_loras, target.dtype, target.device)
     target_runner.lora = manager
     scheduler.max_loras = lora_config.max_loras
+    scheduler.lora_ready = manager.ready  # an evicted adapter is re-read off the engine thread
     for name, path in lora_config.modules:
         manager.add(name, path)
     return manager

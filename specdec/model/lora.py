@@ -4,7 +4,8 @@
   A [r, in] and B [out, r] factors add `scale * (x @ A^T) @ B^T` to a projection; scale is
   lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)), per module with rank_pattern / alpha_pattern.
 - host cache: an LRU of up to `max_cpu_loras` parsed adapters (CPU tensors, scale folded into B);
-  an evicted adapter is read again from its directory when next needed.
+  an evicted adapter is read again from its directory when next needed, on a worker thread:
+  the scheduler admits its requests once `ready` says it is back (the step never waits on disk).
 - slot: one of `max_loras` resident places on the model's device. Per layer and projection the
   slot tensors are static: A [slots, n_sub * r_max, in], and per sub-projection B
   [slots, size, r_max] (zero-padded to `max_lora_rank`), so swapping an adapter in is a copy.
@@ -24,6 +25,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -321,6 +323,8 @@ class LoRAManager:
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # LRU: oldest first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident; LRU: oldest first
         self.slot_owner: list[int | None] = [None] * max_loras
+        self._loading: dict[int, Future] = {}  # lora_id -> a load_adapter on the worker thread
+        self._loader: ThreadPoolExecutor | None = None
 
     def add(self, name: str, path: str, adapter: LoRAAdapter | None = None) -> LoRARequest:
         """Register (and parse, so that a bad adapter fails here) an adapter; LoRAError if bad.
@@ -339,6 +343,7 @@ class LoRAManager:
         self.registry[name] = request
         self.by_id[request.lora_int_id] = request
         self._cache(request.lora_int_id, adapter)
+        self._trim_host(keep={request.lora_int_id})
         return request
 
     def remove(self, name: str) -> LoRARequest:
@@ -351,8 +356,38 @@ class LoRAManager:
     def _cache(self, lora_id: int, adapter: LoRAAdapter) -> None:
         self.host[lora_id] = adapter
         self.host.move_to_end(lora_id)
-        while len(self.host) > self.max_cpu_loras:
-            self.host.popitem(last=False)
+
+    def _trim_host(self, keep: set[int]) -> None:
+        """Evict the least recently used host copies beyond max_cpu_loras, never one in `keep`.
+        NOTE: only in add() and at the end of activate(): between the scheduler's `ready`
+        checks and the step's activate() the host copies only grow, so an adapter found ready
+        is still there when its slot is loaded."""
+        for lora_id in [i for i in self.host if i not in keep]:
+            if len(self.host) <= self.max_cpu_loras:
+                break
+            del self.host[lora_id]
+
+    def ready(self, lora_id: int) -> bool:
+        """Whether activate() can take `lora_id` without reading its directory. If not, starts
+        reading it on a worker thread and says False until that is done (engine thread only;
+        the result is moved into the host cache here, on the caller's thread). A failed read
+        says True: activate() then reads again and raises the LoRAError."""
+        if lora_id in self.slot_of or lora_id in self.host:
+            return True
+        future = self._loading.get(lora_id)
+        if future is None:
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+            req = self.by_id[lora_id]
+            self._loading[lora_id] = self._loader.submit(
+                load_adapter, req.lora_name, req.lora_path, self.max_lora_rank, self.arch)
+            return False
+        if not future.done():
+            return False
+        del self._loading[lora_id]
+        if future.exception() is None:
+            self._cache(lora_id, future.result())
+        return True
 
     def _host_adapter(self, lora_id: int) -> LoRAAdapter:
         adapter = self.host.get(lora_id)
@@ -363,9 +398,11 @@ class LoRAManager:
         self.host.move_to_end(lora_id)
         return adapter
 
-    def activate(self, lora_ids: set[int]) -> dict[int, int]:
+    def activate(self, lora_ids: set[int], protect: set[int] = frozenset()) -> dict[int, int]:
         """Slots for the adapters of one step (at most max_loras distinct ids); loads the missing
-        ones into slots held by adapters outside `lora_ids`, least recently used first."""
+        ones into slots held by adapters outside `lora_ids`, least recently used first, those
+        outside `protect` (the adapters of running requests not in this step) before those in
+        it; host copies of `lora_ids` and `protect` are kept."""
         if len(lora_ids) > self.max_loras:
             raise RuntimeError(f"{len(lora_ids)} adapters in one step > lora.max_loras="
                                f"{self.max_loras}")
@@ -378,11 +415,13 @@ class LoRAManager:
             if None in self.slot_owner:
                 slot = self.slot_owner.index(None)
             else:
-                victim = next(i for i in self.slot_of if i not in lora_ids)
+                others = [i for i in self.slot_of if i not in lora_ids]
+                victim = next((i for i in others if i not in protect), others[0])
                 slot = self.slot_of.pop(victim)
             self.slots.load(slot, self._host_adapter(lora_id))
             self.slot_owner[slot] = lora_id
             self.slot_of[lora_id] = slot
+        self._trim_host(keep=lora_ids | protect)
         return {lora_id: self.slot_of[lora_id] for lora_id in lora_ids}
 
     def make_batch(self, token_slots: list[int], device: torch.device,

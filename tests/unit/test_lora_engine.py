@@ -243,3 +243,69 @@ def test_draft_lora_config_and_errors(tiny_llama_dir, tiny_draft_dir, tmp_path):
         make_llm(tiny_llama_dir, {}, **{"spec.method": "draft",
                                         "spec.draft_model": tiny_draft_dir,
                                         "spec.draft_lora": str(tmp_path / "missing")})
+
+
+def test_evicted_adapter_is_read_off_the_engine_thread(tiny_llama_dir, adapters, plain,
+                                                       monkeypatch):
+    """max_cpu_loras = 1: a1's host copy is evicted when a2 registers. A request on a1 waits in
+    the queue while a worker thread reads a1 again; the engine keeps stepping the base
+    request meanwhile; then a1's request runs and gives a1's tokens."""
+    import threading
+
+    import specdec.model.lora as lora_module
+
+    llm = make_llm(tiny_llama_dir, adapters, **{"lora.max_loras": 1, "lora.max_cpu_loras": 1})
+    engine = llm.engine
+    a1 = engine.lora.registry["a1"].lora_int_id
+    assert a1 not in engine.lora.host and a1 not in engine.lora.slot_of
+    real_load, gate, threads = lora_module.load_adapter, threading.Event(), []
+
+    def held_load(*args):
+        threads.append(threading.current_thread().name)
+        assert gate.wait(30), "the test never released the load"
+        return real_load(*args)
+
+    monkeypatch.setattr(lora_module, "load_adapter", held_load)
+    engine.add_request("a1-req", PROMPTS[1], GREEDY, lora_request="a1")
+    engine.add_request("base-req", PROMPTS[0], GREEDY)
+    done: dict[str, list[int]] = {}
+    for _ in range(8):  # the base request advances; a1's waits for its adapter
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert threads and threads[0].startswith("lora-load")
+    waiting = [r.request_id for r in engine.scheduler.waiting]
+    assert waiting == ["a1-req"] and engine.scheduler.running[0].request_id == "base-req"
+    assert len(engine.scheduler.running[0].output_token_ids) > 0
+    gate.set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert done == {"base-req": plain[0], "a1-req": plain[1]}
+    assert len(threads) == 1 and a1 in engine.lora.slot_of
+
+
+def test_scheduler_skips_requests_whose_adapter_is_loading():
+    """Bookkeeping only: a request whose adapter is not ready keeps its place in the queue while
+    the requests behind it are admitted; it is admitted once ready."""
+    from specdec.core.config import CacheConfig, SchedulerConfig
+    from specdec.core.request import Request
+    from specdec.core.scheduler import Scheduler
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+                          CacheConfig(block_size=8), 64, 128)
+    scheduler.max_loras = 4
+    ready = {1: True, 2: False}
+    asked = []
+    scheduler.lora_ready = lambda lora_id: asked.append(lora_id) or ready[lora_id]
+    for i, lora_id in enumerate([2, 0, 1, 2]):
+        req = Request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=4))
+        req.lora_int_id = lora_id
+        scheduler.add_request(req)
+    first = [s.request.request_id for s in scheduler.schedule().scheduled]
+    assert first == ["r1", "r2"] and asked == [2, 1, 2]
+    assert [r.request_id for r in scheduler.waiting] == ["r0", "r3"]
+    ready[2] = True
+    second = [s.request.request_id for s in scheduler.schedule().scheduled]
+    assert set(second) == {"r0", "r1", "r2", "r3"} and not scheduler.waiting

@@ -105,7 +105,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.max_loras = 0  # > 0: at most this many distinct adapters running (LoRA slots)
         # LoRA: lora_ready(lora_int_id) is False while an adapter is still being read from disk
-        # (off the engine thread); the queue head waits for it instead of blocking the step.
+        # (off the engine thread); its requests are skipped, keeping their place, until it is.
         self.lora_ready: Callable[[int], bool] | None = None
         # Per request: chained hashes of its full blocks, and how many of its blocks are cached.
         self._block_hashes: dict[str, list[bytes]] = {}

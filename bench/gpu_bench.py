@@ -432,6 +432,129 @@ def section_spec_e2e(args, res: dict) -> None:
                 r["equal"] for r in res[pass_name]["greedy"].values())
 
 
+# ------------------------------------------------------------------------------------- LoRA
+# A separate block, run by name only (`--only lora`; bench/gpu_check.sh runs it on its own).
+
+def _random_adapter(arch, name: str, rank: int, seed: int):
+    from specdec.model.lora import LoRAAdapter, _module_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    weights = {(layer, module): (torch.randn(rank, n_in, generator=gen) * 0.05,
+                                 torch.randn(n_out, rank, generator=gen) * 0.05)
+               for layer in range(arch.num_layers)
+               for module, (n_out, n_in) in _module_shapes(arch).items()}
+    return LoRAAdapter(name, f"/random/{name}", rank, weights)
+
+
+def section_lora(args, res: dict) -> None:
+    """LoRA shrink + expand (cuda/lora.cu) at Qwen2.5-1.5B's fused projections (4 slots, rank 16,
+    graphed) next to the projection matmul they follow, each checked against the torch
+    reference; then a decode step of 8 sequences on 4 adapters vs the base (0.5B shape)."""
+    import torch.nn.functional as F
+
+    from specdec.kernels import ops
+    from specdec.model.lora import LoRAManager
+
+    dtype, dev = args.dtype, args.device
+    hidden, q, kv, inter = (128, 128, 64, 256) if args.smoke else (1536, 1536, 256, 8960)
+    r_max, num_slots = (4 if args.smoke else 16), 4
+    cases = [("bgmv", 2), ("sgmv", 20)] if args.smoke else [
+        ("bgmv", 1), ("bgmv", 8), ("bgmv", 32), ("sgmv", 40), ("sgmv", 512)]
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-4
+    iters = 2 if args.smoke else 20
+    gen = torch.Generator(dev).manual_seed(0)
+    rows, bad = [], []
+    for fused, sizes, n_in in (("qkv", [q, kv, kv], hidden), ("gate_up", [inter, inter], hidden),
+                               ("down", [hidden], inter)):
+        a_stack = (torch.randn(num_slots, len(sizes) * r_max, n_in, device=dev, generator=gen)
+                   * 0.05).to(dtype)
+        b_list = [(torch.randn(num_slots, n, r_max, device=dev, generator=gen) * 0.05).to(dtype)
+                  for n in sizes]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        weight = (torch.randn(sum(sizes), n_in, device=dev, generator=gen) * 0.02).to(dtype)
+        for mode, n in cases:
+            x = torch.randn(n, n_in, device=dev, generator=gen).to(dtype)
+            if mode == "bgmv":  # decode rows on every slot and the base
+                row_slots = torch.arange(n, device=dev, dtype=torch.int32) % (num_slots + 1) - 1
+                seg = (None, 1)
+            else:  # verify windows of 5 / one prefill chunk, one adapter per segment
+                seg_len = 5 if n <= 40 else n
+                row_slots = (torch.arange(n, device=dev, dtype=torch.int32) // seg_len
+                             ) % num_slots
+                seg = (torch.arange(0, n + 1, seg_len, device=dev, dtype=torch.int32), seg_len)
+
+            def with_lora():
+                y = F.linear(x, weight)
+                return ops.lora_expand(y, ops.lora_shrink(x, a_stack, row_slots, *seg), b_list,
+                                       offsets, row_slots, r_max, *seg)
+
+            want = ops.lora_expand(F.linear(x, weight), ops.lora_shrink(
+                x, a_stack, row_slots, use_kernels=False), b_list, offsets, row_slots, r_max,
+                use_kernels=False)
+            got = with_lora()
+            err = float(((got.float() - want.float()).norm() / want.float().norm()).item())
+            replay, repeats = graphed(lambda: F.linear(x, weight), dev)
+            base_s = timed(replay, dev, iters) / repeats
+            replay, repeats = graphed(with_lora, dev)
+            lora_s = timed(replay, dev, iters) / repeats
+            rows.append(dict(proj=fused, mode=mode, rows=n, base_us=round(base_s * 1e6, 2),
+                             lora_us=round(lora_s * 1e6, 2),
+                             overhead=round(lora_s / base_s, 3), rel_err=err))
+            if not err <= tol:
+                bad.append(f"{fused}/{mode}/{n}: rel_err {err:.2e} > {tol}")
+    res["rows"] = rows
+    # A decode step: 8 sequences on 4 adapters (2 each) vs the same sequences on the base.
+    shape = (SMOKE_SHAPES if args.smoke else SHAPES)["qwen2.5-coder-0.5b"]
+    model = random_model(shape, dtype, dev)
+    manager = LoRAManager(model.arch, num_slots, r_max, num_slots, model.dtype, model.device)
+    ids = [manager.add(f"r{i}", f"/random/r{i}", _random_adapter(model.arch, f"r{i}", r_max, i))
+           .lora_int_id for i in range(num_slots)]
+    slot_of = manager.activate(set(ids))
+    num_seqs, ctx = 8, (16 if args.smoke else 256)
+    num_blocks = num_seqs * (-(-(ctx + 4) // BLOCK_SIZE)) + 1
+    kv_caches = model.make_kv_caches(num_blocks, BLOCK_SIZE)
+    per_seq = num_blocks // num_seqs
+    tables = [list(range(1 + s * per_seq, 1 + (s + 1) * per_seq)) for s in range(num_seqs)]
+    t = lambda v, dt: torch.tensor(v, dtype=dt, device=dev)  # noqa: E731
+    batch = ForwardBatch(
+        input_ids=t([3 + s for s in range(num_seqs)], torch.long),
+        positions=t([ctx] * num_seqs, torch.long),
+        slot_mapping=t([tables[s][ctx // BLOCK_SIZE] * BLOCK_SIZE + ctx % BLOCK_SIZE
+                        for s in range(num_seqs)], torch.long),
+        block_tables=t(tables, torch.int32), seq_lens=t([ctx + 1] * num_seqs, torch.int32),
+        query_start_loc=t(list(range(num_seqs + 1)), torch.int32),
+        logits_indices=t(list(range(num_seqs)), torch.long), query_lens=[1] * num_seqs,
+        seq_lens_list=[ctx + 1] * num_seqs, use_kernels=dev.startswith("cuda"))
+    lora = manager.make_batch([slot_of[ids[s % num_slots]] for s in range(num_seqs)],
+                              model.device, dev.startswith("cuda"), [1] * num_seqs)
+    step = {}
+    for label, ctx_lora in (("base", None), ("4_adapters", lora)):
+        batch.lora = ctx_lora
+        step[f"eager_{label}_ms"] = round(
+            timed(lambda: model(batch, kv_caches), dev, iters) * 1e3, 3)
+    if dev.startswith("cuda"):
+        from specdec.kernels.graphs import CudaGraphRunner
+
+        for label, slots in (("graph_base", None), ("graph_lora", manager.slots)):
+            runner = CudaGraphRunner(model, kv_caches, 1, num_seqs, per_seq, lora=slots,
+                                     buckets=[num_seqs])
+            runner.capture()
+            batch.lora = lora if slots is not None else None
+            step[f"{label}_ms"] = round(timed(lambda: runner.run(batch), dev) * 1e3, 3)
+            if slots is not None:
+                batch.lora = None
+                step["graph_lora_base_rows_ms"] = round(
+                    timed(lambda: runner.run(batch), dev) * 1e3, 3)
+            del runner
+    res["decode_step"] = step
+    if bad:
+        raise AssertionError("LoRA kernels differ from the reference: " + "; ".join(bad))
+
+
+# Sections run only when named in --only.
+EXTRA_SECTIONS = [("lora", section_lora)]
+
+
 SECTIONS = [("env", section_env), ("copy_bandwidth", section_copy_bandwidth),
             ("kernels", section_kernels), ("decode_batch1", section_decode),
             ("verify_steps", section_verify), ("spec_e2e", section_spec_e2e),
@@ -468,6 +591,12 @@ def print_table(results: dict) -> None:
             for label, run in entry["runs"].items():
                 print(f"  e2e {pass_name} {entry['dtype']} {label:20s} {run} "
                       f"{entry['greedy'].get(label, '')}")
+    for row in results.get("lora", {}).get("rows", []):
+        print(f"  lora {row['proj']:7s} {row['mode']} rows={row['rows']:<4d} matmul "
+              f"{row['base_us']:8.1f} us, +lora {row['lora_us']:8.1f} us "
+              f"(x{row['overhead']:.2f}) rel_err {row['rel_err']:.1e}")
+    if "decode_step" in results.get("lora", {}):
+        print(f"  lora decode step {results['lora']['decode_step']}")
     for name, value in results.items():
         if isinstance(value, dict) and "error" in value:
             print(f"  SECTION {name} FAILED: {value['error']}")
@@ -490,7 +619,7 @@ def main() -> int:
                        if os.environ.get("OUT") else None)
     results: dict = {}
     only = set(args.only.split(",")) if args.only else None
-    for name, fn in SECTIONS:
+    for name, fn in SECTIONS + [(n, f) for n, f in EXTRA_SECTIONS if only and n in only]:
         if only and name not in only:
             continue
         res: dict = {}

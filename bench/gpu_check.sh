@@ -3,7 +3,8 @@
 # Exits 2 when the preflight fails (CuPy cannot compile or load a kernel), else with the first
 # non-zero status of the tests and the benchmark. Writes under $OUT (if set; else a temp dir):
 #   preflight.txt, pytest_gpu.txt, junit_gpu.xml, gpu_bench.txt, gpu_bench.json (rewritten after
-#   every benchmark section, so a time-out still leaves the finished sections).
+#   every benchmark section, so a time-out still leaves the finished sections),
+#   gpu_bench_lora.txt, gpu_bench_lora.json (the LoRA section, run on its own).
 # Packages the device lacks (orjson, structlog, gguf) are installed from .gpu_wheels/ when
 # present: fill it here first with `bash bench/gpu_wheels.sh` and carry it.
 #   bash bench/gpu_check.sh
@@ -66,5 +67,15 @@ timeout -s INT 240 "$PY" bench/gpu_bench.py --budget 200 --out "$OUT/gpu_bench.j
 rc=$?; keep $rc
 echo "bench exit code: $rc" | tee -a "$OUT/gpu_bench.txt"
 grep -v "Writing model shards" "$OUT/gpu_bench.txt" | tail -n 60
+# -- LoRA (issue 16): the kernels at real projection sizes against the reference, and a decode
+# step on 4 adapters vs the base; its own run, so the main benchmark's budget is untouched.
+echo "== bench/gpu_bench.py --only lora (budget 60 s, limit 90 s)"
+timeout -s INT 90 "$PY" bench/gpu_bench.py --only lora --budget 60 \
+    --out "$OUT/gpu_bench_lora.json" > "$OUT/gpu_bench_lora.txt" 2>&1
+rc=$?; keep $rc
+echo "lora bench exit code: $rc" | tee -a "$OUT/gpu_bench_lora.txt"
+grep -v "Writing model shards" "$OUT/gpu_bench_lora.txt" | tail -n 16
+# -- end LoRA
+
 echo "== results under $OUT; exit $status"
 exit "$status"

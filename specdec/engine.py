@@ -194,11 +194,14 @@ class Engine:
                              if draft else None)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
                                    self.max_model_len)
-        self.lora = None  # LoRAManager: adapters on the target only; the draft stays the base
+        self.lora = None  # LoRAManager of request adapters (target only; the draft: spec.draft_lora)
         if config.lora.active:
             from specdec.engine_lora import make_lora_manager
             self.lora = make_lora_manager(config.lora, target, self.target_runner,
                                           self.scheduler)
+        if spec.draft_lora and self.draft_runner is not None:  # before any graph capture
+            from specdec.engine_lora import make_draft_lora
+            make_draft_lora(spec.draft_lora, draft, self.draft_runner)
         self.drafter = None
         if spec.enabled:
             self.drafter = (DraftModelDrafter(self.draft_runner,
@@ -424,7 +427,8 @@ class Engine:
         lora_slots = {}
         if self.lora is not None:  # NOTE: the scheduler keeps these within lora.max_loras
             lora_slots = self.lora.activate({s.request.lora_int_id for s in output.scheduled
-                                             if s.request.lora_int_id})
+                                             if s.request.lora_int_id},
+                                            {r.lora_int_id for r in self.scheduler.running})
         for s in output.scheduled:
             req = s.request
             start = req.num_computed_tokens

@@ -1,9 +1,10 @@
 """The engine's LoRA glue: building the manager from [lora], resolving a request's adapter,
 runtime load/unload, and the `lora_requests_info` view.
 
-Adapters apply to the target only. The draft model (or n-gram drafter) proposes from the base,
-and verification runs target + adapter, so the output is exactly the adapter's; acceptance may
-be lower, and the adaptive controller turns k down by itself.
+Request adapters apply to the target only. The draft model (or n-gram drafter) proposes from
+its base weights, or with `spec.draft_lora` (one draft-side adapter, on every draft forward);
+verification runs target + the request's adapter, so the output is exactly the adapter's either
+way. Acceptance may be lower, and the adaptive controller turns k down per request by itself.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 
 from specdec.model.lora import LoRAError, LoRAManager, LoRARequest
 
-__all__ = ["LoRAError", "LoRARequest", "LoRAInfo", "make_lora_manager", "resolve_lora",
-           "add_lora", "remove_lora", "lora_info"]
+__all__ = ["LoRAError", "LoRARequest", "LoRAInfo", "make_lora_manager", "make_draft_lora",
+           "resolve_lora", "add_lora", "remove_lora", "lora_info"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +33,26 @@ def make_lora_manager(lora_config, target, target_runner, scheduler) -> LoRAMana
                           lora_config.max_cpu_loras, target.dtype, target.device)
     target_runner.lora = manager
     scheduler.max_loras = lora_config.max_loras
+    scheduler.lora_ready = manager.ready  # an evicted adapter is re-read off the engine thread
     for name, path in lora_config.modules:
         manager.add(name, path)
+    return manager
+
+
+def make_draft_lora(path: str, draft, draft_runner) -> LoRAManager:
+    """`spec.draft_lora`: the adapter at `path` in the draft runner's one slot, applied to every
+    token the draft runs (its runner's default slot). Its own rank sizes the slot (the
+    [lora] limits are for request adapters). LoRAError naming spec.draft_lora if bad."""
+    from specdec.model.lora import load_adapter
+    try:
+        adapter = load_adapter("spec.draft_lora", path, 1 << 30, draft.arch)
+    except LoRAError as e:
+        raise LoRAError(f"spec.draft_lora = {path!r}: {e}") from None
+    manager = LoRAManager(draft.arch, 1, adapter.rank, 1, draft.dtype, draft.device)
+    request = manager.add("spec.draft_lora", path, adapter)
+    manager.activate({request.lora_int_id})
+    draft_runner.lora = manager
+    draft_runner.lora_default_slot = 0
     return manager
 
 

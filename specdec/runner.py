@@ -42,7 +42,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
         self.graph_runners: dict = {}  # query_len -> CudaGraphRunner
-        self.lora = None  # a LoRAManager when adapters are enabled (target only)
+        self.lora = None  # a LoRAManager when adapters are enabled (specdec.engine_lora)
+        self.lora_default_slot = -1  # the slot of base tokens (the draft's spec.draft_lora: 0)
         # Timing model for adaptive speculation: seconds = fixed + per_token * num_tokens.
         self.cost = CostModel()
 
@@ -76,9 +77,13 @@ class ModelRunner:
             block_tables.append(table + [0] * (max_blocks - len(table)))
         dev = self.device
         lora = None
-        if self.lora is not None and any(s.lora_slot >= 0 for s in seqs):
-            lora = self.lora.make_batch(
-                [s.lora_slot for s in seqs for _ in range(len(s.token_ids))], dev)
+        if self.lora is not None:  # NOTE: lora_slot -1 falls back to the runner's default
+            seq_slots = [s.lora_slot if s.lora_slot >= 0 else self.lora_default_slot
+                         for s in seqs]
+            if any(slot >= 0 for slot in seq_slots):
+                lora = self.lora.make_batch(
+                    [slot for s, slot in zip(seqs, seq_slots) for _ in s.token_ids], dev,
+                    self.use_kernels, query_lens)
         return ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -104,7 +109,7 @@ class ModelRunner:
         batch = self.build_batch(seqs)
         t0 = time.perf_counter()
         graphs = self.graph_runners.get(batch.query_lens[0])
-        if graphs is not None and batch.lora is None and graphs.can_run(batch):
+        if graphs is not None and graphs.can_run(batch):
             logits = graphs.run(batch)
         else:
             logits = self.model(batch, self.kv_caches)
@@ -123,7 +128,8 @@ class ModelRunner:
             return False
         max_blocks = -(-max_model_len // self.block_size)
         for q in query_lens:
-            runner = CudaGraphRunner(model, self.kv_caches, q, max_num_seqs, max_blocks, debug)
+            runner = CudaGraphRunner(model, self.kv_caches, q, max_num_seqs, max_blocks, debug,
+                                     lora=self.lora.slots if self.lora is not None else None)
             runner.capture()
             self.graph_runners[q] = runner
         return True

@@ -5,7 +5,8 @@ A config file has one table per section; every key is a field of that section's 
     [model]      path, dtype, max_model_len, quantization
     [cache]      block_size, num_blocks, enable_prefix_caching
     [scheduler]  max_num_seqs, max_num_batched_tokens
-    [spec]       method, draft_model, draft_dtype, draft_quantization, num_speculative_tokens, ...
+    [spec]       method, draft_model, draft_dtype, draft_quantization, draft_lora,
+                 num_speculative_tokens, ...
     [server]     host, port, api_key, max_queued_requests, shutdown_timeout, served_model_name, ui, ...
     [device]     device, num_threads, cuda_graphs, seed
     [lora]       enabled, modules, max_loras, max_lora_rank, max_cpu_loras, allow_runtime_updates
@@ -106,6 +107,10 @@ class SpecConfig:
     draft_model: str | None = None
     draft_dtype: str | None = None  # None: the target's dtype
     draft_quantization: str | None = None  # None, "int8" or "int4" (weight-only, CPU)
+    # A PEFT LoRA directory applied to the draft model on every draft forward (a draft-side
+    # adapter, e.g. one trained alongside the target's); verification stays target + request
+    # adapter, so it moves acceptance only. None: the draft runs its base weights.
+    draft_lora: str | None = None
     num_speculative_tokens: int = 4
     adaptive: bool = True
     ngram_min: int = 1
@@ -119,6 +124,9 @@ class SpecConfig:
                f"unset or one of {DTYPES}")
         _check(self.draft_quantization in (None, "int8", "int4"), "spec.draft_quantization",
                self.draft_quantization, 'unset, "int8" or "int4"')
+        _check(self.draft_lora is None or (self.method == "draft" and bool(self.draft_lora)),
+               "spec.draft_lora", self.draft_lora,
+               'unset, or a non-empty adapter path with spec.method = "draft"')
         _check(0 <= self.num_speculative_tokens <= 16, "spec.num_speculative_tokens",
                self.num_speculative_tokens, "in [0, 16]")
         _check(1 <= self.ngram_min <= self.ngram_max, "spec.ngram_min", self.ngram_min,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from specdec.core.block_pool import BlockPool, extend_block_hashes
@@ -103,6 +104,9 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self.max_loras = 0  # > 0: at most this many distinct adapters running (LoRA slots)
+        # LoRA: lora_ready(lora_int_id) is False while an adapter is still being read from disk
+        # (off the engine thread); its requests are skipped, keeping their place, until it is.
+        self.lora_ready: Callable[[int], bool] | None = None
         # Per request: chained hashes of its full blocks, and how many of its blocks are cached.
         self._block_hashes: dict[str, list[bytes]] = {}
         self._num_cached_blocks: dict[str, int] = {}
@@ -266,7 +270,14 @@ class Scheduler:
             i += 1
 
         if not preempted:
+            loading: list[Request] = []  # heads whose adapter is still being read
             while self.waiting:
+                head = self.waiting[0]
+                if (head.lora_int_id and self.lora_ready is not None
+                        and not self.lora_ready(head.lora_int_id)):
+                    # NOTE: as vLLM does, skip it (keeping its place) rather than hold the queue
+                    loading.append(self.waiting.popleft())
+                    continue
                 scheduled = None
                 if (budget > 0 and len(self.running) < self.max_num_seqs
                         and self._lora_fits(self.waiting[0])):
@@ -285,6 +296,7 @@ class Scheduler:
                 self.waiting.popleft()
                 chunks.append(scheduled)
                 budget -= scheduled.num_new_tokens
+            self.waiting.extendleft(reversed(loading))
 
         scheduled_all = decodes + chunks
         return SchedulerOutput(

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 CUDA_DIR = Path(__file__).resolve().parents[2] / "cuda"
-SOURCES = ("paged_attention.cu", "kv_cache.cu", "fused.cu")
+SOURCES = ("paged_attention.cu", "kv_cache.cu", "fused.cu", "lora.cu")
 NVRTC_OPTIONS = ("--std=c++17",)
 HEAD_DIMS = (32, 64, 128, 256)
 DTYPE_TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -33,6 +33,12 @@ ATTN_THREADS = 128  # must match kAttnThreads in paged_attention.cu
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y: longer batches launch in row chunks
 WRITE_KV_WORDS = (16, 4, 2)  # bytes per copied word, widest first
 FUSED_THREADS = 256  # rms_norm and rope_kv: one block of these per token
+LORA_WARPS = 4  # must match kLoraWarps in lora.cu (shrink: one rank element per warp)
+LORA_ROW_TILE = 8  # must match kLoraRowTile in lora.cu (sgmv: rows per block)
+LORA_MAX_SLICES = 3  # must match kLoraMaxSlices in lora.cu
+LORA_EXPAND_THREADS = 128  # expand: one output column per thread
+
+LORA_KERNELS = ("bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand")
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
@@ -73,6 +79,7 @@ class _Loaded:
             "kv_cache.cu": [f"write_kv_w{w}" for w in WRITE_KV_WORDS],
             "fused.cu": [f"{op}_{tag}" for op in ("rms_norm", "silu_mul", "rope_kv")
                          for tag in DTYPE_TAGS.values()],
+            "lora.cu": [f"{op}_{tag}" for op in LORA_KERNELS for tag in DTYPE_TAGS.values()],
         }
         for source in SOURCES:
             module = cupy.RawModule(code=read_source(source), options=NVRTC_OPTIONS)
@@ -337,6 +344,122 @@ def rope_write_kv(query: Tensor, key: Tensor, value: Tensor, cos: Tensor, sin: T
         load().launch(f"rope_kv_{DTYPE_TAGS[query.dtype]}", query.device, (num_tokens, 1, 1),
                       (FUSED_THREADS, 1, 1), args)
     return query
+
+
+def lora_shrink(x: Tensor, a_stack: Tensor, row_slots: Tensor, seg_starts: Tensor | None = None,
+                max_seg_len: int = 1) -> Tensor:
+    """Same contract as `specdec.kernels.ops.lora_shrink`: BGMV when every segment is one row
+    (or `seg_starts` is None), SGMV over the segments otherwise."""
+    # x: [num_rows, in]; a_stack: [num_slots, rank_total, in] -> [num_rows, rank_total] float32
+    x = _rows(x, "lora_shrink")
+    out = torch.empty((x.shape[0], a_stack.shape[1]), dtype=torch.float32, device=x.device)
+    launch = lora_shrink_launch(out, x, a_stack, _int32(row_slots),
+                                None if seg_starts is None else _int32(seg_starts), max_seg_len)
+    if launch is not None:
+        name, grid, block, args = launch
+        load().launch(name, x.device, grid, block, args)
+    return out
+
+
+def lora_shrink_launch(out: Tensor, x: Tensor, a_stack: Tensor, row_slots: Tensor,
+                       seg_starts: Tensor | None, max_seg_len: int):
+    """(kernel name, grid, block, args) of one shrink, or None for no rows. Plain arithmetic
+    over data_ptr()s: the CPU emulation test launches exactly this geometry."""
+    num_rows, in_features = x.shape
+    num_slots, rank_total, a_in = a_stack.shape
+    if x.dtype not in DTYPE_TAGS or x.stride(1) != 1:
+        raise ValueError(f"lora_shrink: x {tuple(x.shape)} {x.dtype} needs unit column stride "
+                         f"and a dtype in {list(DTYPE_TAGS)}")
+    if a_in != in_features or a_stack.dtype != x.dtype or not a_stack.is_contiguous():
+        raise ValueError(f"lora_shrink: a_stack {tuple(a_stack.shape)} {a_stack.dtype} must be "
+                         f"contiguous and match x {tuple(x.shape)} {x.dtype}")
+    if row_slots.shape[0] != num_rows or row_slots.dtype != torch.int32:
+        raise ValueError(f"lora_shrink: row_slots ({row_slots.shape[0]} {row_slots.dtype}) "
+                         f"must be int32 with one entry per row of x ({num_rows})")
+    if tuple(out.shape) != (num_rows, rank_total) or out.dtype != torch.float32:
+        raise ValueError(f"lora_shrink: out {tuple(out.shape)} {out.dtype} must be float32 "
+                         f"[{num_rows}, {rank_total}]")
+    if num_rows == 0:
+        return None
+    tag = DTYPE_TAGS[x.dtype]
+    rank_blocks = -(-rank_total // LORA_WARPS)
+    block = (LORA_WARPS * 32, 1, 1)
+    common = (_i32(rank_total), _i32(in_features), _i64(x.stride(0)), _i32(num_slots))
+    if seg_starts is None or max_seg_len <= 1:
+        args = (out.data_ptr(), x.data_ptr(), a_stack.data_ptr(), row_slots.data_ptr(), *common)
+        return f"bgmv_shrink_{tag}", (num_rows, rank_blocks, 1), block, args
+    num_segments = _check_segments("lora_shrink", seg_starts)
+    args = (out.data_ptr(), x.data_ptr(), a_stack.data_ptr(), row_slots.data_ptr(),
+            seg_starts.data_ptr(), *common)
+    grid = (-(-max_seg_len // LORA_ROW_TILE), num_segments, rank_blocks)
+    return f"sgmv_shrink_{tag}", grid, block, args
+
+
+def lora_expand(y: Tensor, shrink: Tensor, b_list: list[Tensor], offsets: list[int],
+                row_slots: Tensor, r_max: int, seg_starts: Tensor | None = None,
+                max_seg_len: int = 1) -> Tensor:
+    """Same contract as `specdec.kernels.ops.lora_expand`: y updated in place and returned."""
+    launch = lora_expand_launch(y, shrink, b_list, offsets, _int32(row_slots), r_max,
+                                None if seg_starts is None else _int32(seg_starts), max_seg_len)
+    if launch is not None:
+        name, grid, block, args = launch
+        load().launch(name, y.device, grid, block, args)
+    return y
+
+
+def lora_expand_launch(y: Tensor, shrink: Tensor, b_list: list[Tensor], offsets: list[int],
+                       row_slots: Tensor, r_max: int, seg_starts: Tensor | None,
+                       max_seg_len: int):
+    """(kernel name, grid, block, args) of one expand over all slices, or None for no rows."""
+    # y: [num_rows, out] (unit column stride); shrink: [num_rows, len(b_list) * r_max] float32
+    # b_list[i]: [num_slots, size_i, r_max], written into y[:, offsets[i]:offsets[i] + size_i]
+    num_rows = y.shape[0]
+    if y.dim() != 2 or y.stride(1) != 1 or y.dtype not in DTYPE_TAGS:
+        raise ValueError(f"lora_expand: y must be 2-D with unit column stride and a dtype in "
+                         f"{list(DTYPE_TAGS)}, got {tuple(y.shape)} {y.dtype}")
+    if not 1 <= len(b_list) <= LORA_MAX_SLICES or len(offsets) != len(b_list):
+        raise ValueError(f"lora_expand: {len(b_list)} slices with {len(offsets)} offsets; need "
+                         f"1..{LORA_MAX_SLICES} of each")
+    rank_total = shrink.shape[1]
+    if (shrink.dtype != torch.float32 or not shrink.is_contiguous()
+            or shrink.shape[0] != num_rows or rank_total != len(b_list) * r_max):
+        raise ValueError(f"lora_expand: shrink {tuple(shrink.shape)} {shrink.dtype} must be "
+                         f"contiguous float32 [{num_rows}, {len(b_list) * r_max}]")
+    if row_slots.shape[0] != num_rows or row_slots.dtype != torch.int32:
+        raise ValueError(f"lora_expand: row_slots ({row_slots.shape[0]} {row_slots.dtype}) "
+                         f"must be int32 with one entry per row of y ({num_rows})")
+    num_slots = b_list[0].shape[0]
+    for b, offset in zip(b_list, offsets):
+        if (b.dtype != y.dtype or not b.is_contiguous() or b.shape[0] != num_slots
+                or b.shape[2] != r_max or offset < 0 or offset + b.shape[1] > y.shape[1]):
+            raise ValueError(f"lora_expand: B {tuple(b.shape)} {b.dtype} at column {offset} "
+                             f"does not fit y {tuple(y.shape)} {y.dtype} (r_max={r_max})")
+    if num_rows == 0:
+        return None
+    pad = LORA_MAX_SLICES - len(b_list)
+    sizes = [b.shape[1] for b in b_list] + [0] * pad
+    slices = (*(np.uint64(b.data_ptr()) for b in b_list), *(np.uint64(0) for _ in range(pad)),
+              *(_i32(n) for n in sizes), *(_i32(o) for o in list(offsets) + [0] * pad))
+    column_blocks = -(-max(sizes) // LORA_EXPAND_THREADS)
+    tag = DTYPE_TAGS[y.dtype]
+    block = (LORA_EXPAND_THREADS, 1, 1)
+    common = (_i32(r_max), _i32(rank_total), _i64(y.stride(0)), _i32(num_slots))
+    if seg_starts is None or max_seg_len <= 1:
+        args = (y.data_ptr(), shrink.data_ptr(), *slices, row_slots.data_ptr(), *common)
+        return f"bgmv_expand_{tag}", (num_rows, column_blocks, len(b_list)), block, args
+    num_segments = _check_segments("lora_expand", seg_starts)
+    args = (y.data_ptr(), shrink.data_ptr(), *slices, row_slots.data_ptr(),
+            seg_starts.data_ptr(), *common, _i32(column_blocks))
+    grid = (-(-max_seg_len // LORA_ROW_TILE) * column_blocks, num_segments, len(b_list))
+    return f"sgmv_expand_{tag}", grid, block, args
+
+
+def _check_segments(name: str, seg_starts: Tensor) -> int:
+    num_segments = seg_starts.shape[0] - 1
+    if seg_starts.dtype != torch.int32 or not 1 <= num_segments <= MAX_GRID_Y:
+        raise ValueError(f"{name}: seg_starts ({seg_starts.shape[0]} {seg_starts.dtype}) must "
+                         f"be int32 with 2..{MAX_GRID_Y + 1} entries")
+    return num_segments
 
 
 def _i32(x: int) -> np.int32:

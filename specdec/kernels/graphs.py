@@ -10,6 +10,9 @@ Glossary
 - bucket: the padded number of sequences a graph was captured for.
 - query_len: tokens per sequence in every batch this runner serves (uniform).
 - static buffers: tensors whose addresses the graphs baked in; they are written, never replaced.
+- LoRA (`lora` = the LoRASlots): every graph runs the LoRA kernels, each row on the slot in
+  the static `lora_slots` buffer (-1: the base, and every padding row); swapping an adapter into
+  a slot copies into the slot tensors, whose addresses stay, so the graphs stay valid.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class CudaGraphRunner:
 
     def __init__(self, model, kv_caches: list[tuple[Tensor, Tensor]], query_len: int,
                  max_num_seqs: int, max_blocks_per_seq: int, debug: bool = False,
-                 buckets: list[int] | None = None) -> None:
+                 buckets: list[int] | None = None, lora=None) -> None:
         if query_len < 1:
             raise ValueError(f"query_len must be >= 1, got {query_len}")
         if max_blocks_per_seq < 1:
@@ -69,6 +72,9 @@ class CudaGraphRunner:
         self.query_start_loc = (torch.arange(max_seqs + 1, dtype=torch.int32, device=dev)
                                 * query_len)  # [max_seqs + 1]
         self.logits_indices = torch.arange(max_rows, dtype=torch.long, device=dev)
+        self.lora = lora  # LoRASlots or None
+        self.lora_slots = (torch.full((max_rows,), -1, dtype=torch.int32, device=dev)
+                           if lora is not None else None)  # [max_rows]: slot per row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}  # bucket -> [bucket * query_len, vocab] float32
         self.pool = None
@@ -83,7 +89,20 @@ class CudaGraphRunner:
             slot_mapping=self.slot_mapping[:rows], block_tables=self.block_tables[:bucket],
             seq_lens=self.seq_lens[:bucket], query_start_loc=self.query_start_loc[:bucket + 1],
             logits_indices=self.logits_indices[:rows],
-            query_lens=[self.query_len] * bucket, seq_lens_list=[self.query_len] * bucket)
+            query_lens=[self.query_len] * bucket, seq_lens_list=[self.query_len] * bucket,
+            lora=self._static_lora(bucket))
+
+    def _static_lora(self, bucket: int):
+        """The LoRA context the graph of `bucket` captures: per-row slots from the static
+        buffer; the sequences (query_len rows each) are the SGMV segments."""
+        if self.lora is None:
+            return None
+        from specdec.model.lora import LoRABatch
+        rows = bucket * self.query_len
+        if self.query_len == 1:
+            return LoRABatch(self.lora, [], self.lora_slots[:rows])
+        return LoRABatch(self.lora, [], self.lora_slots[:rows],
+                         self.query_start_loc[:bucket + 1], self.query_len)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -98,6 +117,8 @@ class CudaGraphRunner:
             raise RuntimeError("CUDA graphs need the specdec CUDA kernels (the torch reference "
                                f"reads CPU lists): {kernels.load_error()}")
         self.slot_mapping.fill_(-1)
+        if self.lora_slots is not None:
+            self.lora_slots.fill_(-1)
         self.block_tables.zero_()
         self.seq_lens.fill_(self.query_len)
         self.positions.copy_(torch.arange(self.query_len, device=self.device)
@@ -129,7 +150,7 @@ class CudaGraphRunner:
 
     def can_run(self, batch: ForwardBatch) -> bool:
         num_seqs = len(batch.query_lens)
-        return (bool(self.graphs) and num_seqs > 0
+        return (bool(self.graphs) and num_seqs > 0 and lora_fits(self.lora, batch.lora)
                 and self.bucket_for(num_seqs) in self.graphs
                 and all(q == self.query_len for q in batch.query_lens)
                 and batch.block_tables.shape[1] <= self.max_blocks_per_seq
@@ -144,12 +165,22 @@ class CudaGraphRunner:
                              f"the graphs (query_len={self.query_len}, buckets <= "
                              f"{self.buckets[-1]}, max_blocks_per_seq="
                              f"{self.max_blocks_per_seq})")
+        bucket = self.stage(batch)
+        self.graphs[bucket].replay()
+        logits = self.outputs[bucket]  # [bucket * query_len, vocab]
+        return logits.index_select(0, batch.logits_indices.to(logits.device))
+
+    def stage(self, batch: ForwardBatch) -> int:
+        """Copy `batch` into the static buffers, pad to its bucket; returns the bucket.
+        NOTE: no CUDA call of its own: the CPU tests run it on CPU buffers."""
         num_seqs = len(batch.query_lens)
         bucket = self.bucket_for(num_seqs)
         rows = num_seqs * self.query_len
         width = batch.block_tables.shape[1]
         if self.debug:
             assert self._buffer_pointers() == self._pointers, "static buffers were replaced"
+        if self.lora_slots is not None:
+            stage_lora_slots(self.lora_slots, batch.lora, rows, bucket * self.query_len)
         self.input_ids[:rows].copy_(batch.input_ids, non_blocking=True)
         self.positions[:rows].copy_(batch.positions, non_blocking=True)
         self.slot_mapping[:rows].copy_(batch.slot_mapping, non_blocking=True)
@@ -158,12 +189,34 @@ class CudaGraphRunner:
         if bucket > num_seqs:  # padding sequences: no KV writes, zero context
             self.slot_mapping[rows:bucket * self.query_len].fill_(-1)
             self.seq_lens[num_seqs:bucket].zero_()
-        self.graphs[bucket].replay()
-        logits = self.outputs[bucket]  # [bucket * query_len, vocab]
-        return logits.index_select(0, batch.logits_indices.to(logits.device))
+        return bucket
 
     def _buffer_pointers(self) -> tuple[int, ...]:
         caches = [t for pair in self.kv_caches for t in pair]
+        lora = []
+        if self.lora is not None:
+            lora = [self.lora_slots] + [t for per in self.lora.layers for a, bs in per.values()
+                                        for t in (a, *bs)]
         return tuple(t.data_ptr() for t in (
             self.input_ids, self.positions, self.slot_mapping, self.block_tables,
-            self.seq_lens, self.query_start_loc, self.logits_indices, *caches))
+            self.seq_lens, self.query_start_loc, self.logits_indices, *caches, *lora))
+
+
+def lora_fits(graph_lora, batch_lora) -> bool:
+    """Whether a batch's LoRA context can replay graphs captured with `graph_lora` (LoRASlots
+    or None): a base-only batch always can; an adapter batch needs graphs captured with the
+    same slots and a per-row slot tensor (the kernel path)."""
+    if batch_lora is None:
+        return True
+    return (graph_lora is not None and batch_lora.slots is graph_lora
+            and batch_lora.row_slots is not None)
+
+
+def stage_lora_slots(static: Tensor, batch_lora, rows: int, padded_rows: int) -> None:
+    """The per-row slots of a replay: the batch's rows (all -1 for a base-only batch), then -1
+    for the bucket's padding rows."""
+    if batch_lora is None:
+        static[:padded_rows].fill_(-1)
+        return
+    static[:rows].copy_(batch_lora.row_slots, non_blocking=True)
+    static[rows:padded_rows].fill_(-1)

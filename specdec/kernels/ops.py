@@ -218,3 +218,48 @@ def _attend_uniform(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
                                          attn_mask=mask, scale=scale)
     out = out.view(num_seqs, num_kv_heads, group, query_len, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(num_seqs * query_len, num_heads, head_dim)
+
+
+def lora_shrink(x: Tensor, a_stack: Tensor, row_slots: Tensor, seg_starts: Tensor | None = None,
+                max_seg_len: int = 1, use_kernels: bool = True) -> Tensor:
+    """LoRA shrink, Punica's BGMV/SGMV: row t gets x[t] @ A[row_slots[t]]^T in float32; rows
+    whose slot is < 0 (the base) or >= num_slots get zeros. `seg_starts` [num_segments + 1]
+    groups rows into segments of one slot each (the CUDA SGMV kernel reads the slot at a
+    segment's first row; `max_seg_len` sizes its grid); the reference needs neither."""
+    # x: [num_rows, in]; a_stack: [num_slots, rank_total, in]; row_slots: [num_rows] int
+    # -> [num_rows, rank_total] float32
+    if _use_fused(x, use_kernels):
+        from specdec.kernels import cupy as kernels
+        return kernels.lora_shrink(x, a_stack, row_slots, seg_starts, max_seg_len)
+    num_slots, rank_total, _ = a_stack.shape
+    out = torch.zeros(x.shape[0], rank_total, dtype=torch.float32, device=x.device)
+    slots = row_slots.long()
+    for slot in range(num_slots):
+        rows = (slots == slot).nonzero().flatten()
+        if rows.numel():
+            out[rows] = x[rows].float() @ a_stack[slot].float().t()
+    return out
+
+
+def lora_expand(y: Tensor, shrink: Tensor, b_list: list[Tensor], offsets: list[int],
+                row_slots: Tensor, r_max: int, seg_starts: Tensor | None = None,
+                max_seg_len: int = 1, use_kernels: bool = True) -> Tensor:
+    """LoRA expand, slice by slice, in place: y[t, offsets[i]:offsets[i] + size_i] +=
+    shrink[t, i * r_max:(i + 1) * r_max] @ B_i[row_slots[t]]^T (summed in float32, rounded
+    once into y's dtype); base rows (slot < 0 or >= num_slots) and other columns untouched."""
+    # y: [num_rows, out]; shrink: [num_rows, len(b_list) * r_max] float32
+    # b_list[i]: [num_slots, size_i, r_max]
+    if _use_fused(y, use_kernels):
+        from specdec.kernels import cupy as kernels
+        return kernels.lora_expand(y, shrink, b_list, offsets, row_slots, r_max, seg_starts,
+                                   max_seg_len)
+    slots = row_slots.long()
+    for slot in range(b_list[0].shape[0]):
+        rows = (slots == slot).nonzero().flatten()
+        if not rows.numel():
+            continue
+        for i, (b, offset) in enumerate(zip(b_list, offsets)):
+            cols = slice(offset, offset + b.shape[1])
+            delta = shrink[rows, i * r_max:(i + 1) * r_max] @ b[slot].float().t()
+            y[rows, cols] = (y[rows, cols].float() + delta).to(y.dtype)
+    return y

@@ -4,15 +4,18 @@
   A [r, in] and B [out, r] factors add `scale * (x @ A^T) @ B^T` to a projection; scale is
   lora_alpha / r (rsLoRA: lora_alpha / sqrt(r)), per module with rank_pattern / alpha_pattern.
 - host cache: an LRU of up to `max_cpu_loras` parsed adapters (CPU tensors, scale folded into B);
-  an evicted adapter is read again from its directory when next needed.
+  an evicted adapter is read again from its directory when next needed, on a worker thread:
+  the scheduler admits its requests once `ready` says it is back (the step never waits on disk).
 - slot: one of `max_loras` resident places on the model's device. Per layer and projection the
   slot tensors are static: A [slots, n_sub * r_max, in], and per sub-projection B
   [slots, size, r_max] (zero-padded to `max_lora_rank`), so swapping an adapter in is a copy.
 - fused projections: qkv_proj (q, k, v) and gate_up_proj (gate, up) shrink once with the
   stacked A's, and each sub-projection's B expands its own rank segment into its own columns.
-- application (CPU and CUDA, torch): per forward, a LoRABatch holds each token's slot (-1 =
-  base) grouped by distinct slot; each group is one index_select, one shrink, one expand per
-  sub-projection and one index_add_.
+- application: per forward, a LoRABatch holds each token's slot (-1 = base). On the CPU it is
+  grouped by distinct slot: each group is one index_select, one shrink, one expand per
+  sub-projection and one index_add_. On CUDA (device.kernels = "cupy") the slot per row goes to
+  the CuPy shrink/expand kernels (cuda/lora.cu: BGMV for decode rows, SGMV for prefill and
+  verify segments), which CUDA graphs capture with the per-row slots as a static input.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import math
 import os
 import re
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +209,9 @@ class LoRASlots:
         self.max_rank = max_rank
         sizes = _module_shapes(arch)
         self.sizes = sizes
+        # fused name -> each sub-projection's first output column (slice-aware expand)
+        self.offsets = {fused: [sum(sizes[s][0] for s in subs[:j]) for j in range(len(subs))]
+                        for fused, subs in FUSED.items()}
         # layer -> fused name -> (A [slots, n_sub * r_max, in], [B [slots, size, r_max], ...])
         self.layers: list[dict[str, tuple[Tensor, list[Tensor]]]] = []
         for _ in range(arch.num_layers):
@@ -236,15 +243,32 @@ class LoRASlots:
 
 @dataclass(slots=True)
 class LoRABatch:
-    """Per-forward context: the slot tensors and each token's slot grouped by distinct slot."""
+    """Per-forward context: the slot tensors and each token's slot.
+
+    Two ways to apply it, with the same result:
+    - grouped (the CPU, and CUDA with device.kernels = "torch"): `groups` holds each distinct
+      slot's token indices; one index_select, shrink, expand and index_add_ per group.
+    - kernels (CUDA): `row_slots` [num_tokens] int32 on the device, one slot per row (-1: the
+      base), through ops.lora_shrink / ops.lora_expand (Punica-style BGMV for one-row
+      segments, SGMV over `seg_starts` otherwise). Nothing here depends on which adapters are
+      in the batch, so a CUDA graph captures it with `row_slots` as a static input."""
 
     slots: LoRASlots
     groups: list[tuple[int, Tensor | None]]  # (slot, token indices [n] int64; None = all)
+    row_slots: Tensor | None = None  # [num_tokens] int32: the kernel path
+    seg_starts: Tensor | None = None  # [num_segments + 1] int32: rows of one slot each
+    max_seg_len: int = 1  # the longest segment (sizes the SGMV grid); 1: BGMV
 
     def apply(self, layer_id: int, fused: str, x: Tensor, y: Tensor) -> Tensor:
         """y [num_tokens, out] += per token: (x @ A_slot^T) @ B_slot^T, slice by slice."""
         a_stack, b_list = self.slots.layers[layer_id][fused]
         r_max = self.slots.max_rank
+        if self.row_slots is not None:
+            from specdec.kernels import ops
+            shrink = ops.lora_shrink(x, a_stack, self.row_slots, self.seg_starts,
+                                     self.max_seg_len)  # [num_tokens, n_sub * r_max] float32
+            return ops.lora_expand(y, shrink, b_list, self.slots.offsets[fused], self.row_slots,
+                                   r_max, self.seg_starts, self.max_seg_len)
         for slot, idx in self.groups:
             xs = x if idx is None else x.index_select(0, idx)  # [n, in]
             shrink = xs @ a_stack[slot].t()  # [n, n_sub * r_max]
@@ -256,6 +280,15 @@ class LoRABatch:
             else:
                 y = y.index_add(0, idx, delta.to(y.dtype))
         return y
+
+
+def segment_starts(query_lens: list[int]) -> tuple[list[int], int]:
+    """The SGMV segments of a ragged batch: one per sequence (each runs on one adapter).
+    Returns (starts [num_seqs + 1], the longest segment)."""
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    return starts, max(query_lens, default=0)
 
 
 def lora_reference(x: Tensor, adapter: LoRAAdapter, layer: int, fused: str) -> Tensor:
@@ -290,6 +323,8 @@ class LoRAManager:
         self.host: OrderedDict[int, LoRAAdapter] = OrderedDict()  # LRU: oldest first
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident; LRU: oldest first
         self.slot_owner: list[int | None] = [None] * max_loras
+        self._loading: dict[int, Future] = {}  # lora_id -> a load_adapter on the worker thread
+        self._loader: ThreadPoolExecutor | None = None
 
     def add(self, name: str, path: str, adapter: LoRAAdapter | None = None) -> LoRARequest:
         """Register (and parse, so that a bad adapter fails here) an adapter; LoRAError if bad.
@@ -308,6 +343,7 @@ class LoRAManager:
         self.registry[name] = request
         self.by_id[request.lora_int_id] = request
         self._cache(request.lora_int_id, adapter)
+        self._trim_host(keep={request.lora_int_id})
         return request
 
     def remove(self, name: str) -> LoRARequest:
@@ -320,8 +356,38 @@ class LoRAManager:
     def _cache(self, lora_id: int, adapter: LoRAAdapter) -> None:
         self.host[lora_id] = adapter
         self.host.move_to_end(lora_id)
-        while len(self.host) > self.max_cpu_loras:
-            self.host.popitem(last=False)
+
+    def _trim_host(self, keep: set[int]) -> None:
+        """Evict the least recently used host copies beyond max_cpu_loras, never one in `keep`.
+        NOTE: only in add() and at the end of activate(): between the scheduler's `ready`
+        checks and the step's activate() the host copies only grow, so an adapter found ready
+        is still there when its slot is loaded."""
+        for lora_id in [i for i in self.host if i not in keep]:
+            if len(self.host) <= self.max_cpu_loras:
+                break
+            del self.host[lora_id]
+
+    def ready(self, lora_id: int) -> bool:
+        """Whether activate() can take `lora_id` without reading its directory. If not, starts
+        reading it on a worker thread and says False until that is done (engine thread only;
+        the result is moved into the host cache here, on the caller's thread). A failed read
+        says True: activate() then reads again and raises the LoRAError."""
+        if lora_id in self.slot_of or lora_id in self.host:
+            return True
+        future = self._loading.get(lora_id)
+        if future is None:
+            if self._loader is None:
+                self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-load")
+            req = self.by_id[lora_id]
+            self._loading[lora_id] = self._loader.submit(
+                load_adapter, req.lora_name, req.lora_path, self.max_lora_rank, self.arch)
+            return False
+        if not future.done():
+            return False
+        del self._loading[lora_id]
+        if future.exception() is None:
+            self._cache(lora_id, future.result())
+        return True
 
     def _host_adapter(self, lora_id: int) -> LoRAAdapter:
         adapter = self.host.get(lora_id)
@@ -332,9 +398,11 @@ class LoRAManager:
         self.host.move_to_end(lora_id)
         return adapter
 
-    def activate(self, lora_ids: set[int]) -> dict[int, int]:
+    def activate(self, lora_ids: set[int], protect: set[int] = frozenset()) -> dict[int, int]:
         """Slots for the adapters of one step (at most max_loras distinct ids); loads the missing
-        ones into slots held by adapters outside `lora_ids`, least recently used first."""
+        ones into slots held by adapters outside `lora_ids`, least recently used first, those
+        outside `protect` (the adapters of running requests not in this step) before those in
+        it; host copies of `lora_ids` and `protect` are kept."""
         if len(lora_ids) > self.max_loras:
             raise RuntimeError(f"{len(lora_ids)} adapters in one step > lora.max_loras="
                                f"{self.max_loras}")
@@ -347,18 +415,34 @@ class LoRAManager:
             if None in self.slot_owner:
                 slot = self.slot_owner.index(None)
             else:
-                victim = next(i for i in self.slot_of if i not in lora_ids)
+                others = [i for i in self.slot_of if i not in lora_ids]
+                victim = next((i for i in others if i not in protect), others[0])
                 slot = self.slot_of.pop(victim)
             self.slots.load(slot, self._host_adapter(lora_id))
             self.slot_owner[slot] = lora_id
             self.slot_of[lora_id] = slot
+        self._trim_host(keep=lora_ids | protect)
         return {lora_id: self.slot_of[lora_id] for lora_id in lora_ids}
 
-    def make_batch(self, token_slots: list[int], device: torch.device) -> LoRABatch | None:
-        """token_slots: per token, its slot or -1 (base). None when no token has an adapter."""
+    def make_batch(self, token_slots: list[int], device: torch.device,
+                   use_kernels: bool = False,
+                   query_lens: list[int] | None = None) -> LoRABatch | None:
+        """token_slots: per token, its slot or -1 (base). None when no token has an adapter.
+        `use_kernels`: the row-indexed kernel path (CUDA), its segments the sequences of
+        `query_lens` (every token of a sequence has the sequence's slot)."""
         distinct = sorted(set(token_slots) - {-1})
         if not distinct:
             return None
+        if use_kernels:
+            row_slots = torch.tensor(token_slots, dtype=torch.int32).to(device)
+            starts, longest = segment_starts(query_lens or [1] * len(token_slots))
+            if starts[-1] != len(token_slots):
+                raise ValueError(f"query_lens sum to {starts[-1]}, token_slots has "
+                                 f"{len(token_slots)} entries")
+            if longest <= 1:
+                return LoRABatch(self.slots, [], row_slots)
+            return LoRABatch(self.slots, [], row_slots,
+                             torch.tensor(starts, dtype=torch.int32).to(device), longest)
         if len(distinct) == 1 and -1 not in token_slots:
             return LoRABatch(self.slots, [(distinct[0], None)])
         slots_t = torch.tensor(token_slots, dtype=torch.long)

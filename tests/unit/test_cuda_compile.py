@@ -82,6 +82,7 @@ def test_every_kernel_name_is_defined(file_ptx) -> None:
              for d in kernels.HEAD_DIMS] + [f"write_kv_w{w}" for w in kernels.WRITE_KV_WORDS]
     names += [f"{op}_{tag}" for op in ("rms_norm", "silu_mul", "rope_kv")
               for tag in kernels.DTYPE_TAGS.values()]
+    names += [f"{op}_{tag}" for op in kernels.LORA_KERNELS for tag in kernels.DTYPE_TAGS.values()]
     for name in names:
         assert f".entry {name}(" in entries, name
 

@@ -1,6 +1,7 @@
 """LoRA through the engine: [lora] config, one batch mixing base and adapters equals peft's greedy
-output, speculation (n-gram and draft model) leaves every adapter's greedy output unchanged,
-prefix-cache isolation between adapters, max_loras admission, offline LoRARequest."""
+output, speculation (n-gram and draft model, with and without spec.draft_lora) leaves every
+adapter's greedy output unchanged, the adaptive controller's k per request follows its adapter's
+acceptance, prefix-cache isolation between adapters, max_loras admission, offline LoRARequest."""
 
 from __future__ import annotations
 
@@ -151,3 +152,160 @@ def test_scheduler_admits_at_most_max_loras_and_keys_the_cache_by_adapter():
     salted = Request("s", [1], SamplingParams(cache_salt="t"))
     salted.lora_int_id = 4
     assert cache_extra_keys(salted) == ("cache_salt", "t", "lora", 4)
+
+
+# ---- spec.draft_lora, and k per request ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def draft_adapter(tiny_draft_dir, tmp_path_factory):
+    """An adapter for the (smaller) draft model's shapes."""
+    return make_adapter(tiny_draft_dir, str(tmp_path_factory.mktemp("draft_lora") / "d"),
+                        seed=31, **ADAPTERS["a1"])
+
+
+def test_draft_lora_keeps_each_adapters_output(tiny_llama_dir, tiny_draft_dir, adapters,
+                                               draft_adapter, plain):
+    llm = make_llm(tiny_llama_dir, adapters, **{
+        "spec.method": "draft", "spec.draft_model": tiny_draft_dir, "spec.adaptive": False,
+        "spec.num_speculative_tokens": 3, "spec.draft_lora": draft_adapter})
+    draft_runner = llm.engine.draft_runner
+    assert draft_runner.lora is not None and draft_runner.lora_default_slot == 0
+    assert llm.engine.target_runner.lora_default_slot == -1  # the target: request adapters
+    assert run(llm, LORAS) == plain
+    assert llm.engine.counters["drafts"] > 0
+
+
+def test_draft_lora_changes_the_drafts(tiny_llama_dir, adapters, plain):
+    """The draft is the target's own base weights: its greedy drafts are the base's tokens. With
+    spec.draft_lora = a1 they become a1's tokens. Acceptance per request follows, while every
+    output stays its adapter's."""
+    def acceptance(draft_lora):
+        overrides = {"spec.method": "draft", "spec.draft_model": tiny_llama_dir,
+                     "spec.adaptive": False, "spec.num_speculative_tokens": 3}
+        if draft_lora:
+            overrides["spec.draft_lora"] = adapters["a1"]
+        llm = make_llm(tiny_llama_dir, adapters, **overrides)
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:2]], GREEDY,
+                            lora_request=LORAS[:2])
+        assert [o.outputs[0].token_ids for o in outs] == plain[:2]
+        return [o.metrics.num_accepted_tokens / o.metrics.num_draft_tokens for o in outs]
+
+    base_draft = acceptance(draft_lora=False)
+    a1_draft = acceptance(draft_lora=True)
+    # measured: [1.0, 0.0] and [0.0, 1.0] (the tiny adapters move every greedy token)
+    assert base_draft[0] > 0.9 and a1_draft[1] > 0.9  # the draft is the request's model
+    assert base_draft[1] < base_draft[0] and a1_draft[0] < a1_draft[1]
+
+
+class _FixedCost:
+    """A cost table that live steps do not move (the controller's plan becomes deterministic)."""
+
+    def __init__(self, table):
+        from specdec.runner import CostModel
+        self.model = CostModel()
+        self.model.table = dict(table)
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def observe(self, *args) -> None:
+        pass
+
+
+def test_adaptive_k_per_request_follows_its_adapters_acceptance(tiny_llama_dir, adapters):
+    """Draft = the target's base weights: the base request accepts nearly every draft, the
+    adapter request fewer; with fixed costs (a cheap draft, a flat verify) the controller gives
+    the adapter request fewer drafts per step than the base one."""
+    llm = make_llm(tiny_llama_dir, adapters, **{
+        "spec.method": "draft", "spec.draft_model": tiny_llama_dir, "spec.adaptive": True,
+        "spec.num_speculative_tokens": 4})
+    engine = llm.engine
+    engine.target_runner.cost = engine.controller.target_cost = _FixedCost(
+        {1: 1.0, 2: 1.0, 64: 1.05})
+    engine.draft_runner.cost = engine.controller.draft_cost = _FixedCost({1: 0.01, 64: 0.011})
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[0]}],
+                        params, lora_request=[None, "a2"])
+    base, adapted = (o.metrics for o in outs)
+    base_k = base.num_draft_tokens / base.num_drafts
+    adapted_k = adapted.num_draft_tokens / adapted.num_drafts
+    assert base.num_accepted_tokens / base.num_draft_tokens > 0.9
+    assert adapted.num_accepted_tokens / adapted.num_draft_tokens < 0.6
+    assert base_k > adapted_k + 0.5, (base_k, adapted_k)
+
+
+def test_draft_lora_config_and_errors(tiny_llama_dir, tiny_draft_dir, tmp_path):
+    with pytest.raises(ConfigError, match="spec.draft_lora"):
+        Config().replace(**{"spec.method": "ngram", "spec.draft_lora": "/x"})
+    from specdec.model.lora import LoRAError
+    with pytest.raises(LoRAError, match=r"spec.draft_lora = .*adapter_config.json does not "
+                                        r"exist"):
+        make_llm(tiny_llama_dir, {}, **{"spec.method": "draft",
+                                        "spec.draft_model": tiny_draft_dir,
+                                        "spec.draft_lora": str(tmp_path / "missing")})
+
+
+def test_evicted_adapter_is_read_off_the_engine_thread(tiny_llama_dir, adapters, plain,
+                                                       monkeypatch):
+    """max_cpu_loras = 1: a1's host copy is evicted when a2 registers. A request on a1 waits in
+    the queue while a worker thread reads a1 again; the engine keeps stepping the base
+    request meanwhile; then a1's request runs and gives a1's tokens."""
+    import threading
+
+    import specdec.model.lora as lora_module
+
+    llm = make_llm(tiny_llama_dir, adapters, **{"lora.max_loras": 1, "lora.max_cpu_loras": 1})
+    engine = llm.engine
+    a1 = engine.lora.registry["a1"].lora_int_id
+    assert a1 not in engine.lora.host and a1 not in engine.lora.slot_of
+    real_load, gate, threads = lora_module.load_adapter, threading.Event(), []
+
+    def held_load(*args):
+        threads.append(threading.current_thread().name)
+        assert gate.wait(30), "the test never released the load"
+        return real_load(*args)
+
+    monkeypatch.setattr(lora_module, "load_adapter", held_load)
+    engine.add_request("a1-req", PROMPTS[1], GREEDY, lora_request="a1")
+    engine.add_request("base-req", PROMPTS[0], GREEDY)
+    done: dict[str, list[int]] = {}
+    for _ in range(8):  # the base request advances; a1's waits for its adapter
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert threads and threads[0].startswith("lora-load")
+    waiting = [r.request_id for r in engine.scheduler.waiting]
+    assert waiting == ["a1-req"] and engine.scheduler.running[0].request_id == "base-req"
+    assert len(engine.scheduler.running[0].output_token_ids) > 0
+    gate.set()
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    assert done == {"base-req": plain[0], "a1-req": plain[1]}
+    assert len(threads) == 1 and a1 in engine.lora.slot_of
+
+
+def test_scheduler_skips_requests_whose_adapter_is_loading():
+    """Bookkeeping only: a request whose adapter is not ready keeps its place in the queue while
+    the requests behind it are admitted; it is admitted once ready."""
+    from specdec.core.config import CacheConfig, SchedulerConfig
+    from specdec.core.request import Request
+    from specdec.core.scheduler import Scheduler
+
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64),
+                          CacheConfig(block_size=8), 64, 128)
+    scheduler.max_loras = 4
+    ready = {1: True, 2: False}
+    asked = []
+    scheduler.lora_ready = lambda lora_id: asked.append(lora_id) or ready[lora_id]
+    for i, lora_id in enumerate([2, 0, 1, 2]):
+        req = Request(f"r{i}", [5, 6, 7], SamplingParams(max_tokens=4))
+        req.lora_int_id = lora_id
+        scheduler.add_request(req)
+    first = [s.request.request_id for s in scheduler.schedule().scheduled]
+    assert first == ["r1", "r2"] and asked == [2, 1, 2]
+    assert [r.request_id for r in scheduler.waiting] == ["r0", "r3"]
+    ready[2] = True
+    second = [s.request.request_id for s in scheduler.schedule().scheduled]
+    assert set(second) == {"r0", "r1", "r2", "r3"} and not scheduler.waiting

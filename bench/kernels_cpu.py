@@ -1,21 +1,33 @@
-"""CPU matmul micro-benchmark: one linear layer of Qwen2.5-Coder-1.5B (or a given shape) at 1..8
-rows (a verify window) and a prefill-sized M, for the kernels a weight-only 4-bit layer could use.
-Prints a table of milliseconds (min of --repeats after a warm-up) and writes JSON.
+"""CPU matmul micro-benchmark for the weight-only 4-bit kernel: every linear layer shape of
+Qwen2.5-Coder-1.5B and -0.5B (or given shapes) at 1..8 rows (a verify window), ours against
+torch's bf16 F.linear and fbgemm's dynamic int8 linear, in one process. Prints, per shape, the
+median milliseconds per call and the ratios (each row count against one row; the others against
+ours), then one decode step's linear layers per model (the sum over its layers), and writes JSON.
 
-    python bench/kernels_cpu.py --shapes 8960x1536,1536x8960 --rows 1,2,4,5,8,16,128
+    python bench/kernels_cpu.py --models qwen1.5b,qwen0.5b --rows 1,2,4,5,8 --threads 2
+    python bench/kernels_cpu.py --shapes 8960x1536 --kernels bf16,torch_int4,ours
 
-Kernels: bf16 F.linear; torch int4 (`_weight_int4pack_mm_for_cpu`, what Int4Linear used);
-torch int8 weight-only (`_weight_int8pack_mm`); fbgemm dynamic int8 (`quantized.linear_dynamic`,
-activations per tensor); `_dyn_quant_matmul_4bit` (KleidiAI on ARM; a reference elsewhere); ours
-(specdec/kernels/q4_cpu.cpp, AVX512-VNNI Q4 x Q8).
+Kernels: `bf16` F.linear; `fbgemm` dynamic int8 (`quantized.linear_dynamic`, activations per
+tensor, float32 in and out); `ours` (specdec/kernels/q4_cpu.cpp through q4_cpu.q4_linear, then
+to bf16 as Int4Linear does); `ours_avx2` (the same kernel's AVX2 path); `torch_int4`
+(`_weight_int4pack_mm_for_cpu`); `torch_int8` (`_weight_int8pack_mm`).
+
+NOTE: the timed calls cycle over enough copies of each layer's weights that every call reads
+them from DRAM, as a decode step does (one layer alone would stay in the 32 MB L3); calls of
+all kernels and row counts are interleaved in a random order each round, so other jobs on a
+shared machine slow them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
+import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,98 +37,158 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from specdec.kernels import q4_cpu  # noqa: E402
-from specdec.model.quant import int4_groups  # noqa: E402
+
+# (name, out_features, in_features, count per decode step); from the models' config.json
+MODELS = {
+    "qwen1.5b": [("q_proj/o_proj", 1536, 1536, 2 * 28), ("k_proj/v_proj", 256, 1536, 2 * 28),
+                 ("gate/up_proj", 8960, 1536, 2 * 28), ("down_proj", 1536, 8960, 28),
+                 ("lm_head", 151936, 1536, 1)],
+    "qwen0.5b": [("q_proj/o_proj", 896, 896, 2 * 24), ("k_proj/v_proj", 128, 896, 2 * 24),
+                 ("gate/up_proj", 4864, 896, 2 * 24), ("down_proj", 896, 4864, 24),
+                 ("lm_head", 151936, 896, 1)],
+}
+KERNELS = ("bf16", "fbgemm", "ours", "ours_avx2", "torch_int4", "torch_int8")
+DRAM_BYTES = 96 << 20  # the int4 weights cycled per shape: 3x the L3
 
 
-def best_ms(fns: list, x, repeats: int) -> float:
-    """Min time of one call, cycling through copies of the weights so that each call reads
-    weights out of DRAM (NOTE: one layer alone stays in the L3 cache, which a real decode step
-    never sees; the min discards calls that other jobs on the machine preempted)."""
-    for fn in fns:
-        fn(x)
-    best = float("inf")
-    for _ in range(repeats):
-        for fn in fns:
-            start = time.perf_counter()
-            fn(x)
-            best = min(best, time.perf_counter() - start)
-    return best * 1e3
-
-
-def kernels_for(n: int, k: int, seed: int) -> dict:
-    torch.manual_seed(seed)
-    weight = torch.randn(n, k) * 0.02  # [out, in]
-    codes, scales, zeros = int4_groups(weight, 32)
-    out = {"bf16": lambda x, w=weight.bfloat16(): F.linear(x, w)}
-    packed_torch = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-    out["torch_int4"] = lambda x: torch._weight_int4pack_mm_for_cpu(x, packed_torch, 32, sz)
-    w8_scales = (weight.abs().amax(1) / 127).bfloat16()
-    w8 = torch.round(weight / w8_scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
-    out["torch_int8"] = lambda x: torch._weight_int8pack_mm(x, w8, w8_scales)
-    try:
-        packed_fb = torch.ops.quantized.linear_prepack(
-            torch.quantize_per_channel(weight, weight.abs().amax(1) / 127,
-                                       torch.zeros(n, dtype=torch.long), 0, torch.qint8), None)
-        out["fbgemm_dyn_int8"] = lambda x: torch.ops.quantized.linear_dynamic(x.float(),
-                                                                              packed_fb)
-    except RuntimeError as error:
-        print(f"fbgemm dynamic int8 unavailable: {error}")
-    try:
-        dq = torch.ops.aten._dyn_quant_pack_4bit_weight(
-            codes.to(torch.uint8), scales.float(), torch.zeros(n), 32, k, n)
-        out["dyn_quant_4bit"] = lambda x: torch.ops.aten._dyn_quant_matmul_4bit(
-            x.float(), dq, 32, k, n)
-        out["dyn_quant_4bit"](torch.randn(1, k).bfloat16())
-    except (RuntimeError, TypeError) as error:
-        out.pop("dyn_quant_4bit", None)
-        if seed == 0:
-            print(f"_dyn_quant_matmul_4bit unavailable: {str(error).splitlines()[0]}")
+def make_kernels(n: int, k: int, seed: int, names: list[str]) -> dict:
+    """name -> fn(x [M, K] bf16) for one random layer; weights drawn straight in each
+    kernel's format (their values do not change the time), so lm_head-sized layers fit."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    if "bf16" in names:
+        weight = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+        out["bf16"] = lambda x: F.linear(x, weight)
+    int8 = None
+    if {"fbgemm", "torch_int8"} & set(names):
+        int8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=gen)
+    if "fbgemm" in names:
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
+        qweight = torch._make_per_channel_quantized_tensor(
+            int8, torch.full((n,), 1e-3, dtype=torch.double), torch.zeros(n, dtype=torch.long),
+            0)
+        packed_fb = torch.ops.quantized.linear_prepack(qweight, None)
+        out["fbgemm"] = lambda x: torch.ops.quantized.linear_dynamic(x.float(), packed_fb)
+    if "torch_int8" in names:
+        scales8 = torch.full((n,), 1e-3).bfloat16()
+        out["torch_int8"] = lambda x: torch._weight_int8pack_mm(x, int8, scales8)
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k // 32, generator=gen) * 0.02
+    zeros = torch.randn(n, k // 32, generator=gen) * 0.1
     kernel = q4_cpu.load_kernel()
-    if kernel is not None:
-        packed, scale_zero = q4_cpu.q4_pack(codes, scales, zeros - 8 * scales.float())
-        out["ours_q4"] = lambda x: q4_cpu.q4_linear(kernel, x, packed, scale_zero)
+    if kernel is not None and ({"ours", "ours_avx2"} & set(names)):
+        packed, scale_zero = q4_cpu.q4_pack(codes, scales, zeros)
+        if "ours" in names:
+            out["ours"] = lambda x: q4_cpu.q4_linear(kernel, x, packed, scale_zero).to(x.dtype)
+        if "ours_avx2" in names and "avx2" in kernel.q4_isas():
+            out["ours_avx2"] = lambda x: q4_cpu.q4_linear(kernel, x, packed, scale_zero,
+                                                          isa="avx2").to(x.dtype)
+    if "torch_int4" in names:
+        packed_t = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+        sz = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().bfloat16()
+        out["torch_int4"] = lambda x: torch._weight_int4pack_mm_for_cpu(x, packed_t, 32, sz)
     return out
+
+
+def time_shape(n: int, k: int, names: list[str], rows: list[int], rounds: int) -> dict:
+    """{kernel: {rows: median ms}} over `rounds` interleaved rounds."""
+    copies = max(1, min(16, DRAM_BYTES // (n * k // 2)))
+    per_copy = [make_kernels(n, k, seed, names) for seed in range(copies)]
+    kernels = [name for name in names if name in per_copy[0]]
+    xs = {m: torch.randn(m, k).bfloat16() for m in rows}
+    samples = {(name, m): [] for name in kernels for m in rows}
+    with torch.inference_mode():
+        for name in kernels:  # warm-up: the first call of each kernel pays page faults
+            for m in rows:
+                for fns in per_copy:
+                    fns[name](xs[m])
+        turn = 0
+        order = [(name, m) for name in kernels for m in rows]
+        for round_index in range(rounds):
+            # NOTE: a fresh order each round: a fixed one made the first call after another
+            # kernel's (here M=1) measurably slower for every kernel
+            random.Random(round_index).shuffle(order)
+            for name, m in order:
+                fn = per_copy[turn % copies][name]
+                turn += 1
+                start = time.perf_counter()
+                fn(xs[m])
+                samples[(name, m)].append(time.perf_counter() - start)
+    del per_copy
+    return {name: {m: statistics.median(samples[(name, m)]) * 1e3 for m in rows}
+            for name in kernels}
+
+
+def print_shape(label: str, n: int, k: int, ms: dict, rows: list[int]) -> None:
+    print(f"\n{label} {n}x{k} (out x in): median ms per call")
+    print(f"{'kernel':>11} " + " ".join(f"{'M=' + str(m):>7}" for m in rows)
+          + "   " + " ".join(f"{f'{m}/1':>5}" for m in rows[1:]))
+    for name, by_rows in ms.items():
+        first = by_rows[rows[0]]
+        print(f"{name:>11} " + " ".join(f"{by_rows[m]:7.3f}" for m in rows) + "   "
+              + " ".join(f"{by_rows[m] / first:5.2f}" for m in rows[1:]))
+    if "ours" in ms:
+        for name in ms:
+            if name != "ours":
+                print(f"{name + '/ours':>16} " + " ".join(
+                    f"{ms[name][m] / ms['ours'][m]:5.2f}" for m in rows))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="8960x1536,1536x8960,1536x1536,256x1536",
-                        help="comma-separated NxK (out x in)")
-    parser.add_argument("--rows", default="1,2,4,5,8,16,128")
+    parser.add_argument("--models", default="qwen1.5b,qwen0.5b",
+                        help=f"comma-separated, of {sorted(MODELS)}; ignored with --shapes")
+    parser.add_argument("--shapes", default="", help="comma-separated NxK (out x in)")
+    parser.add_argument("--rows", default="1,2,4,5,8")
+    parser.add_argument("--kernels", default="bf16,fbgemm,ours",
+                        help=f"comma-separated, of {KERNELS}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--skip", default="", help="comma-separated kernel names to skip")
+    parser.add_argument("--rounds", type=int, default=21, help="timed calls per kernel and M")
     parser.add_argument("--out", default=str(ROOT / "bench/results/kernels-cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
-    skip = set(filter(None, args.skip.split(",")))
+    names = [name for name in args.kernels.split(",") if name]
+    for name in names:
+        if name not in KERNELS:
+            parser.error(f"--kernels: {name!r} is not one of {KERNELS}")
+    if args.shapes:
+        plans = {"shapes": [(s, *map(int, s.split("x")), 1) for s in args.shapes.split(",")]}
+    else:
+        plans = {}
+        for model in args.models.split(","):
+            if model not in MODELS:
+                parser.error(f"--models: {model!r} is not one of {sorted(MODELS)}")
+            plans[model] = MODELS[model]
+    load = os.getloadavg()
+    kernel = q4_cpu.load_kernel()
+    print(f"{args.threads} threads, {args.rounds} rounds, load average {load[0]:.2f} "
+          f"{load[1]:.2f} {load[2]:.2f}, q4 paths {kernel.q4_isas() if kernel else None}")
     results = []
-    for shape in args.shapes.split(","):
-        n, k = (int(v) for v in shape.split("x"))
-        # NOTE: enough copies for >= 96 MiB of int4 weights, beyond the L3 cache
-        copies = max(2, min(32, (96 << 20) // (n * k // 2)))
-        per_copy = [kernels_for(n, k, seed) for seed in range(copies)]
-        kernels = {name: [c[name] for c in per_copy] for name in per_copy[0] if name not in skip}
-        print(f"\n{n}x{k} (out x in), ms per call, min of {args.repeats}, {args.threads} "
-              f"threads, cycling {copies} weight copies")
-        print(f"{'kernel':>16} " + " ".join(f"{'M=' + str(m):>8}" for m in rows))
-        for name, fns in kernels.items():
-            times = []
-            for m in rows:
-                x = torch.randn(m, k).bfloat16()
-                with torch.inference_mode():
-                    times.append(best_ms(fns if m <= 16 else fns[:2], x,
-                                        args.repeats if m <= 16 else 3))
-            print(f"{name:>16} " + " ".join(f"{t:8.3f}" for t in times))
-            results.append({"shape": [n, k], "kernel": name,
-                            "copies": copies,
-                            "ms": dict(zip(map(str, rows), times))})
+    for plan, layers in plans.items():
+        step = {}
+        for label, n, k, count in layers:
+            ms = time_shape(n, k, names, rows, args.rounds)
+            print_shape(label, n, k, ms, rows)
+            results.append({"plan": plan, "layer": label, "shape": [n, k], "count": count,
+                            "ms": {name: {str(m): t for m, t in v.items()}
+                                   for name, v in ms.items()}})
+            for name, by_rows in ms.items():
+                for m, t in by_rows.items():
+                    step[(name, m)] = step.get((name, m), 0.0) + count * t
+        if plan in MODELS:
+            print(f"\n{plan}: one decode step's linear layers (sum of count x median), ms")
+            for name in dict.fromkeys(name for name, _ in step):
+                print(f"{name:>11} " + " ".join(f"{step[(name, m)]:7.2f}" for m in rows)
+                      + "   " + " ".join(f"{step[(name, m)] / step[(name, rows[0])]:5.2f}"
+                                         for m in rows[1:]))
+    load_end = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"threads": args.threads, "results": results},
-                                         indent=1))
-    print(f"\nwrote {args.out}")
+    Path(args.out).write_text(json.dumps(
+        {"threads": args.threads, "rounds": args.rounds, "rows": rows,
+         "load_average_start": load, "load_average_end": load_end, "results": results},
+        indent=1))
+    print(f"\nload average at the end {load_end[0]:.2f}; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A weight-only 4-bit matmul for the CPU whose cost is flat in the number of rows (1..8): each
 weight byte is read once for all rows of a verify window. C++ (q4_cpu.cpp), built on first use
 with `torch.utils.cpp_extension.load` and cached under ~/.cache/specdec/ext (or
-$TORCH_EXTENSIONS_DIR); the AVX512-VNNI path does llama.cpp-style Q4 x Q8 dot products.
+$TORCH_EXTENSIONS_DIR); the AVX512-VNNI path (and an AVX2 one for CPUs without VNNI) does
+llama.cpp-style Q4 x Q8 dot products.
 
 Glossary:
 - codes [N, K]: 4-bit weight codes 0..15; the weight is codes * scale + zero_eff per group of 32
@@ -12,8 +13,8 @@ Glossary:
   (see q4_cpu.cpp). `FORMAT_VERSION` names it; a cache of packed tensors keys on it.
 
 `q4_reference` is the plain torch version of the same arithmetic (float64, exact integer group
-sums); tests compare the kernel against it. Where no compiler or no AVX512-VNNI is present,
-`load_kernel()` returns None and Int4Linear keeps torch's own int4 kernel.
+sums); tests compare the kernel against it. Where no compiler or neither AVX512-VNNI nor AVX2 is
+present, `load_kernel()` returns None and Int4Linear keeps torch's own int4 kernel.
 Set SPECDEC_Q4_KERNEL=torch to force torch's kernel (for before/after measurements).
 """
 
@@ -29,6 +30,8 @@ import torch
 from torch import Tensor
 
 FORMAT_VERSION = 1
+ISAS = ("avx512vnni", "avx2", "scalar")  # the kernel's inner loops, best first
+_ISA_CODES = {"scalar": 0, "avx2": 1, "avx512vnni": 2}  # as q4_cpu.cpp's enum Isa
 GROUP_SIZE = 32
 TILE_COLUMNS = 16
 
@@ -102,7 +105,7 @@ def _cpu_model() -> str:
 
 @functools.cache
 def load_kernel(use_simd: bool = True):
-    """The compiled extension module, or None (no compiler, no AVX512-VNNI with use_simd, or
+    """The compiled extension module, or None (no compiler, no SIMD path with use_simd, or
     SPECDEC_Q4_KERNEL=torch). Built once per source/torch/CPU and cached on disk."""
     if os.environ.get("SPECDEC_Q4_KERNEL", "") == "torch":
         return None
@@ -121,13 +124,21 @@ def load_kernel(use_simd: bool = True):
     except Exception as error:  # no compiler, no ninja, a build error: keep torch's kernel
         _log.warning("q4 CPU kernel unavailable (%s); using torch's int4 kernel", error)
         return None
-    if use_simd and not module.q4_has_vnni():
-        _log.warning("q4 CPU kernel built without AVX512-VNNI; using torch's int4 kernel")
+    if use_simd and module.q4_isas() == ["scalar"]:
+        _log.warning("q4 CPU kernel built without AVX512-VNNI or AVX2; using torch's int4 kernel")
         return None
     return module
 
 
 def q4_linear(kernel, x: Tensor, packed: Tensor, scale_zero: Tensor,
-              use_simd: bool = True) -> Tensor:
-    """x [M, K] -> y [M, N] float32 with the compiled kernel."""
-    return kernel.q4_linear(x.contiguous(), packed, scale_zero, use_simd)
+              use_simd: bool = True, isa: str | None = None) -> Tensor:
+    """x [M, K] -> y [M, N] float32 with the compiled kernel: the best inner loop compiled in
+    (use_simd=True), the plain C++ one (use_simd=False), or the one `isa` names (one of ISAS
+    that `kernel.q4_isas()` lists; for tests and benchmarks)."""
+    if isa is None:
+        code = -1 if use_simd else _ISA_CODES["scalar"]
+    elif isa not in _ISA_CODES:
+        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    else:
+        code = _ISA_CODES[isa]
+    return kernel.q4_linear(x, packed, scale_zero, code)

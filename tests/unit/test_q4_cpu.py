@@ -41,18 +41,18 @@ def test_pack_layout_puts_each_code_where_the_kernel_reads_it():
     assert torch.equal(scale_zero[0, 1, 1], zero_eff[0:16, 1].bfloat16())
 
 
-@pytest.mark.parametrize("use_simd", [False, True])
-@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("isa", q4_cpu.ISAS)
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_reference(kernel, use_simd, num_rows, dtype):
-    if use_simd and not kernel.q4_has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI")
+def test_kernel_matches_reference(kernel, isa, num_rows, dtype):
+    if isa not in kernel.q4_isas():
+        pytest.skip(f"{isa} is not compiled in on this CPU")
     n, k = 48, 160
     codes, scales, zero_eff = _random_layer(n, k, num_rows)
     packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
     x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(7)).to(dtype)
     x[0, :32] = 0.0  # an all-zero activation group (dx = 0)
-    got = q4_cpu.q4_linear(kernel, x, packed, scale_zero, use_simd)
+    got = q4_cpu.q4_linear(kernel, x, packed, scale_zero, isa=isa)
     want = q4_cpu.q4_reference(x, codes, scales, zero_eff)
     assert got.shape == (num_rows, n) and got.dtype == torch.float32
     assert torch.isfinite(got).all()
@@ -62,9 +62,64 @@ def test_kernel_matches_reference(kernel, use_simd, num_rows, dtype):
     assert (got - want).abs().max() <= bound
 
 
+@pytest.mark.parametrize("isa", q4_cpu.ISAS)
+@pytest.mark.parametrize("n, k, num_rows", [(16, 32, 1), (16, 32, 9), (80, 96, 5),
+                                            (208, 352, 3), (32, 2048, 8), (512, 64, 12)])
+def test_kernel_matches_reference_on_odd_shapes(kernel, isa, n, k, num_rows):
+    """One tile, one group, tile counts that do not split evenly over threads, long rows."""
+    if isa not in kernel.q4_isas():
+        pytest.skip(f"{isa} is not compiled in on this CPU")
+    codes, scales, zero_eff = _random_layer(n, k, n + k)
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    x = torch.randn(num_rows, k, generator=torch.Generator().manual_seed(k)).bfloat16()
+    x[-1] *= 1000.0  # a row 1000x the others (the steps dx are per row and group)
+    got = q4_cpu.q4_linear(kernel, x, packed, scale_zero, isa=isa)
+    want = q4_cpu.q4_reference(x, codes, scales, zero_eff)
+    for m in range(num_rows):  # a per-row bound: rows differ in scale by 1000x
+        bound = 1e-5 * (want[m].abs().max() + 1.0) * (k // 32) ** 0.5
+        assert (got[m] - want[m]).abs().max() <= bound, m
+
+
+def test_kernel_codes_at_the_extremes_are_exact(kernel):
+    """Codes all 15 against activations all at +-127: the largest group sums (AVX2 adds 8
+    int16 products of pairs, 8 * 2 * 15 * 127 = 30480 < 32767, so nothing saturates)."""
+    n, k = 32, 64
+    codes = torch.full((n, k), 15)
+    scales = torch.ones(n, k // 32)
+    zero_eff = torch.zeros(n, k // 32)
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    x = torch.tensor([[1.0] * k, [-1.0] * k, [1.0, -1.0] * (k // 2)])
+    for isa in kernel.q4_isas():
+        got = q4_cpu.q4_linear(kernel, x, packed, scale_zero, isa=isa)
+        # dx = 1/127, q = +-127: each output is 15 * (+-1) * k
+        want = torch.tensor([15.0 * k, -15.0 * k, 0.0])[:, None].expand(3, n)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4, msg=isa)
+
+
+def test_kernel_takes_empty_batches_and_rejects_bad_input(kernel):
+    codes, scales, zero_eff = _random_layer(32, 64, 0)
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    assert q4_cpu.q4_linear(kernel, torch.zeros(0, 64), packed, scale_zero).shape == (0, 32)
+    with pytest.raises(RuntimeError, match="in_features=96"):
+        q4_cpu.q4_linear(kernel, torch.zeros(2, 96), packed, scale_zero)
+    with pytest.raises(RuntimeError, match="scale_zero"):
+        q4_cpu.q4_linear(kernel, torch.zeros(2, 64), packed, scale_zero[:1].contiguous())
+    with pytest.raises(ValueError, match="isa must be one of"):
+        q4_cpu.q4_linear(kernel, torch.zeros(2, 64), packed, scale_zero, isa="sse2")
+
+
+def test_kernel_reads_a_strided_input(kernel):
+    codes, scales, zero_eff = _random_layer(32, 64, 1)
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    x = torch.randn(64, 5).T  # [5, 64], not contiguous
+    want = q4_cpu.q4_reference(x, codes, scales, zero_eff)
+    got = q4_cpu.q4_linear(kernel, x, packed, scale_zero)
+    assert (got - want).abs().max() <= 1e-5 * (want.abs().max() + 1.0)
+
+
 def test_simd_and_plain_paths_agree_on_a_model_sized_layer(kernel):
-    if not kernel.q4_has_vnni():
-        pytest.skip("this CPU has no AVX512-VNNI")
+    if kernel.q4_isas() == ["scalar"]:
+        pytest.skip("no SIMD path compiled on this CPU")
     codes, scales, zero_eff = _random_layer(256, 1536, 3)
     packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
     x = torch.randn(6, 1536).bfloat16()
@@ -87,7 +142,7 @@ def test_reference_is_the_matmul_up_to_activation_rounding():
 
 def test_int4_linear_uses_the_kernel_and_matches_the_reference(kernel):
     if q4_cpu.load_kernel() is None:
-        pytest.skip("no AVX512-VNNI: Int4Linear uses torch's kernel")
+        pytest.skip("no SIMD path: Int4Linear uses torch's kernel")
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 48, bias=True)
     qlinear = Int4Linear(linear)

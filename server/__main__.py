@@ -109,7 +109,9 @@ async def serve(config: Config, *, install_signals: bool = True,
     try:
         if engine is None:
             from specdec.engine import Engine
-            load_task = loop.run_in_executor(None, Engine.from_config, config)
+            # NOTE: deferred: the calibration (when none is cached) and the grammar tokenizer
+            # run between requests once /health is 200 (Engine.run_idle_work).
+            load_task = loop.run_in_executor(None, Engine.from_config, config, True)
             stop_task = asyncio.ensure_future(stop_event.wait())
             await asyncio.wait([load_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
             if not load_task.done():

@@ -259,10 +259,13 @@ class AsyncEngine:
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         engine = self.engine
+        # Deferred start-up work (a first start's calibration) runs a piece at a time, only
+        # when there is nothing else to do: a request waits for one piece at most.
+        idle_work = bool(getattr(engine, "has_idle_work", False))
         try:
             while True:
                 with self._cond:
-                    while (not self._commands and not self._stopping
+                    while (not self._commands and not self._stopping and not idle_work
                            and not engine.has_unfinished_requests()):
                         self._cond.wait()
                     if self._stopping:
@@ -271,7 +274,9 @@ class AsyncEngine:
                     self._commands.clear()
                 for command in commands:
                     self._execute(command)
-                if engine.has_unfinished_requests():
+                if idle_work and not commands and not engine.has_unfinished_requests():
+                    idle_work = engine.run_idle_work()
+                elif engine.has_unfinished_requests():
                     for output in engine.step():
                         collector = self._collectors.get(output.request_id)
                         if collector is None:

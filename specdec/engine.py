@@ -35,6 +35,7 @@ from specdec.sample.grammar import (GrammarCompiler, GrammarMatcher, allowed_tok
 from specdec.sample.sampling import (RowState, build_request_constants, compute_logprobs,
                                      compute_probs, process_logits)
 from specdec.core.scheduler import Scheduler
+from specdec.fetch import resolve_model_path
 from specdec.model.weights import load_model, load_tokenizer
 from specdec.generation_config import (eos_token_ids, load_generation_config,
                                        sampling_defaults, split_special_stops)
@@ -175,9 +176,10 @@ class Engine:
         if self.device.type == "cuda" and use_kernels:
             from specdec.kernels import cupy as kernels
             kernels.require(128, torch.float32)  # fail before loading any weights
-        self.tokenizer = load_tokenizer(config.model.path)
+        target_path = resolve_model_path(config.model.path, verify=True)
+        self.tokenizer = load_tokenizer(target_path)
         self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
-        target = load_model(config.model.path, config.model.dtype, str(self.device),
+        target = load_model(target_path, config.model.dtype, str(self.device),
                             config.model.quantization)
         self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
@@ -224,8 +226,7 @@ class Engine:
                 list(range(1, self.k_max + 2)), max_seqs, self.max_model_len)
             if self.draft_runner is not None and self.cuda_graphs:
                 self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
-        from specdec.fetch import resolve_model_path
-        gen_config = load_generation_config(resolve_model_path(config.model.path))
+        gen_config = load_generation_config(target_path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, gen_config)
         # Sampling defaults a request inherits when it omits a field (generation_config).
         self.generation_defaults = (sampling_defaults(gen_config)

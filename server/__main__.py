@@ -125,7 +125,7 @@ async def serve(config: Config, *, install_signals: bool = True,
                 return 1
         server.attach(engine)
         log.info("ready", url=url, api_key_required=bool(config.server.api_key),
-                 **describe_engine(engine))
+                 process_ready_s=server.startup_s, **describe_engine(engine))
         if started is not None:
             started(server, port)
         stop_task = asyncio.ensure_future(stop_event.wait())

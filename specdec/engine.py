@@ -24,7 +24,7 @@ import torch
 
 from specdec.spec.adaptive import SpeculationController
 from specdec.core.config import Config, check_device
-from specdec.core.kv_budget import auto_num_blocks
+from specdec.core.kv_budget import auto_num_blocks, short_pool_message
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
@@ -198,6 +198,10 @@ class Engine:
         self.max_model_len = self._max_model_len(target, draft)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
+        if config.cache.num_blocks:
+            short = short_pool_message(self.num_blocks, block_size, self.max_model_len)
+            if short:
+                logger.warning("%s", short)
         self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels)
         self.draft_runner = (ModelRunner(draft, self.num_blocks, block_size, use_kernels)
                              if draft else None)

@@ -33,10 +33,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
-import torch
 import xxhash
-from tqdm import tqdm
+
+# NOTE: torch, numpy and tqdm are imported where tensors are written: `specdec fetch` on a
+# fetched entry (every `make serve`) only verifies, and importing torch costs it 1-5 s.
 
 # NOTE: bump when the stored tensors change meaning (dtype, names, layout); older entries are
 # then converted or rebuilt, never served as if they were the new format.
@@ -46,9 +46,8 @@ STAMPS_NAME = ".specdec-verified.json"  # file -> [stamp, hash] of its last full
 WEIGHTS_NAME = "model.safetensors"
 _CHUNK = 16 << 20
 
-SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
-                      torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32",
-                      torch.int64: "I64"}
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "I8",
+                       "uint8": "U8", "int32": "I32", "int64": "I64"}
 
 
 class CorruptEntry(RuntimeError):
@@ -61,8 +60,8 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    dtype: "torch.dtype"
+    produce: Callable[[], "torch.Tensor"]
 
 
 def write_safetensors(path: str, specs: Iterable[TensorSpec],
@@ -70,13 +69,18 @@ def write_safetensors(path: str, specs: Iterable[TensorSpec],
                       ) -> None:
     """Write a safetensors file one tensor at a time: only the tensor being written is ever
     in memory. Each `produce()` must return a tensor of exactly its spec's shape and dtype."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
     specs = list(specs)
     header: dict = {"__metadata__": dict(metadata or {})}
     offset = 0
     for spec in specs:
         nbytes = int(np.prod(spec.shape, dtype=np.int64)) * torch.empty(
             (), dtype=spec.dtype).element_size()
-        header[spec.name] = {"dtype": SAFETENSORS_DTYPES[spec.dtype], "shape": list(spec.shape),
+        dtype = _SAFETENSORS_DTYPES[str(spec.dtype).removeprefix("torch.")]
+        header[spec.name] = {"dtype": dtype, "shape": list(spec.shape),
                              "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -171,7 +175,7 @@ def _payload_files(path: str) -> list[str]:
                   and os.path.isfile(os.path.join(path, name)))
 
 
-def write_manifest(path: str, dtype: torch.dtype, source: dict[str, str]) -> dict:
+def write_manifest(path: str, dtype, source: dict[str, str]) -> dict:
     """Hash every file of the finished directory `path` into its manifest; returns it.
     NOTE: no stamps here: the caller usually renames the directory next, which changes
     the files' ctime; the first verify hashes them once and records them."""

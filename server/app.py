@@ -143,8 +143,15 @@ class OpenAIServer:
         capacity = self.config.scheduler.max_num_seqs + self.config.server.max_queued_requests
         self.limits = limits.RequestLimits.from_config(self.config, engine.max_model_len)
         self._loop = asyncio.get_running_loop()
-        self.bridge = AsyncEngine(engine, max_in_flight=capacity, on_death=self._engine_died)
+        self.bridge = AsyncEngine(engine, max_in_flight=capacity, on_death=self._engine_died,
+                                  on_idle_work_done=self._startup_work_done)
         self.bridge.start()
+
+    def _startup_work_done(self) -> None:
+        """Engine thread: the deferred start-up work is done (a background calibration)."""
+        startup = getattr(self.engine, "startup", {})
+        self.log.info("startup_work_done", calibration=startup.get("calibration"),
+                      calibration_s=startup.get("calibration_s"))
 
     def _engine_died(self, exc: BaseException, request_ids: list[str], text: str) -> None:
         """Engine thread, before the waiters are failed: mark dead (serve() exits 1), log."""

@@ -315,7 +315,6 @@ class Engine:
         and this thread count were measured before, else by timing forwards (then saved).
         `background`: when nothing is cached, time the forwards later, one size per
         run_idle_work(); until then the controller plans a conservative k."""
-        from specdec.fetch import resolve_model_path
         from specdec.spec import calibration
 
         k = self.k_max

@@ -259,7 +259,9 @@ def memory_table(results: dict[str, SystemResult]) -> str:
     lines = [f"{'system':<12} {'load s':>7} {'start s':>8} {'peak MB':>8} {'calibration':>12}"]
     for name, res in results.items():
         startup = res.settings.get("startup", {})
-        peak = res.settings.get("memory", {}).get("peak_rss_mb")
+        # NOTE: llama.cpp's is its server process's VmHWM, ours this process's since a reset
+        peak = (res.settings.get("memory", {}).get("peak_rss_mb")
+                or res.settings.get("peak_rss_mb"))
         lines.append(f"{name:<12} {res.load_s:>7.2f} "
                      f"{startup.get('start_s', float('nan')):>8.2f} "
                      f"{'-' if peak is None else format(peak, '.0f'):>8} "

@@ -149,6 +149,26 @@ async def arrivals(prompts: list[BenchPrompt], rate: float, rng: random.Random):
         yield prompt
 
 
+def scrape_startup_seconds(metrics_url: str, api_key: str | None = None) -> float | None:
+    """The server's own start-to-ready seconds (our `specdec:startup_seconds` gauge); None
+    for a server without it (llama.cpp: bench/footprint.py times its start from outside)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    request = urllib.request.Request(metrics_url, headers={
+        "Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == "specdec:startup_seconds" and family.samples:
+                return family.samples[0].value
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 async def run_benchmark(args, prompts: list[BenchPrompt]) -> dict:
     chat = args.endpoint.endswith("/chat/completions")
     base = args.base_url.rstrip("/")
@@ -304,6 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = result["summary"]
     print_summary(summary, args)
+    summary["server_startup_s"] = scrape_startup_seconds(
+        args.metrics_url or args.base_url.rstrip("/") + "/metrics", args.api_key)
+    if summary["server_startup_s"] is not None:
+        print(f"server start to ready: {summary['server_startup_s']:.1f} s "
+              f"(its specdec:startup_seconds)")
     if args.server_pid:
         summary["server_memory"] = proc_memory(args.server_pid)
         print(f"server pid {args.server_pid}: RSS {summary['server_memory']['rss_mb']:.0f} MB, "

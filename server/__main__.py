@@ -109,7 +109,9 @@ async def serve(config: Config, *, install_signals: bool = True,
     try:
         if engine is None:
             from specdec.engine import Engine
-            load_task = loop.run_in_executor(None, Engine.from_config, config)
+            # NOTE: deferred: the calibration (when none is cached) and the grammar tokenizer
+            # run between requests once /health is 200 (Engine.run_idle_work).
+            load_task = loop.run_in_executor(None, Engine.from_config, config, True)
             stop_task = asyncio.ensure_future(stop_event.wait())
             await asyncio.wait([load_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
             if not load_task.done():
@@ -123,7 +125,7 @@ async def serve(config: Config, *, install_signals: bool = True,
                 return 1
         server.attach(engine)
         log.info("ready", url=url, api_key_required=bool(config.server.api_key),
-                 **describe_engine(engine))
+                 process_ready_s=server.startup_s, **describe_engine(engine))
         if started is not None:
             started(server, port)
         stop_task = asyncio.ensure_future(stop_event.wait())

@@ -138,11 +138,20 @@ class OpenAIServer:
                                               self.config.server.served_model_aliases)
         self.fim_template = fim.detect_fim(engine.tokenizer, self.config.model.fim_style)
         self.metrics = ServerMetrics(self.model_name, self.config.server.metrics_prefix)
+        self.startup_s = seconds_since_process_start()
+        _startup_gauge(self.metrics, self.model_name, self.startup_s)
         capacity = self.config.scheduler.max_num_seqs + self.config.server.max_queued_requests
         self.limits = limits.RequestLimits.from_config(self.config, engine.max_model_len)
         self._loop = asyncio.get_running_loop()
-        self.bridge = AsyncEngine(engine, max_in_flight=capacity, on_death=self._engine_died)
+        self.bridge = AsyncEngine(engine, max_in_flight=capacity, on_death=self._engine_died,
+                                  on_idle_work_done=self._startup_work_done)
         self.bridge.start()
+
+    def _startup_work_done(self) -> None:
+        """Engine thread: the deferred start-up work is done (a background calibration)."""
+        startup = getattr(self.engine, "startup", {})
+        self.log.info("startup_work_done", calibration=startup.get("calibration"),
+                      calibration_s=startup.get("calibration_s"))
 
     def _engine_died(self, exc: BaseException, request_ids: list[str], text: str) -> None:
         """Engine thread, before the waiters are failed: mark dead (serve() exits 1), log."""
@@ -422,3 +431,27 @@ class OpenAIServer:
             self.metrics.observe_finished("abort", None)
         if self.config.server.log_requests:
             self.log.info("request", **state.log_fields(gen, len(unfinished)))
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall seconds since this process started (Linux /proc; None elsewhere): at attach(),
+    the start-to-ready time a supervisor sees, interpreter and imports included."""
+    import os
+    try:
+        with open("/proc/self/stat") as f:
+            # NOTE: field 22 (starttime, clock ticks after boot) follows the ")" of the name.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime - ticks / os.sysconf("SC_CLK_TCK"), 2)
+
+
+def _startup_gauge(metrics: ServerMetrics, model_name: str, seconds: float | None) -> None:
+    from prometheus_client import Gauge
+
+    if seconds is not None:
+        Gauge("specdec:startup_seconds", "Seconds from the process start to ready (imports "
+              "and model load; a background calibration runs after it).", ["model_name"],
+              registry=metrics.registry).labels(model_name).set(seconds)

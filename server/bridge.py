@@ -164,9 +164,12 @@ class OutputCollector:
 class AsyncEngine:
     """Owns the engine thread. All methods are called from the asyncio loop thread."""
 
-    def __init__(self, engine, max_in_flight: int, on_death=None):
+    def __init__(self, engine, max_in_flight: int, on_death=None, on_idle_work_done=None):
         self.engine = engine
         self.max_in_flight = max_in_flight
+        # on_idle_work_done(): called once, from the engine thread, when the engine's deferred
+        # start-up work (a background calibration) is finished; the server logs it.
+        self.on_idle_work_done = on_idle_work_done
         # on_death(exc, request_ids, traceback_text): called once, from the engine thread,
         # just before every waiter is failed; the server logs it and exits non-zero.
         self.on_death = on_death
@@ -259,10 +262,13 @@ class AsyncEngine:
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         engine = self.engine
+        # Deferred start-up work (a first start's calibration) runs a piece at a time, only
+        # when there is nothing else to do: a request waits for one piece at most.
+        idle_work = bool(getattr(engine, "has_idle_work", False))
         try:
             while True:
                 with self._cond:
-                    while (not self._commands and not self._stopping
+                    while (not self._commands and not self._stopping and not idle_work
                            and not engine.has_unfinished_requests()):
                         self._cond.wait()
                     if self._stopping:
@@ -271,7 +277,11 @@ class AsyncEngine:
                     self._commands.clear()
                 for command in commands:
                     self._execute(command)
-                if engine.has_unfinished_requests():
+                if idle_work and not commands and not engine.has_unfinished_requests():
+                    idle_work = engine.run_idle_work()
+                    if not idle_work and self.on_idle_work_done is not None:
+                        self.on_idle_work_done()
+                elif engine.has_unfinished_requests():
                     for output in engine.step():
                         collector = self._collectors.get(output.request_id)
                         if collector is None:

@@ -24,7 +24,7 @@ import torch
 
 from specdec.spec.adaptive import SpeculationController
 from specdec.core.config import Config, check_device
-from specdec.core.kv_budget import auto_num_blocks
+from specdec.core.kv_budget import auto_num_blocks, short_pool_message
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
@@ -35,6 +35,7 @@ from specdec.sample.grammar import (GrammarCompiler, GrammarMatcher, allowed_tok
 from specdec.sample.sampling import (RowState, build_request_constants, compute_logprobs,
                                      compute_probs, process_logits)
 from specdec.core.scheduler import Scheduler
+from specdec.fetch import resolve_model_path
 from specdec.model.weights import load_model, load_tokenizer
 from specdec.generation_config import (eos_token_ids, load_generation_config,
                                        sampling_defaults, split_special_stops)
@@ -153,9 +154,16 @@ def resolve_device(name: str) -> torch.device:
 class Engine:
     """Owns the models, their KV caches, the scheduler and the drafter. Not thread-safe."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, defer_startup_work: bool = False):
+        """`defer_startup_work` (the server): start without the work a request does not need
+        first, and leave it to `run_idle_work()` between requests: the adaptive calibration
+        when none is cached (k stays conservative until it is measured) and the grammar
+        tokenizer for structured outputs."""
         started = time.perf_counter()
         self.config = config
+        # Deferred start-up work, run piece by piece by run_idle_work(): callables returning
+        # nothing; the calibration adds one piece per forward size it still has to time.
+        self._idle_work: list = []
         # What the start cost: seconds since the start at each stage, calibration, memory.
         self.startup: dict = {}
         dev = config.device
@@ -168,9 +176,10 @@ class Engine:
         if self.device.type == "cuda" and use_kernels:
             from specdec.kernels import cupy as kernels
             kernels.require(128, torch.float32)  # fail before loading any weights
-        self.tokenizer = load_tokenizer(config.model.path)
+        target_path = resolve_model_path(config.model.path, verify=True)
+        self.tokenizer = load_tokenizer(target_path)
         self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
-        target = load_model(config.model.path, config.model.dtype, str(self.device),
+        target = load_model(target_path, config.model.dtype, str(self.device),
                             config.model.quantization)
         self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
@@ -189,6 +198,10 @@ class Engine:
         self.max_model_len = self._max_model_len(target, draft)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
+        if config.cache.num_blocks:
+            short = short_pool_message(self.num_blocks, block_size, self.max_model_len)
+            if short:
+                logger.warning("%s", short)
         self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels)
         self.draft_runner = (ModelRunner(draft, self.num_blocks, block_size, use_kernels)
                              if draft else None)
@@ -220,17 +233,20 @@ class Engine:
                 list(range(1, self.k_max + 2)), max_seqs, self.max_model_len)
             if self.draft_runner is not None and self.cuda_graphs:
                 self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
-        from specdec.fetch import resolve_model_path
-        gen_config = load_generation_config(resolve_model_path(config.model.path))
+        gen_config = load_generation_config(target_path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, gen_config)
         # Sampling defaults a request inherits when it omits a field (generation_config).
         self.generation_defaults = (sampling_defaults(gen_config)
                                     if config.model.generation_config == "auto" else {})
         self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size,
                                                 self.eos_token_ids)
-        # NOTE: built now (about a second for a 150k vocabulary), not on the first structured
-        # request, which would stall every stream in the batch.
-        self.grammar_compiler.prepare()
+        # NOTE: built before the first structured request (about a second for a 150k
+        # vocabulary), which would otherwise stall every stream in the batch: now, or (server)
+        # as the first idle work after the start.
+        if defer_startup_work:
+            self._idle_work.append(self.grammar_compiler.prepare)
+        else:
+            self.grammar_compiler.prepare()
         self.tracked: dict[str, _Tracked] = {}
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
                              accepted_tokens=0, forced_tokens=0)
@@ -238,13 +254,27 @@ class Engine:
         self.startup["load_s"] = round(time.perf_counter() - started, 3)
         self.startup["calibration"] = "off"
         if self.k_max and spec.adaptive:
-            self._calibrate()
+            self._calibrate(background=defer_startup_work)
         self.startup["start_s"] = round(time.perf_counter() - started, 3)
         self.startup.update(memory_usage())
 
     @classmethod
-    def from_config(cls, config: Config) -> "Engine":
-        return cls(config)
+    def from_config(cls, config: Config, defer_startup_work: bool = False) -> "Engine":
+        return cls(config, defer_startup_work)
+
+    # ---- deferred start-up work -----------------------------------------------------------
+
+    @property
+    def has_idle_work(self) -> bool:
+        return bool(self._idle_work)
+
+    def run_idle_work(self) -> bool:
+        """Run one piece of the deferred start-up work (at most one calibration forward size,
+        about a second on the dev VM); call only between steps, with nothing else running on
+        the models. Returns True while more remains."""
+        if self._idle_work:
+            self._idle_work.pop(0)()
+        return bool(self._idle_work)
 
     # ---- set-up helpers -------------------------------------------------------------------
 
@@ -283,10 +313,11 @@ class Engine:
         return auto_num_blocks(self.config.cache.memory_gb, per_block, bs,
                                self.config.scheduler.max_num_seqs, self.max_model_len)
 
-    def _calibrate(self) -> None:
+    def _calibrate(self, background: bool = False) -> None:
         """Seed the cost tables: from the calibration cache when this machine, these models
-        and this thread count were measured before, else by timing forwards (then saved)."""
-        from specdec.fetch import resolve_model_path
+        and this thread count were measured before, else by timing forwards (then saved).
+        `background`: when nothing is cached, time the forwards later, one size per
+        run_idle_work(); until then the controller plans a conservative k."""
         from specdec.spec import calibration
 
         k = self.k_max
@@ -312,6 +343,16 @@ class Engine:
             for role, runner in runners.items():
                 runner.cost.table.update(tables[role])
             self.startup["calibration"] = "cached"
+        elif background:
+            self.controller.calibrating = True
+            self.startup["calibration"] = "running in background"
+            for role, runner in runners.items():
+                for n in counts[role]:
+                    self._idle_work.append(lambda runner=runner, n=n: runner.calibrate([n]))
+            self._idle_work.append(lambda: self._calibrated_in_background(key, runners, t0))
+            logger.info("calibration: running in background (no cached calibration; k <= %d "
+                        "until it is measured)", self.controller.conservative_k)
+            return
         else:
             for role, runner in runners.items():
                 runner.calibrate(counts[role])
@@ -319,9 +360,20 @@ class Engine:
                                            for role, r in runners.items()})
             self.startup["calibration"] = "measured" if saved else "measured (not saved)"
         self.startup["calibration_s"] = round(time.perf_counter() - t0, 3)
-        logging.getLogger("specdec.engine").info(
-            "adaptive calibration %s in %.2f s (%d threads)", self.startup["calibration"],
-            self.startup["calibration_s"], torch.get_num_threads())
+        logger.info("calibration: %s in %.2f s (%d threads)", self.startup["calibration"],
+                    self.startup["calibration_s"], torch.get_num_threads())
+
+    def _calibrated_in_background(self, key: dict, runners: dict, t0: float) -> None:
+        from specdec.spec import calibration
+
+        saved = calibration.save(key, {role: dict(r.cost.table) for role, r in runners.items()})
+        self.controller.calibrating = False
+        self.startup["calibration"] = ("measured in background" if saved
+                                       else "measured in background (not saved)")
+        self.startup["calibration_s"] = round(time.perf_counter() - t0, 3)
+        logger.info("calibration: %s, %.2f s after the start (%d threads); adaptive k from now",
+                    self.startup["calibration"], self.startup["calibration_s"],
+                    torch.get_num_threads())
 
     # ---- requests -------------------------------------------------------------------------
 

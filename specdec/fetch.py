@@ -167,10 +167,12 @@ def resolve_model_path(name_or_path: str, fetch_if_missing: bool = True,
 def check_entry(name: str, dest: str, full: bool = False) -> bool:
     """Bring a complete entry to the current format; False if it is corrupt (and then no
     longer marked complete, so the caller fetches it again)."""
-    from specdec.model import convert, store
+    from specdec.model import store  # NOTE: not convert (torch): only an upgrade needs it
 
     log = logging.getLogger("specdec.fetch")
     if not store.is_current(dest):
+        from specdec.model import convert
+
         log.warning("%s: converting the cache entry %s to %s (%s on disk)", name, dest,
                     store.FORMAT_VERSION, convert.STORAGE_DTYPE)
         print(f"{name}: converting {dest} to the {store.FORMAT_VERSION} format", file=sys.stderr)

@@ -35,3 +35,17 @@ def auto_num_blocks(memory_gb: float, bytes_per_block: int, block_size: int,
             f" and its draft); raise cache.memory_gb to at least {need_gb:.3f} or lower "
             f"model.max_model_len")
     return min(fit, max_num_seqs * blocks_per_seq)
+
+
+def short_pool_message(num_blocks: int, block_size: int, max_model_len: int) -> str | None:
+    """For an explicit `cache.num_blocks`: None if the pool holds one max_model_len sequence,
+    else what a request past it gets (the scheduler refuses it with a 400, naming the sizes).
+    NOTE: a warning, not the auto rule's error: a small explicit pool is a deliberate setting
+    (tests and tight deployments use one to exercise preemption)."""
+    blocks_per_seq = cdiv(max_model_len, block_size)
+    if num_blocks >= blocks_per_seq:
+        return None
+    return (f"cache.num_blocks={num_blocks} holds {num_blocks * block_size} tokens, less than "
+            f"one sequence of model.max_model_len={max_model_len} ({blocks_per_seq} blocks of "
+            f"{block_size}): requests that may grow past {num_blocks * block_size} tokens are "
+            f"refused")

@@ -244,14 +244,16 @@ class LlamaForCausalLM(nn.Module):
         if arch.num_attention_heads % arch.num_key_value_heads != 0:
             raise ValueError(f"num_attention_heads={arch.num_attention_heads} must be a "
                              f"multiple of num_key_value_heads={arch.num_key_value_heads}")
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, device="meta",
-                                         dtype=dtype)
+        # NOTE: _weight skips nn.Embedding's normal_() init, which even on the meta device
+        # imports torch._dynamo (1-4 s of a start-up on the dev VM).
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, _weight=torch.empty(
+            arch.vocab_size, arch.hidden_size, device="meta", dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype)
                                     for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False, device="meta",
                                  dtype=dtype)
-        self.to_empty(device=self.device)  # NOTE: no random init; weights come from load
+        _materialize(self, self.device)  # NOTE: no random init; weights come from load
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         # Rotary table, float32 math then cast (as transformers does).
@@ -314,16 +316,24 @@ class LlamaForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ weights
 
-    def load_weights(self, weights: Iterable[tuple[str, Tensor]], strict: bool = True
-                     ) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, Tensor]], strict: bool = True,
+                     map_files: bool = True) -> set[str]:
         """Copy Hugging Face-named tensors into the (fused) parameters. Raises ValueError
         naming any missing parameter (`strict=False`: the caller checks; returns the
-        "param@offset" slices loaded)."""
+        "param@offset" slices loaded). `map_files`: a parameter whose bytes lie in one range
+        of a file on disk becomes a view of that file's memory map instead of a copy (off for
+        weights about to be quantized: their map would outlive them)."""
         params = dict(self.named_parameters(remove_duplicate=False))
         loaded: set[str] = set()
+        weights = list(weights)
+        if map_files:
+            loaded |= _map_whole_params(params, [(hf_name, target, offset, tensor)
+                                                 for hf_name, tensor in weights
+                                                 for target, offset in self._map_name(hf_name)
+                                                 if target is not None])
         for hf_name, tensor in weights:
             for target, offset in self._map_name(hf_name):
-                if target is None:
+                if target is None or f"{target}@{offset}" in loaded:
                     continue
                 param = params.get(target)
                 if param is None:
@@ -391,3 +401,58 @@ class LlamaForCausalLM(nn.Module):
             else:
                 expected.add(f"{name}@None")
         return expected
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """`module.to_empty(device)` for meta parameters and buffers: uninitialised storage.
+    NOTE: to_empty's empty_like on a meta tensor runs through torch's Python reference ops
+    (about 2 ms a tensor, and an import of torch.fx's symbolic shapes): ~1 s for a 28-layer
+    model, where torch.empty costs microseconds."""
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for name, tensor in table.items():
+                if tensor is None or not tensor.is_meta:
+                    continue
+                empty = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+                table[name] = (nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                               if isinstance(tensor, nn.Parameter) else empty)
+
+
+def _map_whole_params(params: dict[str, nn.Parameter], parts: list[tuple]) -> set[str]:
+    """Point each parameter whose bytes are one contiguous range of a memory-mapped file at
+    that range (no copy; specdec/model/reader.py); returns the "param@offset" slices done.
+
+    parts: (hf_name, param name, row offset or None, tensor). A parameter qualifies when every
+    part is still on disk, in one file, in the parameter's dtype, on the CPU, and the parts
+    in row order tile the parameter and sit back to back in the file (a plain tensor, or
+    gate_proj followed by up_proj). The others are read into their parameter as before."""
+    by_param: dict[str, list[tuple]] = {}
+    for _, target, offset, tensor in parts:
+        by_param.setdefault(target, []).append((offset, tensor))
+    done: set[str] = set()
+    for target, pieces in by_param.items():
+        param = params.get(target)
+        file = getattr(pieces[0][1], "file", None)
+        if param is None or file is None or param.device.type != "cpu" or any(
+                getattr(t, "file", None) is not file or t.dtype != param.dtype
+                for _, t in pieces):
+            continue
+        if [o for o, _ in pieces] == [None]:
+            tiles = tuple(pieces[0][1].shape) == tuple(param.shape)
+        else:
+            pieces.sort(key=lambda p: p[0] if p[0] is not None else -1)
+            rows, tiles = 0, True
+            for offset, t in pieces:
+                tiles &= offset == rows and tuple(t.shape[1:]) == tuple(param.shape[1:])
+                rows += t.shape[0] if len(t.shape) else 0
+            tiles &= rows == param.shape[0]
+        start = end = pieces[0][1].offset
+        for _, t in pieces:
+            tiles &= t.offset == end
+            end += t.nbytes
+        view = file.view(start, end - start, param.shape, param.dtype) if tiles else None
+        if view is None:
+            continue
+        param.data = view
+        done |= {f"{target}@{offset}" for offset, _ in pieces}
+    return done

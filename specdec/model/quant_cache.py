@@ -123,7 +123,7 @@ def load(model: nn.Module, key: str, source_path: str) -> bool:
     try:
         with open(path + ".xxh3") as f:
             expected = f.read().strip()
-        if store.file_hash(path) != expected:
+        if not store.hash_matches(path, expected):  # re-read only if the file changed
             raise ValueError("hash mismatch")
         reader = SafetensorsFile(path)
         with open(path, "rb") as f:
@@ -142,8 +142,12 @@ def load(model: nn.Module, key: str, source_path: str) -> bool:
         parent = model.get_submodule(parent_name) if parent_name else model
         module = _shell(spec["class"], spec["attrs"])
         for buffer, present in spec["buffers"].items():
-            module.register_buffer(buffer, reader.lazy(f"{name}.{buffer}").load()
-                                   if present else None)
+            value = None
+            if present:  # NOTE: mapped, not copied (specdec/model/reader.py); save() never
+                lazy = reader.lazy(f"{name}.{buffer}")  # rewrites a file in place
+                value = lazy.mapped()
+                value = lazy.load() if value is None else value
+            module.register_buffer(buffer, value)
         setattr(parent, child, module)
     params = set(dict(model.named_parameters(remove_duplicate=False)))
     rest = [(name, tensor) for name, tensor in iter_lazy_weights(source_path)

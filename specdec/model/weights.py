@@ -80,7 +80,7 @@ def load_quantized(model: LlamaForCausalLM, path: str, quantization: str) -> Non
     for name, tensor in iter_lazy_weights(path):
         by_layer.setdefault(_layer_of(name), []).append((name, tensor))
     for layer in [*sorted(k for k in by_layer if k is not None), None]:
-        loaded |= model.load_weights(by_layer.get(layer, []), strict=False)
+        loaded |= model.load_weights(by_layer.get(layer, []), strict=False, map_files=False)
         quantize_weights(model.layers[layer] if layer is not None else model, quantization)
     missing = sorted(expected - loaded)
     if missing:

@@ -38,6 +38,13 @@ MIN_GAIN = 0.1
 # to k = 0 right after, and a catch-up paid for 100 future steps is then wasted (measured:
 # 16 fresh requests caught up once, drafted once, and cost 8 s of a 100 s run).
 CATCH_UP_HORIZON = 8
+# While the cost tables are being measured (a first start calibrates in the background), k is
+# planned without them: CONSERVATIVE_K drafts per request when at most CONSERVATIVE_DECODES
+# requests decode, else none. NOTE: on the dev VM a bf16 1.5B verify of 12 tokens costs 1.2x
+# a 1-token step (bench calibration tables), so 4 requests x (1 + 2) rows stay near one
+# step's cost; beyond that the verify cost is unknown, and k = 0 is never below no-spec.
+CONSERVATIVE_K = 2
+CONSERVATIVE_DECODES = 4
 
 
 @dataclass(slots=True)
@@ -62,6 +69,8 @@ class SpeculationController:
         self.max_model_len = max_model_len
         self.stats: dict[str, AcceptanceStats] = {}
         self.last_k: list[int] = []
+        self.calibrating = False  # True until the engine's background calibration is done
+        self.conservative_k = min(CONSERVATIVE_K, k_max)
 
     def cap(self, req: Request) -> int:
         """The most drafts that can still be useful for this request."""
@@ -134,6 +143,9 @@ class SpeculationController:
         return seconds
 
     def _plan(self, reqs: list[tuple[Request, int, float]], num_decodes: int) -> list[int]:
+        if self.calibrating:
+            k = self.conservative_k if num_decodes <= CONSERVATIVE_DECODES else 0
+            return [min(cap, k) for _, cap, _ in reqs]
         if not self.target_cost.ready:
             return [cap for _, cap, _ in reqs]
         lags = [self.catch_up(req) for req, _, _ in reqs]

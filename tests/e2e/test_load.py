@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
 import aiohttp
 
@@ -135,3 +137,10 @@ def test_metrics_names(spec_server):
     per_pos = [line for line in body.decode().splitlines()
                if line.startswith("specdec:spec_decode_num_accepted_tokens_per_pos_total")]
     assert [line.split('position="')[1].split('"')[0] for line in per_pos] == ["0", "1", "2"]
+    # Start to ready, the process's own view (issue 21); bench/serve.py reports it.
+    (startup,) = [float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+                  if line.startswith("specdec:startup_seconds{")]
+    assert startup == spec_server.app.startup_s and startup > 0
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    from serve import scrape_startup_seconds
+    assert scrape_startup_seconds(spec_server.base_url + "/metrics") == startup

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from specdec.core.kv_budget import GIB, auto_num_blocks
+from specdec.core.kv_budget import GIB, auto_num_blocks, short_pool_message
 
 BLOCK = 16
 PER_BLOCK = 1 << 20  # 1 MiB per block: 1024 blocks per GiB
@@ -63,3 +63,23 @@ def test_the_engine_sizes_the_pool_from_the_scheduler(tiny_llama_dir):
                                 "scheduler.max_num_seqs": 3, "cache.block_size": 16,
                                 "cache.memory_gb": 4.0, "spec.method": "none"})
     assert Engine(config).num_blocks == 3 * 16
+
+
+def test_an_explicit_pool_short_of_one_sequence_is_named_at_the_edge():
+    assert short_pool_message(4, BLOCK, 64) is None  # exactly one 64-token sequence
+    assert short_pool_message(4, BLOCK, 63) is None  # a partial last block still fits
+    message = short_pool_message(4, BLOCK, 65)  # one token more: a fifth block
+    assert message == ("cache.num_blocks=4 holds 64 tokens, less than one sequence of "
+                       "model.max_model_len=65 (5 blocks of 16): requests that may grow past "
+                       "64 tokens are refused")
+
+
+def test_the_engine_warns_about_an_explicit_short_pool(tiny_llama_dir, caplog):
+    from specdec.core.config import from_dict
+    from specdec.engine import Engine
+
+    caplog.set_level("WARNING", logger="specdec.engine")
+    Engine(from_dict({}, {"model.path": tiny_llama_dir, "model.max_model_len": 256,
+                          "cache.num_blocks": 8, "cache.block_size": 16,
+                          "spec.method": "none"}))
+    assert "cache.num_blocks=8 holds 128 tokens" in caplog.text

@@ -27,7 +27,8 @@ from specdec.core.config import Config, check_device
 from specdec.core.kv_budget import auto_num_blocks
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
-from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
+from specdec.spec.rejection import (draft_uniforms, greedy_verify_device,
+                                    rejection_sample_device, unpack_verified)
 from specdec.core.request import Request, RequestStatus, SamplingParams
 from specdec.runner import ModelRunner, SeqSlice
 from specdec.sample.grammar import (GrammarCompiler, GrammarMatcher, allowed_token_ids,
@@ -581,20 +582,25 @@ class Engine:
                     processed[offsets[i]:offsets[i + 1]] = 0.0
         greedy = [i for i, (req, _, _) in enumerate(sampled) if req.sampling_params.greedy]
         random = [i for i, (req, _, _) in enumerate(sampled) if not req.sampling_params.greedy]
-        results: dict[int, list[int]] = {}
+        # NOTE: verification runs where the logits are; both halves return packed rows
+        # [num_accepted, tokens..., -1...] of one width, brought back in ONE transfer per step.
+        width = max(len(d) for _, d, _ in sampled)
+        device = processed.device
+        packed = []
         if greedy:
-            idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in greedy])
+            idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in greedy]).to(device)
             argmax = processed[idx].argmax(dim=-1)
             drafts = [sampled[i][1] for i in greedy]
-            out, _ = greedy_verify(argmax, torch.tensor(sum(drafts, []), dtype=torch.long),
-                                   list(itertools.accumulate(map(len, drafts), initial=0)))
-            results.update(zip(greedy, out))
+            packed.append(greedy_verify_device(
+                argmax, torch.tensor(sum(drafts, []), dtype=torch.long),
+                list(itertools.accumulate(map(len, drafts), initial=0)), width))
         if random:
             idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in random])
             random_rows = [rows[j] for j in idx.tolist()]
-            target_probs = compute_probs(processed[idx], random_rows)
-            out = self._rejection(sampled, random, target_probs)
-            results.update(zip(random, out))
+            target_probs = compute_probs(processed[idx.to(device)], random_rows)
+            packed.append(self._rejection(sampled, random, target_probs, width))
+        verified, _ = unpack_verified(torch.cat(packed).tolist())  # the step's one sync
+        results: dict[int, list[int]] = dict(zip(greedy + random, verified))
         for i, (req, drafts, _) in enumerate(sampled):
             if req.request_id in errors:
                 new_tokens[req.request_id], num_accepted[req.request_id] = [], 0
@@ -613,7 +619,7 @@ class Engine:
                 logprobs.extend(lp)
         return new_tokens, num_accepted
 
-    def _rejection(self, sampled, which: list[int], target_probs: torch.Tensor):
+    def _rejection(self, sampled, which: list[int], target_probs: torch.Tensor, width: int):
         draft_ids, cu, draft_probs, seeds, starts, onehot = [], [0], [], [], [], True
         for i in which:
             req, drafts, probs = sampled[i]
@@ -635,11 +641,12 @@ class Engine:
                     probs[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
                 if drafts:
                     draft_probs.append(probs.to(target_probs.device))
-            dp = torch.cat(draft_probs) if draft_probs else torch.empty(0, vocab)
+            dp = (torch.cat(draft_probs) if draft_probs
+                  else torch.empty(0, vocab, device=target_probs.device))
         uniforms = draft_uniforms(seeds, starts, cu)
-        out, _ = rejection_sample(torch.tensor(draft_ids, dtype=torch.long), cu, dp, target_probs,
-                                  uniforms, seeds=seeds, num_output_tokens=starts)
-        return out
+        return rejection_sample_device(torch.tensor(draft_ids, dtype=torch.long), cu, dp,
+                                       target_probs, uniforms, seeds=seeds,
+                                       num_output_tokens=starts, width=width)
 
     def _count_spec(self, req: Request, num_draft: int, accepted: int) -> None:
         req.num_drafts += 1

@@ -7,9 +7,11 @@ The target and the draft model each get a runner; both read the same `request.bl
 from __future__ import annotations
 
 import time
+from array import array
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from specdec.model.llama import ForwardBatch, LlamaForCausalLM
 
@@ -26,7 +28,12 @@ class SeqSlice:
 
 
 class ModelRunner:
-    """Owns one model and its paged KV cache; `execute` returns float32 logits rows."""
+    """Owns one model and its paged KV cache; `execute` returns float32 logits rows.
+
+    NOTE: the logits stay on the model's device; the caller samples and verifies there and
+    brings back token ids only. A batch's inputs go up in one copy (`upload`): every index
+    tensor is a view of one packed int32 buffer, staged in pinned memory on CUDA.
+    """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  use_kernels: bool = True):
@@ -45,6 +52,8 @@ class ModelRunner:
         self.lora = None  # a LoRAManager when adapters are enabled (target only)
         # Timing model for adaptive speculation: seconds = fixed + per_token * num_tokens.
         self.cost = CostModel()
+        self.num_uploads = 0  # host -> device input copies (one per forward; see upload)
+        self._staging = StagingRing(self.device)
 
     @property
     def vocab_size(self) -> int:
@@ -79,40 +88,66 @@ class ModelRunner:
         if self.lora is not None and any(s.lora_slot >= 0 for s in seqs):
             lora = self.lora.make_batch(
                 [s.lora_slot for s in seqs for _ in range(len(s.token_ids))], dev)
+        flat_tables = [b for table in block_tables for b in table]
+        (input_ids_t, positions_t, slots_t, logits_t, tables_t, seq_lens_t,
+         qsl_t) = self.upload([input_ids, positions, slots, logits_indices],
+                              [flat_tables, seq_lens, query_start_loc])
         return ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(block_tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=torch.tensor(query_start_loc, dtype=torch.int32, device=dev),
-            logits_indices=torch.tensor(logits_indices, dtype=torch.long, device=dev),
+            input_ids=input_ids_t, positions=positions_t, slot_mapping=slots_t,
+            block_tables=tables_t.view(len(seqs), max_blocks), seq_lens=seq_lens_t,
+            query_start_loc=qsl_t, logits_indices=logits_t,
             query_lens=query_lens,
             seq_lens_list=seq_lens,
             use_kernels=self.use_kernels,
             lora=lora,
         )
 
+    def upload(self, int64_lists: list[list[int]], int32_lists: list[list[int]]
+               ) -> list[Tensor]:
+        """Copy index lists to the device in ONE transfer; returns one 1-D view per list
+        (int64 lists first, then int32), all into the same device buffer.
+
+        Layout (int32 words): each int64 list as 2 words per entry, then the int32 lists. On
+        CUDA the packed bytes are staged in a pinned buffer and copied with non_blocking=True;
+        on the CPU the packed tensor itself is the batch (no copy at all)."""
+        packed = bytearray(array("q", [v for lst in int64_lists for v in lst]).tobytes())
+        packed += array("i", [v for lst in int32_lists for v in lst]).tobytes()
+        host = torch.frombuffer(packed, dtype=torch.int32) if packed else \
+            torch.empty(0, dtype=torch.int32)
+        device_buf = self._staging.to_device(host)  # [num_words] int32
+        self.num_uploads += 1
+        views, word = [], 0
+        for lst in int64_lists:
+            views.append(device_buf[word:word + 2 * len(lst)].view(torch.int64))
+            word += 2 * len(lst)
+        for lst in int32_lists:
+            views.append(device_buf[word:word + len(lst)])
+            word += len(lst)
+        return views
+
     @torch.inference_mode()
     def execute(self, seqs: list[SeqSlice], observe: bool = False) -> torch.Tensor:
-        """Run one forward; returns logits [sum num_logits, vocab] float32 on the CPU."""
+        """Run one forward; returns logits [sum num_logits, vocab] float32 on the device."""
         if not seqs:
-            return torch.empty(0, self.vocab_size)
+            return torch.empty(0, self.vocab_size, device=self.device)
         for s in seqs:
             needed = -(-(s.start + len(s.token_ids)) // self.block_size)
             assert len(s.block_ids) >= needed, "scheduler allocated too few KV blocks"
         batch = self.build_batch(seqs)
-        t0 = time.perf_counter()
+        timer = StepTimer(self.device) if observe else None
+        logits = self._forward(batch).float()
+        if timer is not None:
+            # NOTE: on CUDA the time is read later from events (no sync here); see CostModel.
+            self.cost.observe_timer(len(batch.query_lens), int(batch.input_ids.shape[0]),
+                                    timer.stop())
+        return logits
+
+    def _forward(self, batch) -> Tensor:
+        """A captured graph when one fits the batch, else the eager model."""
         graphs = self.graph_runners.get(batch.query_lens[0])
         if graphs is not None and batch.lora is None and graphs.can_run(batch):
-            logits = graphs.run(batch)
-        else:
-            logits = self.model(batch, self.kv_caches)
-        logits = logits.float().cpu()
-        if observe:
-            self.cost.observe(len(batch.query_lens), int(batch.input_ids.shape[0]),
-                              time.perf_counter() - t0)
-        return logits
+            return graphs.run(batch)
+        return self.model(batch, self.kv_caches)
 
     def capture_graphs(self, query_lens: list[int], max_num_seqs: int, max_model_len: int,
                        debug: bool = False) -> bool:
@@ -130,7 +165,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def calibrate(self, token_counts: list[int], repeats: int = 2) -> None:
-        """Time forwards of the given sizes (one sequence, KV writes skipped) to seed the cost model."""
+        """Time forwards of the given sizes (one sequence, KV writes skipped) to seed the cost
+        model. Sizes with a captured graph are timed on graph replays (what live steps run)."""
         bs = self.block_size
         for n in token_counts:
             blocks = list(range(min(-(-n // bs), self.num_blocks)))
@@ -139,10 +175,76 @@ class ModelRunner:
             batch = self.build_batch([SeqSlice([0] * n, 0, blocks, 1)])
             batch.slot_mapping.fill_(-1)  # NOTE: timing only; never touch the real cache
             for i in range(repeats + 1):
-                t0 = time.perf_counter()
-                self.model(batch, self.kv_caches).float().cpu()
+                timer = StepTimer(self.device)
+                self._forward(batch)
+                seconds = timer.stop().seconds(wait=True)
                 if i:  # the first run is a warm-up
-                    self.cost.observe(1, n, time.perf_counter() - t0)
+                    self.cost.observe(1, n, seconds)
+
+
+class StagingRing:
+    """Pinned host buffers for the per-forward upload (CUDA), reused round-robin.
+
+    NOTE: a buffer is rewritten only after the copy that last read it has finished (an event
+    recorded after the copy); with one host sync per step that wait is already over."""
+
+    def __init__(self, device: torch.device, num_buffers: int = 2):
+        self.device = device
+        self.buffers: list[Tensor | None] = [None] * num_buffers
+        self.events: list = [None] * num_buffers
+        self.next = 0
+
+    def to_device(self, host: Tensor) -> Tensor:
+        if self.device.type != "cuda":
+            return host if self.device.type == "cpu" else host.to(self.device)
+        i = self.next
+        self.next = (i + 1) % len(self.buffers)
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        buf = self.buffers[i]
+        if buf is None or buf.numel() < host.numel():
+            buf = torch.empty(max(host.numel(), 4096), dtype=torch.int32, pin_memory=True)
+            self.buffers[i] = buf
+        staged = buf[:host.numel()]
+        staged.copy_(host)
+        out = staged.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.events[i] = event
+        return out
+
+
+class StepTimer:
+    """Wall time of a forward: perf_counter on the CPU, CUDA events on the GPU (read later,
+    so timing a live step adds no sync)."""
+
+    __slots__ = ("start", "end", "t0", "t1")
+
+    def __init__(self, device: torch.device):
+        self.start = self.end = None
+        self.t1 = None
+        if device.type == "cuda":
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> "StepTimer":
+        if self.end is not None:
+            self.end.record()
+        else:
+            self.t1 = time.perf_counter()
+        return self
+
+    def done(self) -> bool:
+        return self.end is None or self.end.query()
+
+    def seconds(self, wait: bool = False) -> float:
+        if self.end is None:
+            return self.t1 - self.t0
+        if wait:
+            self.end.synchronize()
+        return self.start.elapsed_time(self.end) / 1000.0
 
 
 class CostModel:
@@ -153,11 +255,12 @@ class CostModel:
     with the slope of the last two. `calibrate` seeds it at start-up; live steps refine it.
     """
 
-    __slots__ = ("table", "decay")
+    __slots__ = ("table", "decay", "pending")
 
     def __init__(self, decay: float = 0.9):
         self.decay = decay
         self.table: dict[int, float] = {}
+        self.pending: list = []  # (num_seqs, num_tokens, StepTimer) not yet finished (CUDA)
 
     @staticmethod
     def _bucket(num_tokens: int) -> int:
@@ -168,11 +271,27 @@ class CostModel:
         old = self.table.get(key)
         self.table[key] = seconds if old is None else old * self.decay + seconds * (1 - self.decay)
 
+    def observe_timer(self, num_seqs: int, num_tokens: int, timer: "StepTimer") -> None:
+        """Record a forward timed by `timer`; CUDA timings are read once their events are done."""
+        self.pending.append((num_seqs, num_tokens, timer))
+        self._drain()
+
+    def _drain(self) -> None:
+        left = []
+        for num_seqs, num_tokens, timer in self.pending:
+            if timer.done():
+                self.observe(num_seqs, num_tokens, timer.seconds())
+            else:
+                left.append((num_seqs, num_tokens, timer))
+        self.pending = left[-64:]  # NOTE: bounded, should the reader never catch up
+
     @property
     def ready(self) -> bool:
+        self._drain()
         return len(self.table) >= 2
 
     def predict(self, num_tokens: int) -> float:
+        self._drain()
         if not self.table:
             return 0.0
         keys = sorted(self.table)

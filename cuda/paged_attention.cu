@@ -188,7 +188,8 @@ __device__ __forceinline__ void paged_attention_impl(
 // short context leaves the trailing splits empty. Lane l holds elements l, l + 32, ... of a
 // head (conflict-free shared-memory reads).
 //
-// Padding rows (no sequence, or seq_len <= 0) get zeros; a row whose context needs more blocks
+// Padding rows (no sequence, seq_len <= 0, or a row that sees no key: the masked rows in front
+// of a window padded to a graph's uniform length) get zeros; a row whose context needs more blocks
 // than max_blocks_per_seq, or whose window has more slots than the grid covers, gets NaN.
 
 constexpr int kSlotsPerWarp = 4;
@@ -350,6 +351,7 @@ __device__ __forceinline__ void paged_attention_combine_impl(
   T* out_row = out + (static_cast<long long>(row) * num_heads + head) * HEAD_DIM;
   int seq_len = 0;
   int q_len = 0;
+  int ctx_len = 0;  // keys this row sees; <= 0 for a padding row (in front of a short window)
   if (row < query_start_loc[num_seqs]) {
     int lo = 0;
     int hi = num_seqs - 1;
@@ -359,11 +361,12 @@ __device__ __forceinline__ void paged_attention_combine_impl(
     }
     seq_len = seq_lens[lo];
     q_len = query_start_loc[lo + 1] - query_start_loc[lo];
+    ctx_len = seq_len - q_len + (row - query_start_loc[lo]) + 1;
   }
   const int group = num_heads / num_kv_heads;
-  if (seq_len <= 0 || seq_len > max_blocks_per_seq * block_size ||
+  if (ctx_len <= 0 || seq_len > max_blocks_per_seq * block_size ||
       q_len * group > slot_groups * kSlotsPerBlock) {
-    const float fill = seq_len <= 0 ? 0.0f : __int_as_float(0x7fc00000);
+    const float fill = ctx_len <= 0 ? 0.0f : __int_as_float(0x7fc00000);
     for (int d = threadIdx.x; d < HEAD_DIM; d += blockDim.x) out_row[d] = from_float<T>(fill);
     return;
   }

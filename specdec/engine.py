@@ -214,10 +214,14 @@ class Engine:
         if self.device.type == "cuda" and dev.cuda_graphs:
             # The verify window is [last, d1..dk] for any k the controller may pick.
             max_seqs = config.scheduler.max_num_seqs
+            pool = torch.cuda.graph_pool_handle()  # one pool for every runner and bucket
             self.cuda_graphs = self.target_runner.capture_graphs(
-                list(range(1, self.k_max + 2)), max_seqs, self.max_model_len)
+                list(range(1, self.k_max + 2)), max_seqs, self.max_model_len, pool=pool)
             if self.draft_runner is not None and self.cuda_graphs:
-                self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
+                # Draft step 0 catches up 1 token (after a rejection) or 2 (after full
+                # acceptance): a q=2 graph, with 1-token windows padded to it.
+                self.draft_runner.capture_graphs([1, 2], max_seqs, self.max_model_len,
+                                                 pool=pool)
         from specdec.fetch import resolve_model_path
         gen_config = load_generation_config(resolve_model_path(config.model.path))
         self.eos_token_ids = eos_token_ids(self.tokenizer, gen_config)

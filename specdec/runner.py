@@ -25,6 +25,35 @@ class SeqSlice:
     block_ids: list[int]
     num_logits: int  # logits for the last num_logits tokens of this slice (0: none)
     lora_slot: int = -1  # the adapter's resident slot (specdec.model.lora); -1: the base
+    # Masked rows in front of the window (see pad_windows): token 0, slot -1, no logits; they
+    # see no key, so the real rows are unchanged.
+    num_pad: int = 0
+
+
+def graph_query_len(query_lens: list[int], captured) -> int | None:
+    """The captured window length a ragged batch is padded to: the smallest one that holds
+    its longest window; None if none does (the batch runs eager)."""
+    longest = max(query_lens)
+    fits = [q for q in captured if q >= longest]
+    return min(fits) if fits else None
+
+
+def pad_windows(seqs: list[SeqSlice], query_len: int) -> list[SeqSlice]:
+    """Every window padded in front to `query_len` rows, so a ragged batch (adaptive k, a
+    1-token and a 2-token draft catch-up) replays one uniform-length graph.
+
+    NOTE: in front, not behind: a window's row i sits at position seq_len - query_len + i, so
+    the real rows keep their positions and causal masks while the padding rows see no key
+    (the kernels write zeros there). Their outputs are never read (no logits)."""
+    out = []
+    for s in seqs:
+        n = len(s.token_ids)
+        if n > query_len:
+            raise ValueError(f"pad_windows: a window of {n} tokens does not fit query_len "
+                             f"{query_len}")
+        out.append(SeqSlice(s.token_ids, s.start, s.block_ids, s.num_logits, s.lora_slot,
+                            query_len - n))
+    return out
 
 
 class ModelRunner:
@@ -49,6 +78,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
         self.graph_runners: dict = {}  # query_len -> CudaGraphRunner
+        # Window lengths that ragged batches are padded to (the captured graphs' query lens;
+        # tests set it on the CPU, where the padded batch runs eager with the same result).
+        self.pad_lengths: tuple[int, ...] = ()
         self.lora = None  # a LoRAManager when adapters are enabled (target only)
         # Timing model for adaptive speculation: seconds = fixed + per_token * num_tokens.
         self.cost = CostModel()
@@ -73,21 +105,26 @@ class ModelRunner:
         for s in seqs:
             n = len(s.token_ids)
             offset = len(input_ids)
+            table = s.block_ids
+            if s.num_pad:
+                input_ids.extend([0] * s.num_pad)
+                positions.extend([s.start] * s.num_pad)  # any valid position; masked rows
+                slots.extend([-1] * s.num_pad)
             input_ids.extend(s.token_ids)
             pos = range(s.start, s.start + n)
             positions.extend(pos)
-            table = s.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            logits_indices.extend(range(offset + n - s.num_logits, offset + n))
-            query_lens.append(n)
+            rows = n + s.num_pad
+            logits_indices.extend(range(offset + rows - s.num_logits, offset + rows))
+            query_lens.append(rows)
             seq_lens.append(s.start + n)
-            query_start_loc.append(offset + n)
+            query_start_loc.append(offset + rows)
             block_tables.append(table + [0] * (max_blocks - len(table)))
         dev = self.device
         lora = None
         if self.lora is not None and any(s.lora_slot >= 0 for s in seqs):
             lora = self.lora.make_batch(
-                [s.lora_slot for s in seqs for _ in range(len(s.token_ids))], dev)
+                [s.lora_slot for s in seqs for _ in range(len(s.token_ids) + s.num_pad)], dev)
         flat_tables = [b for table in block_tables for b in table]
         (input_ids_t, positions_t, slots_t, logits_t, tables_t, seq_lens_t,
          qsl_t) = self.upload([input_ids, positions, slots, logits_indices],
@@ -133,13 +170,17 @@ class ModelRunner:
         for s in seqs:
             needed = -(-(s.start + len(s.token_ids)) // self.block_size)
             assert len(s.block_ids) >= needed, "scheduler allocated too few KV blocks"
+        num_tokens = sum(len(s.token_ids) for s in seqs)
+        if self.pad_lengths and self.lora is None:
+            query_len = graph_query_len([len(s.token_ids) for s in seqs], self.pad_lengths)
+            if query_len is not None:
+                seqs = pad_windows(seqs, query_len)
         batch = self.build_batch(seqs)
         timer = StepTimer(self.device) if observe else None
         logits = self._forward(batch).float()
         if timer is not None:
             # NOTE: on CUDA the time is read later from events (no sync here); see CostModel.
-            self.cost.observe_timer(len(batch.query_lens), int(batch.input_ids.shape[0]),
-                                    timer.stop())
+            self.cost.observe_timer(len(batch.query_lens), num_tokens, timer.stop())
         return logits
 
     def _forward(self, batch) -> Tensor:
@@ -150,17 +191,22 @@ class ModelRunner:
         return self.model(batch, self.kv_caches)
 
     def capture_graphs(self, query_lens: list[int], max_num_seqs: int, max_model_len: int,
-                       debug: bool = False) -> bool:
-        """Capture CUDA graphs for uniform batches of each query length; False if unsupported."""
+                       debug: bool = False, pool=None) -> bool:
+        """Capture CUDA graphs for uniform batches of each query length; False if unsupported.
+        Ragged batches are then padded to the next captured length (`pad_windows`). `pool`: a
+        graph memory pool shared with other runners (torch.cuda.graph_pool_handle())."""
         from specdec.kernels.graphs import CudaGraphRunner
         model = self.model
         if not self.use_kernels:  # NOTE: the torch reference reads CPU lists: eager only
             return False
         max_blocks = -(-max_model_len // self.block_size)
-        for q in query_lens:
-            runner = CudaGraphRunner(model, self.kv_caches, q, max_num_seqs, max_blocks, debug)
+        for q in sorted(query_lens, reverse=True):  # NOTE: largest first into the shared pool
+            runner = CudaGraphRunner(model, self.kv_caches, q, max_num_seqs, max_blocks, debug,
+                                     pool=pool)
             runner.capture()
+            pool = runner.pool
             self.graph_runners[q] = runner
+        self.pad_lengths = tuple(sorted(self.graph_runners))
         return True
 
     @torch.inference_mode()

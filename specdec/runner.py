@@ -163,8 +163,12 @@ class ModelRunner:
         return views
 
     @torch.inference_mode()
-    def execute(self, seqs: list[SeqSlice], observe: bool = False) -> torch.Tensor:
-        """Run one forward; returns logits [sum num_logits, vocab] float32 on the device."""
+    def execute(self, seqs: list[SeqSlice], observe: bool = False,
+                input_ids: Tensor | None = None) -> torch.Tensor:
+        """Run one forward; returns logits [sum num_logits, vocab] float32 on the device.
+
+        `input_ids`: [len(seqs)] device token ids for one-token windows, replacing the
+        placeholders in seqs (the draft loop feeds its last tokens without a host read)."""
         if not seqs:
             return torch.empty(0, self.vocab_size, device=self.device)
         for s in seqs:
@@ -176,6 +180,12 @@ class ModelRunner:
             if query_len is not None:
                 seqs = pad_windows(seqs, query_len)
         batch = self.build_batch(seqs)
+        if input_ids is not None:
+            if batch.input_ids.shape[0] != input_ids.shape[0] or any(
+                    len(s.token_ids) != 1 or s.num_pad for s in seqs):
+                raise ValueError(f"input_ids ({input_ids.shape[0]}) replace one token per "
+                                 f"one-token window; got windows {batch.query_lens[:8]}")
+            batch.input_ids.copy_(input_ids)
         timer = StepTimer(self.device) if observe else None
         logits = self._forward(batch).float()
         if timer is not None:

@@ -154,26 +154,38 @@ def draft_uniforms(seeds: list[int | None], num_output_tokens: list[int], cu_num
 
 
 def _final_noise(seeds, num_output_tokens, num_draft: list[int], num_accepted: Tensor,
-                 vocab_size: int, device) -> Tensor:
-    """[R, vocab] Exp(1) noise for each request's recovered (or bonus) token, chosen on the
-    device. A seeded request's row depends on num_accepted (output index and stream), which the
-    host does not know yet: its k_r + 1 candidate rows are drawn and the right one is gathered.
-    Unseeded rows come from the default generator, one [num_unseeded, vocab] draw."""
+                 vocab_size: int, device, precompute_seeded: bool | None) -> Tensor:
+    """[R, vocab] Exp(1) noise for each request's recovered (or bonus) token.
+
+    A seeded request's row depends on num_accepted (output index and stream). On a GPU
+    (`precompute_seeded`, the default off the CPU) the host does not read it: the k_r + 1
+    candidate rows are drawn and the right one is gathered on the device. On the CPU, where a
+    read costs nothing and each 150k-vocab row costs milliseconds, num_accepted is read and
+    one row drawn. Both give the same noise (the same generator per row). Unseeded rows come
+    from the default generator, one [num_unseeded, vocab] draw."""
     num_req = len(num_draft)
     seeded = [r for r in range(num_req) if seeds is not None and seeds[r] is not None]
     if not seeded:
         return exponential_noise(num_req, vocab_size, [None] * num_req, device)
+    if precompute_seeded is None:
+        precompute_seeded = torch.device(device).type != "cpu"
     gens, first = [], []
+    accepted = None if precompute_seeded else num_accepted.tolist()
     for r in seeded:
         first.append(len(gens))
         k = num_draft[r]
         for j in range(k + 1):  # j drafts accepted: recovered at j < k, bonus at j == k
+            if accepted is not None and j != accepted[r]:
+                continue
             stream = STREAM_SAMPLE if j == k else STREAM_RECOVER
             gens.append(row_generator(seeds[r], num_output_tokens[r] + j, stream, device))
     candidates = exponential_noise(len(gens), vocab_size, gens, device)  # [sum(k_r+1), vocab]
     seeded_index = torch.tensor(seeded, dtype=torch.long, device=device)
-    pick = torch.tensor(first, dtype=torch.long, device=device) + num_accepted[seeded_index]
-    unseeded = [r for r in range(num_req) if r not in set(seeded)]
+    pick = torch.tensor(first, dtype=torch.long, device=device)
+    if precompute_seeded:
+        pick = pick + num_accepted[seeded_index]
+    seeded_set = set(seeded)
+    unseeded = [r for r in range(num_req) if r not in seeded_set]
     noise = torch.empty(num_req, vocab_size, dtype=torch.float32, device=device)
     noise[seeded_index] = candidates[pick]
     if unseeded:
@@ -186,8 +198,10 @@ def rejection_sample_device(draft_token_ids: Tensor, cu_num_draft, draft_probs: 
                             target_probs: Tensor, uniforms: Tensor,
                             seeds: list[int | None] | None = None,
                             num_output_tokens: list[int] | None = None,
-                            width: int | None = None) -> Tensor:
+                            width: int | None = None,
+                            precompute_seeded: bool | None = None) -> Tensor:
     """rejection_sample without leaving the device: returns the packed [R, 2 + width] result.
+    (`precompute_seeded`: see _final_noise; None = on any device but the CPU.)
 
     The accept scan runs over all requests at once; one vectorised exponential race then draws
     every request's recovered or bonus token (seeded requests from their own row_generator with
@@ -228,20 +242,22 @@ def rejection_sample_device(draft_token_ids: Tensor, cu_num_draft, draft_probs: 
         use_residual = rejected[:, None] & ~empty
         final_rows = torch.where(use_residual, residual, final_rows)
 
-    noise = _final_noise(seeds, num_output_tokens, num_draft, num_accepted, vocab_size, device)
+    noise = _final_noise(seeds, num_output_tokens, num_draft, num_accepted, vocab_size, device,
+                         precompute_seeded)
     last = (final_rows / noise).argmax(dim=-1)  # [R]
     return _pack(draft_token_ids, num_draft, num_accepted, last, width)
 
 
 def rejection_sample(draft_token_ids: Tensor, cu_num_draft, draft_probs: Tensor | None,
                      target_probs: Tensor, uniforms: Tensor, seeds: list[int | None] | None = None,
-                     num_output_tokens: list[int] | None = None
+                     num_output_tokens: list[int] | None = None,
+                     precompute_seeded: bool | None = None
                      ) -> tuple[list[list[int]], list[int]]:
     """Exact speculative sampling; returns (new token ids per request, num_accepted per request).
     See rejection_sample_device; this adds the one transfer of the packed result."""
     return unpack_verified(rejection_sample_device(
         draft_token_ids, cu_num_draft, draft_probs, target_probs, uniforms, seeds,
-        num_output_tokens).tolist())
+        num_output_tokens, precompute_seeded=precompute_seeded).tolist())
 
 
 def rejection_sample_reference(draft_token_ids: Tensor, cu_num_draft, draft_probs: Tensor | None,

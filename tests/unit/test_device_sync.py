@@ -18,7 +18,9 @@ from torch.utils._pytree import tree_flatten
 
 from specdec import SamplingParams
 from specdec.runner import SeqSlice
+from specdec import engine as engine_module
 from specdec.sample import sampling
+from specdec.spec.rejection import rejection_sample_device
 from specdec.sample.sampling import _apply_top_p
 from tests.unit.test_spec import make_llm, prompts, spec_llm
 
@@ -48,17 +50,22 @@ class HostReads(TorchFunctionMode):
             self.reads.append(f"{getattr(func, '__name__', func)} at {where.filename}:{where.lineno}")
         out = func(*args, **kwargs)
         if derived:
-            for t in tree_flatten(out)[0] + ([args[0]] if args else []):
+            name = getattr(func, "__name__", "")
+            inplace = (name.endswith("_") and not name.endswith("__")) or name in (
+                "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__")
+            for t in tree_flatten(out)[0] + ([args[0]] if args and inplace else []):
                 if isinstance(t, torch.Tensor):  # outputs, and the target of in-place ops
                     setattr(t, _TAG, True)
+                    if t._base is not None:  # a write into a view writes its base
+                        setattr(t._base, _TAG, True)
         return out
 
 
-def count_reads_per_step(llm, requests, params) -> list[int]:
-    """Run requests to completion; returns the host reads of target-logits data per step
-    (each read as 'function at file:line')."""
+def count_reads_per_step(llm, requests, params, role: str = "target") -> list[int]:
+    """Run requests to completion; returns the host reads of the `role` runner's logits data
+    per step (each read as 'function at file:line')."""
     engine = llm.engine
-    runner = engine.target_runner
+    runner = engine.target_runner if role == "target" else engine.draft_runner
     execute = runner.execute
 
     def tagged_execute(*args, **kwargs):
@@ -80,8 +87,20 @@ def count_reads_per_step(llm, requests, params) -> list[int]:
             uploads.append(runner.num_uploads - before)
     finally:
         del runner.execute
-    assert set(uploads) == {1}, f"host -> device input copies per target step: {uploads}"
+    if role == "target":
+        assert set(uploads) == {1}, f"host -> device input copies per target step: {uploads}"
     return per_step
+
+
+@pytest.fixture(autouse=True)
+def device_branches(monkeypatch):
+    """The two places where the CPU takes a different branch, set as on a GPU: top-p sorts the
+    whole row (its CPU branch grows a sorted prefix with a host check; compared below), and
+    seeded rejection sampling draws every candidate row instead of reading num_accepted
+    (test_rejection.py checks that both give the same tokens). Both reads are free on a CPU."""
+    monkeypatch.setattr(sampling, "_apply_top_p", functools.partial(_apply_top_p, grow=False))
+    monkeypatch.setattr(engine_module, "rejection_sample_device", functools.partial(
+        rejection_sample_device, precompute_seeded=True))
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +113,7 @@ def ngram_llm(tiny_llama_dir):
     SamplingParams(temperature=0.8, top_p=0.9, top_k=50, max_tokens=12, ignore_eos=True),
     SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True),
 ], ids=["greedy", "top_p_top_k", "seeded"])
-def test_one_host_read_per_step_ngram(ngram_llm, params, monkeypatch):
-    # NOTE: top-p takes its device branch (grow=False, as on CUDA); its CPU branch grows the
-    # sorted prefix with a host check, free on the CPU. The two are compared below.
-    monkeypatch.setattr(sampling, "_apply_top_p", functools.partial(_apply_top_p, grow=False))
+def test_one_host_read_per_step_ngram(ngram_llm, params):
     # A repetitive prompt so that the n-gram drafter proposes (verify windows > 1 row).
     reqs = [{"prompt_token_ids": [5, 6, 7, 8] * 6}, *prompts(2, seed=3)]
     reads = count_reads_per_step(ngram_llm, reqs, params)
@@ -110,6 +126,30 @@ def test_one_host_read_per_step_draft_model(tiny_llama_dir, tiny_draft_dir):
     params = SamplingParams(temperature=0.7, seed=1, max_tokens=10, ignore_eos=True)
     reads = count_reads_per_step(llm, prompts(3, seed=4), params)
     assert set(map(len, reads)) == {1}, reads
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+    SamplingParams(temperature=0.9, top_k=20, seed=3, max_tokens=10, ignore_eos=True),
+], ids=["greedy", "seeded"])
+def test_draft_loop_reads_the_host_once_per_round(tiny_llama_dir, tiny_draft_dir, params):
+    """k = 4 draft steps, their tokens fed forward on the device: one read per round."""
+    llm = spec_llm(tiny_llama_dir, tiny_draft_dir, 4)
+    reads = count_reads_per_step(llm, prompts(3, seed=8), params, role="draft")
+    # NOTE: sampled rows' draft probs also flow into the verify step's one read (engine.py).
+    in_drafter = [[r for r in step if "drafters.py" in r] for step in reads]
+    assert set(map(len, in_drafter)) <= {0, 1} and sum(map(len, in_drafter)) >= 3, reads
+    assert all(len(step) - len(d) <= 1 for step, d in zip(reads, in_drafter)), reads
+
+
+def test_draft_loop_with_penalties_reads_every_step(tiny_llama_dir, tiny_draft_dir):
+    """A repetition penalty reads the draft tokens' values: the host loop, k reads a round
+    (which shows the counter sees the draft's reads)."""
+    llm = spec_llm(tiny_llama_dir, tiny_draft_dir, 4)
+    params = SamplingParams(temperature=0.0, repetition_penalty=1.3, max_tokens=10,
+                            ignore_eos=True)
+    reads = count_reads_per_step(llm, prompts(1, seed=8), params, role="draft")
+    assert max(len([r for r in step if "drafters.py" in r]) for step in reads) == 4, reads
 
 
 def test_one_host_read_per_step_no_spec(tiny_llama_dir):

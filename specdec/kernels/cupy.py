@@ -272,7 +272,9 @@ def _split_attention(out: Tensor, query: Tensor, k_cache: Tensor, v_cache: Tenso
     num_seqs = seq_lens.shape[0]
     group = num_heads // num_kv_heads
     long = []
-    if query_lens is not None and seq_lens_list is not None:
+    # NOTE: never while capturing a graph: the SDPA path reads the capture-time lists.
+    if query_lens is not None and seq_lens_list is not None \
+            and not torch.cuda.is_current_stream_capturing():
         long = [s for s, q in enumerate(query_lens) if q > SDPA_MIN_QUERY_LEN]
         short = [q for s, q in enumerate(query_lens) if q <= SDPA_MIN_QUERY_LEN]
         max_query_len = max(short, default=1)

@@ -1,6 +1,10 @@
 """One-call GPU benchmark: kernel bandwidth, batch-1 decode (eager vs CUDA graphs), verify-step
 time for k = 1..8, and speculative decoding end to end. Random weights with real model shapes.
 
+Also: split-context vs single-pass attention (kernels), padded ragged verify windows on graphs
+vs eager (verify_steps.ragged), and host syncs per engine step (host_syncs, CUDA's sync debug
+mode: logits stay on the device, one read of accepted ids per step).
+
 Every section is independent: a failure is recorded and the next section runs. Prints a short
 table last and writes JSON to --out (default $OUT/gpu_bench.json when OUT is set).
 
@@ -157,9 +161,9 @@ def section_kernels(args, res: dict) -> None:
 
     dtype = torch.bfloat16
     rows = []
-    configs = [("decode", 1, 1, 512), ("decode", 1, 1, 2048), ("decode", 8, 1, 1024),
-               ("decode", 32, 1, 1024), ("verify_k4", 1, 5, 1024), ("verify_k4", 16, 5, 1024),
-               ("prefill", 1, 512, 512)]
+    configs = [("decode", 1, 1, 512), ("decode", 1, 1, 2048), ("decode", 1, 1, 8192),
+               ("decode", 8, 1, 1024), ("decode", 32, 1, 1024), ("verify_k4", 1, 5, 1024),
+               ("verify_k4", 1, 5, 8192), ("verify_k4", 16, 5, 1024), ("prefill", 1, 512, 512)]
     if args.smoke:
         configs = [("decode", 2, 1, 40), ("verify_k4", 2, 5, 40)]
     num_heads, num_kv_heads, head_dim = 12, 2, 128  # Qwen2.5-1.5B attention
@@ -176,9 +180,23 @@ def section_kernels(args, res: dict) -> None:
         kv_bytes = 2 * num_seqs * ctx * num_kv_heads * head_dim * elem
         io_bytes = 2 * num_seqs * query_len * num_heads * head_dim * elem
         gbps = (kv_bytes + io_bytes) / seconds / 1e9
-        rows.append(dict(kernel="paged_attention", kind=kind, num_seqs=num_seqs,
-                         query_len=query_len, ctx=ctx, us=seconds * 1e6, eager_us=eager * 1e6,
-                         GBps=gbps, frac_copy_bw=gbps / args.copy_bw if args.copy_bw else None))
+        row = dict(kernel="paged_attention", kind=kind, num_seqs=num_seqs,
+                   query_len=query_len, ctx=ctx, us=seconds * 1e6, eager_us=eager * 1e6,
+                   GBps=gbps, frac_copy_bw=gbps / args.copy_bw if args.copy_bw else None)
+        if args.device.startswith("cuda") and query_len <= 32:
+            # The first kernel (one block per (row, head)) against the split-context default,
+            # and the two against each other (a kernel-vs-kernel equality check on the GPU).
+            from specdec.kernels import cupy as kernels
+            single = lambda: kernels.paged_attention(  # noqa: E731
+                case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                case.query_start_loc, case.scale, case.query_lens, case.seq_lens_list,
+                impl="single")
+            replay, repeats = graphed(single, args.device)
+            row["single_us"] = timed(replay, args.device) / repeats * 1e6
+            row["split_speedup"] = row["single_us"] / row["us"]
+            diff = (call().float() - single().float()).abs().max()
+            row["split_vs_single_max_abs"] = float(diff)
+        rows.append(row)
     for num_tokens in ((4, 64) if args.smoke else (1, 32, 512)):
         key = torch.randn(num_tokens, num_kv_heads, head_dim, device=args.device).to(dtype)
         value = torch.randn_like(key)
@@ -316,6 +334,83 @@ def section_verify(args, res: dict) -> None:
             entry["graph_ms"] = timed(lambda: runner.run(batch), args.device, 20) * 1e3
             del runner
         res[f"k{k}"] = entry
+    if not args.out_of_time():
+        res["ragged"] = _ragged_verify(model, args, prompt_len)
+
+
+def _ragged_verify(model, args, prompt_len: int) -> dict:
+    """4 sequences with verify windows of 1, 5, 3 and 2 tokens (adaptive k): the ModelRunner
+    step (upload + forward) eager vs padded in front to the 5-token graph."""
+    from specdec.runner import ModelRunner, SeqSlice
+
+    blocks_per_seq = -(-(prompt_len + 16) // BLOCK_SIZE)
+    runner = ModelRunner(model, 4 * blocks_per_seq + 1, BLOCK_SIZE)
+    tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))
+              for i in range(4)]
+    prompt = [(7 * i) % model.vocab_size for i in range(prompt_len)]
+    for table in tables:
+        runner.execute([SeqSlice(prompt, 0, table, 1)])
+    windows = [SeqSlice([3] * q, prompt_len, table, q) for q, table in zip((1, 5, 3, 2), tables)]
+    entry = {"window_lens": [len(w.token_ids) for w in windows]}
+    eager_logits = runner.execute(windows).clone()
+    entry["eager_ms"] = timed(lambda: runner.execute(windows), args.device, 10) * 1e3
+    if args.device.startswith("cuda"):
+        runner.capture_graphs([1, 2, 3, 4, 5], 4, prompt_len + 16 * 4)
+        graph_logits = runner.execute(windows)
+        entry["graph_ms"] = timed(lambda: runner.execute(windows), args.device, 20) * 1e3
+        entry["graph_vs_eager"] = entry["eager_ms"] / entry["graph_ms"]
+        entry["max_abs_diff_graph_vs_eager"] = float((graph_logits - eager_logits).abs().max())
+    del runner
+    return entry
+
+
+def section_host_syncs(args, res: dict) -> None:
+    """Device -> host syncs per engine step (CUDA sync debug mode counts each blocking
+    transfer or synchronize): no-spec, n-gram spec and sampled n-gram spec, batch 2."""
+    import warnings
+
+    from specdec.core.config import from_dict
+    from specdec.core.request import SamplingParams
+    from specdec.llm import LLM
+
+    if not args.device.startswith("cuda"):
+        res["note"] = "CUDA only (tests/unit/test_device_sync.py counts on the CPU)"
+        return
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    tmp = tempfile.mkdtemp(prefix="specdec_syncs_")
+    target = _save_hf_model(shapes["smollm2-135m"], f"{tmp}/target", 0, args.device)
+    vocab = shapes["smollm2-135m"]["vocab_size"]
+    prompt = [(11 * (i % 16) + 5) % (vocab - 2) + 2 for i in range(64)]
+    base = {"model": {"path": target, "dtype": "bfloat16", "max_model_len": 512},
+            "cache": {"block_size": BLOCK_SIZE, "num_blocks": 128},
+            "scheduler": {"max_num_seqs": 4},  # few graph buckets: a short capture
+            "device": {"device": args.device}}
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "adaptive": False}
+    runs = [("no_spec_greedy", base, 0.0), ("ngram_greedy", dict(base, spec=ngram), 0.0),
+            ("ngram_sampled", dict(base, spec=ngram), 0.8)]
+    for label, cfg, temperature in runs:
+        llm = LLM(from_dict(cfg))
+        engine = llm.engine
+        params = SamplingParams(temperature=temperature, top_p=0.9 if temperature else 1.0,
+                                max_tokens=24, ignore_eos=True)
+        for i in range(2):
+            engine.add_request(f"{label}-{i}", prompt, params)
+        engine.step()  # prefill, untimed
+        counts = []
+        while engine.has_unfinished_requests():
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    engine.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        res[label] = {"steps": len(counts), "syncs_per_step_max": max(counts, default=0),
+                      "syncs_per_step_mean": sum(counts) / max(len(counts), 1)}
+        del llm
+        torch.cuda.empty_cache()
 
 
 def _save_hf_model(shape: dict, out_dir: str, seed: int, device: str) -> str:
@@ -558,7 +653,7 @@ EXTRA_SECTIONS = [("lora", section_lora)]
 SECTIONS = [("env", section_env), ("copy_bandwidth", section_copy_bandwidth),
             ("kernels", section_kernels), ("decode_batch1", section_decode),
             ("verify_steps", section_verify), ("spec_e2e", section_spec_e2e),
-            ("profile", section_profile)]
+            ("host_syncs", section_host_syncs), ("profile", section_profile)]
 
 
 def print_table(results: dict) -> None:
@@ -569,10 +664,12 @@ def print_table(results: dict) -> None:
           f"{results.get('copy_bandwidth', {}).get('copy_GBps', float('nan')):.0f}")
     for row in results.get("kernels", {}).get("rows", []):
         frac = row["frac_copy_bw"]
+        single = (f" single {row['single_us']:7.1f} us (split x{row['split_speedup']:.2f})"
+                  if "single_us" in row else "")
         print(f"  {row['kernel']:15s} {row['kind']:9s} seqs={row['num_seqs']:<4d} "
               f"q={row['query_len']:<4d} ctx={row['ctx']:<5d} {row['us']:8.1f} us "
               f"(eager {row['eager_us']:7.1f}) {row['GBps']:7.1f} GB/s "
-              f"{'' if frac is None else f'{100 * frac:5.1f}% of copy'}")
+              f"{'' if frac is None else f'{100 * frac:5.1f}% of copy'}{single}")
     for name, entry in results.get("decode_batch1", {}).items():
         if name != "seconds":
             print(f"  decode b=1 {name:20s} {entry}")
@@ -584,8 +681,11 @@ def print_table(results: dict) -> None:
         print(f"  top {row['us_per_step']:9.1f} us/step x{row['count_per_step']:5.1f}  "
               f"{row['name']}")
     for k, entry in results.get("verify_steps", {}).items():
-        if k.startswith("k"):
+        if k.startswith("k") or k == "ragged":
             print(f"  verify {k:6s} {entry}")
+    for label, entry in results.get("host_syncs", {}).items():
+        if isinstance(entry, dict):
+            print(f"  host syncs {label:16s} {entry}")
     for pass_name, entry in results.get("spec_e2e", {}).items():
         if isinstance(entry, dict) and "runs" in entry:
             for label, run in entry["runs"].items():

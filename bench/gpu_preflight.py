@@ -39,8 +39,9 @@ def main() -> int:
     except RuntimeError as e:
         return fail(str(e))
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        case = make_attention_case([(1, 37), (5, 70), (20, 20)], 12, 2, 128, 16, dtype,
-                                   device="cuda", seed=3)
+        # decode, verify, a short prefill (split kernel) and a long one (SDPA, bottom-right)
+        case = make_attention_case([(1, 37), (5, 70), (20, 20), (48, 60)], 12, 2, 128, 16,
+                                   dtype, device="cuda", seed=3)
         args = (case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
                 case.query_start_loc, case.scale, case.query_lens, case.seq_lens_list)
         try:
@@ -51,8 +52,14 @@ def main() -> int:
         want = ops.paged_attention(*args, use_kernels=False)
         err = (got.float() - want.float()).abs().max().item()
         if not err <= tol:  # NaN fails too
-            return fail(f"paged_attention kernel ({dtype}) differs from the torch reference: "
-                        f"max abs error {err} > {tol}")
+            return fail(f"paged_attention split kernel + SDPA ({dtype}) differs from the torch "
+                        f"reference: max abs error {err} > {tol}")
+        single = kernels.paged_attention(*args, impl="single")
+        torch.cuda.synchronize()
+        err = (single.float() - want.float()).abs().max().item()
+        if not err <= tol:
+            return fail(f"paged_attention single-pass kernel ({dtype}) differs from the torch "
+                        f"reference: max abs error {err} > {tol}")
         key = torch.randn(9, 2, 128, device="cuda").to(dtype)
         value = torch.randn_like(key)
         caches = [torch.zeros(8, 16, 2, 128, dtype=dtype, device="cuda") for _ in range(4)]

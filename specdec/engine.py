@@ -27,7 +27,8 @@ from specdec.core.config import Config, check_device
 from specdec.core.kv_budget import auto_num_blocks, short_pool_message
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
-from specdec.spec.rejection import draft_uniforms, greedy_verify, rejection_sample
+from specdec.spec.rejection import (draft_uniforms, greedy_verify_device,
+                                    rejection_sample_device, unpack_verified)
 from specdec.core.request import Request, RequestStatus, SamplingParams
 from specdec.runner import ModelRunner, SeqSlice
 from specdec.sample.grammar import (GrammarCompiler, GrammarMatcher, allowed_token_ids,
@@ -229,10 +230,14 @@ class Engine:
         if self.device.type == "cuda" and dev.cuda_graphs:
             # The verify window is [last, d1..dk] for any k the controller may pick.
             max_seqs = config.scheduler.max_num_seqs
+            pool = torch.cuda.graph_pool_handle()  # one pool for every runner and bucket
             self.cuda_graphs = self.target_runner.capture_graphs(
-                list(range(1, self.k_max + 2)), max_seqs, self.max_model_len)
+                list(range(1, self.k_max + 2)), max_seqs, self.max_model_len, pool=pool)
             if self.draft_runner is not None and self.cuda_graphs:
-                self.draft_runner.capture_graphs([1], max_seqs, self.max_model_len)
+                # Draft step 0 catches up 1 token (after a rejection) or 2 (after full
+                # acceptance): a q=2 graph, with 1-token windows padded to it.
+                self.draft_runner.capture_graphs([1, 2], max_seqs, self.max_model_len,
+                                                 pool=pool)
         gen_config = load_generation_config(target_path)
         self.eos_token_ids = eos_token_ids(self.tokenizer, gen_config)
         # Sampling defaults a request inherits when it omits a field (generation_config).
@@ -637,20 +642,25 @@ class Engine:
                     processed[offsets[i]:offsets[i + 1]] = 0.0
         greedy = [i for i, (req, _, _) in enumerate(sampled) if req.sampling_params.greedy]
         random = [i for i, (req, _, _) in enumerate(sampled) if not req.sampling_params.greedy]
-        results: dict[int, list[int]] = {}
+        # NOTE: verification runs where the logits are; both halves return packed rows
+        # [num_accepted, tokens..., -1...] of one width, brought back in ONE transfer per step.
+        width = max(len(d) for _, d, _ in sampled)
+        device = processed.device
+        packed = []
         if greedy:
-            idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in greedy])
+            idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in greedy]).to(device)
             argmax = processed[idx].argmax(dim=-1)
             drafts = [sampled[i][1] for i in greedy]
-            out, _ = greedy_verify(argmax, torch.tensor(sum(drafts, []), dtype=torch.long),
-                                   list(itertools.accumulate(map(len, drafts), initial=0)))
-            results.update(zip(greedy, out))
+            packed.append(greedy_verify_device(
+                argmax, torch.tensor(sum(drafts, []), dtype=torch.long),
+                list(itertools.accumulate(map(len, drafts), initial=0)), width))
         if random:
             idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in random])
             random_rows = [rows[j] for j in idx.tolist()]
-            target_probs = compute_probs(processed[idx], random_rows)
-            out = self._rejection(sampled, random, target_probs)
-            results.update(zip(random, out))
+            target_probs = compute_probs(processed[idx.to(device)], random_rows)
+            packed.append(self._rejection(sampled, random, target_probs, width))
+        verified, _ = unpack_verified(torch.cat(packed).tolist())  # the step's one sync
+        results: dict[int, list[int]] = dict(zip(greedy + random, verified))
         for i, (req, drafts, _) in enumerate(sampled):
             if req.request_id in errors:
                 new_tokens[req.request_id], num_accepted[req.request_id] = [], 0
@@ -669,7 +679,7 @@ class Engine:
                 logprobs.extend(lp)
         return new_tokens, num_accepted
 
-    def _rejection(self, sampled, which: list[int], target_probs: torch.Tensor):
+    def _rejection(self, sampled, which: list[int], target_probs: torch.Tensor, width: int):
         draft_ids, cu, draft_probs, seeds, starts, onehot = [], [0], [], [], [], True
         for i in which:
             req, drafts, probs = sampled[i]
@@ -691,11 +701,12 @@ class Engine:
                     probs[torch.arange(len(drafts)), torch.tensor(drafts)] = 1.0
                 if drafts:
                     draft_probs.append(probs.to(target_probs.device))
-            dp = torch.cat(draft_probs) if draft_probs else torch.empty(0, vocab)
+            dp = (torch.cat(draft_probs) if draft_probs
+                  else torch.empty(0, vocab, device=target_probs.device))
         uniforms = draft_uniforms(seeds, starts, cu)
-        out, _ = rejection_sample(torch.tensor(draft_ids, dtype=torch.long), cu, dp, target_probs,
-                                  uniforms, seeds=seeds, num_output_tokens=starts)
-        return out
+        return rejection_sample_device(torch.tensor(draft_ids, dtype=torch.long), cu, dp,
+                                       target_probs, uniforms, seeds=seeds,
+                                       num_output_tokens=starts, width=width)
 
     def _count_spec(self, req: Request, num_draft: int, accepted: int) -> None:
         req.num_drafts += 1

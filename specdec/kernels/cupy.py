@@ -10,7 +10,11 @@ nothing through CuPy, which keeps it capturable.
 Kernel behaviour the callers rely on:
 - paged_attention: rows that belong to no sequence or whose context length is <= 0 (padding
   sequences with seq_len 0) are written with zeros; a row whose context needs more blocks than
-  the block table has is written with NaN (never an out-of-bounds read).
+  the block table has is written with NaN (never an out-of-bounds read). Decode and verify
+  windows run split-context (flash-decoding: `split_plan`, then a combine kernel); windows
+  longer than SDPA_MIN_QUERY_LEN (prefill chunks) go through SDPA with a bottom-right causal
+  mask (`ops.prefill_attention`), which reads the CPU lists. `impl="single"` is the first
+  kernel (one block per (row, head)), kept for comparison.
 - write_kv: slots < 0 (padding) and slots >= num_blocks * block_size are skipped.
 """
 
@@ -39,6 +43,10 @@ LORA_MAX_SLICES = 3  # must match kLoraMaxSlices in lora.cu
 LORA_EXPAND_THREADS = 128  # expand: one output column per thread
 
 LORA_KERNELS = ("bgmv_shrink", "sgmv_shrink", "bgmv_expand", "sgmv_expand")
+SPLIT_SLOTS_PER_BLOCK = 16  # kSlotsPerBlock in paged_attention.cu: query slots per block
+SPLIT_TILE = 16  # kTile in paged_attention.cu (and ops.SPLIT_TILE)
+MAX_SPLITS = 64
+SDPA_MIN_QUERY_LEN = 32  # windows longer than this (prefill chunks) go through SDPA
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
@@ -74,7 +82,8 @@ class _Loaded:
         self.functions = {}
         self.streams: dict[int, object] = {}
         names = {
-            "paged_attention.cu": [f"paged_attention_{tag}_d{d}"
+            "paged_attention.cu": [f"paged_attention{kind}_{tag}_d{d}"
+                                   for kind in ("", "_split", "_combine")
                                    for tag in DTYPE_TAGS.values() for d in HEAD_DIMS],
             "kv_cache.cu": [f"write_kv_w{w}" for w in WRITE_KV_WORDS],
             "fused.cu": [f"{op}_{tag}" for op in ("rms_norm", "silu_mul", "rope_kv")
@@ -166,11 +175,41 @@ def _int32(t: Tensor) -> Tensor:
     return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
 
 
+def split_plan(num_seqs: int, num_kv_heads: int, group: int, max_query_len: int,
+               max_context: int, num_sms: int) -> tuple[int, int]:
+    """(slot_groups, num_splits) of a split-context launch.
+
+    slot_groups: blocks along x per KV head, so that each covers SPLIT_SLOTS_PER_BLOCK of the
+    window's query slots (max_query_len * group). num_splits: enough blocks for about two per
+    SM, at most one split per two tiles of the largest context the block table allows (a
+    static number, so a captured graph keeps it), at most MAX_SPLITS."""
+    for name, value in (("num_seqs", num_seqs), ("num_kv_heads", num_kv_heads),
+                        ("group", group), ("max_query_len", max_query_len),
+                        ("max_context", max_context), ("num_sms", num_sms)):
+        if value < 1:
+            raise ValueError(f"split_plan: {name} must be >= 1, got {value}")
+    slot_groups = -(-max_query_len * group // SPLIT_SLOTS_PER_BLOCK)
+    blocks = num_kv_heads * slot_groups * num_seqs
+    wanted = -(-2 * num_sms // blocks)
+    return slot_groups, max(1, min(wanted, -(-max_context // (2 * SPLIT_TILE)), MAX_SPLITS))
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
 def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     seq_lens: Tensor, query_start_loc: Tensor, scale: float,
                     query_lens: list[int] | None = None,
-                    seq_lens_list: list[int] | None = None) -> Tensor:
-    """Same contract as `specdec.kernels.ops.paged_attention`; the CPU lists are ignored."""
+                    seq_lens_list: list[int] | None = None, impl: str = "split") -> Tensor:
+    """Same contract as `specdec.kernels.ops.paged_attention`. The CPU lists only route long
+    windows to SDPA and size the grid; without them every window runs in the kernels."""
     # query: [num_rows, num_heads, head_dim] -> out: [num_rows, num_heads, head_dim]
     # k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     # block_tables: [num_seqs, max_blocks_per_seq] int32; seq_lens: [num_seqs] int32
@@ -210,6 +249,11 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     block_tables = _int32(block_tables)
     seq_lens = _int32(seq_lens)
     query_start_loc = _int32(query_start_loc)
+    if impl == "split":
+        return _split_attention(out, query, k_cache, v_cache, block_tables, seq_lens,
+                                query_start_loc, scale, query_lens, seq_lens_list)
+    if impl != "single":
+        raise ValueError(f"paged_attention: impl must be 'split' or 'single', got {impl!r}")
     kernels = load()
     name = f"paged_attention_{DTYPE_TAGS[dtype]}_d{head_dim}"
     for row_offset in range(0, num_rows, MAX_GRID_Y):
@@ -220,6 +264,69 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
                 _i64(query.stride(1)), _i32(block_size), _i32(block_tables.shape[1]),
                 _f32(scale), _i32(row_offset))
         kernels.launch(name, query.device, grid, (ATTN_THREADS, 1, 1), args)
+    return out
+
+
+def _split_attention(out: Tensor, query: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+                     scale: float, query_lens: list[int] | None,
+                     seq_lens_list: list[int] | None) -> Tensor:
+    """Split kernel + combine kernel for decode/verify windows; SDPA for long windows."""
+    from specdec.kernels import ops
+
+    num_rows, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // num_kv_heads
+    long = []
+    # NOTE: never while capturing a graph: the SDPA path reads the capture-time lists.
+    if query_lens is not None and seq_lens_list is not None \
+            and not torch.cuda.is_current_stream_capturing():
+        long = [s for s, q in enumerate(query_lens) if q > SDPA_MIN_QUERY_LEN]
+        short = [q for s, q in enumerate(query_lens) if q <= SDPA_MIN_QUERY_LEN]
+        max_query_len = max(short, default=1)
+    else:
+        max_query_len = num_rows  # NOTE: unknown without a sync; surplus blocks exit at once
+    kernel_seq_lens = seq_lens
+    if long:  # their rows come from SDPA below; the kernels write zeros there
+        kernel_seq_lens = seq_lens.clone()
+        kernel_seq_lens[torch.tensor(long, device=seq_lens.device)] = 0
+    max_context = block_tables.shape[1] * block_size
+    slot_groups, num_splits = split_plan(max(num_seqs, 1), num_kv_heads, group,
+                                         max(max_query_len, 1), max(max_context, 1),
+                                         _num_sms(query.device))
+    # Workspace: [num_rows, num_heads, num_splits] x (head_dim accumulators + max + sum).
+    parts = num_rows * num_heads * num_splits
+    workspace = torch.empty(parts * (head_dim + 2), dtype=torch.float32, device=query.device)
+    part_acc, part_max, part_sum = workspace[:parts * head_dim], \
+        workspace[parts * head_dim:parts * (head_dim + 1)], workspace[parts * (head_dim + 1):]
+    kernels = load()
+    tag = f"{DTYPE_TAGS[query.dtype]}_d{head_dim}"
+    args = (part_acc.data_ptr(), part_max.data_ptr(), part_sum.data_ptr(), query.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+            kernel_seq_lens.data_ptr(), query_start_loc.data_ptr(), _i32(num_heads),
+            _i32(num_kv_heads), _i64(query.stride(0)), _i64(query.stride(1)),
+            _i32(block_size), _i32(block_tables.shape[1]), _f32(scale), _i32(num_splits))
+    kernels.launch(f"paged_attention_split_{tag}", query.device,
+                   (num_kv_heads * slot_groups, num_seqs, num_splits), (ATTN_THREADS, 1, 1),
+                   args)
+    for row_offset in range(0, num_rows, MAX_GRID_Y):
+        grid = (num_heads, min(MAX_GRID_Y, num_rows - row_offset), 1)
+        args = (out.data_ptr(), part_acc.data_ptr(), part_max.data_ptr(), part_sum.data_ptr(),
+                kernel_seq_lens.data_ptr(), query_start_loc.data_ptr(), _i32(num_seqs),
+                _i32(num_heads), _i32(num_kv_heads), _i32(block_size),
+                _i32(block_tables.shape[1]), _i32(num_splits), _i32(slot_groups),
+                _i32(row_offset))
+        kernels.launch(f"paged_attention_combine_{tag}", query.device, grid,
+                       (ATTN_THREADS, 1, 1), args)
+    starts = [0]
+    for q in (query_lens or []):
+        starts.append(starts[-1] + q)
+    for s in long:
+        if seq_lens_list[s] > 0:
+            out[starts[s]:starts[s + 1]] = ops.prefill_attention(
+                query[starts[s]:starts[s + 1]], k_cache, v_cache, block_tables[s],
+                query_lens[s], seq_lens_list[s], scale)
     return out
 
 

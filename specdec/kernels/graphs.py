@@ -1,8 +1,9 @@
 """CUDA graph capture and replay of a model's forward for uniform-query-length batches.
 
-The draft's one-token decode (query_len 1) and the target's verify window (query_len k + 1)
-are captured once per batch-size bucket (1, 2, 4, 8, 16, 24, 32, ... up to max_num_seqs),
-largest first, all into one memory pool. A replay copies the batch into static buffers
+The draft's one- and two-token steps (query_len 1, 2) and the target's verify windows
+(query_len 1 .. k + 1) are captured once per batch-size bucket (1, 2, 4, 8, 16, 24, 32, ... up
+to max_num_seqs), largest first, all into one memory pool shared by every runner. Ragged
+batches are padded in front to a captured length by the ModelRunner (runner.pad_windows). A replay copies the batch into static buffers
 (sliced views of one set of max-size tensors) and pads the bucket: padding sequences have
 seq_len 0 and slots -1, so the kernels skip their KV writes and write zeros for their rows.
 
@@ -45,7 +46,7 @@ class CudaGraphRunner:
 
     def __init__(self, model, kv_caches: list[tuple[Tensor, Tensor]], query_len: int,
                  max_num_seqs: int, max_blocks_per_seq: int, debug: bool = False,
-                 buckets: list[int] | None = None, lora=None) -> None:
+                 buckets: list[int] | None = None, lora=None, pool=None) -> None:
         if query_len < 1:
             raise ValueError(f"query_len must be >= 1, got {query_len}")
         if max_blocks_per_seq < 1:
@@ -77,7 +78,9 @@ class CudaGraphRunner:
                            if lora is not None else None)  # [max_rows]: slot per row
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, Tensor] = {}  # bucket -> [bucket * query_len, vocab] float32
-        self.pool = None
+        # One memory pool for every bucket, and for every runner that passes the same `pool`
+        # (NOTE: outputs stay alive, replays are sequential on one stream: sharing is safe).
+        self.pool = pool
         self._pointers = self._buffer_pointers()
 
     # ------------------------------------------------------------------ capture
@@ -131,7 +134,8 @@ class CudaGraphRunner:
                     self.model(self._static_batch(bucket), self.kv_caches)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-        self.pool = torch.cuda.graph_pool_handle()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         for bucket in self.buckets[::-1]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

@@ -166,6 +166,89 @@ def paged_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table
     return out
 
 
+def prefill_attention(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
+                      query_len: int, seq_len: int, scale: float) -> Tensor:
+    """One long window (a prefill chunk) through SDPA with a bottom-right causal mask: query
+    row i sits at position seq_len - query_len + i. On CUDA SDPA picks a flash or
+    memory-efficient kernel, which is compute-bound where the decode kernels are not."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    # query: [query_len, num_heads, head_dim] -> [query_len, num_heads, head_dim]
+    keys = _gather_context(k_cache, block_table, seq_len)  # [num_kv_heads, seq_len, head_dim]
+    values = _gather_context(v_cache, block_table, seq_len)
+    group = query.shape[1] // keys.shape[0]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=0)  # [num_heads, seq_len, head_dim]
+        values = values.repeat_interleave(group, dim=0)
+    rows = query.transpose(0, 1)[None]  # [1, num_heads, query_len, head_dim]
+    out = F.scaled_dot_product_attention(rows, keys[None], values[None],
+                                         attn_mask=causal_lower_right(query_len, seq_len),
+                                         scale=scale)
+    return out[0].transpose(0, 1)
+
+
+SPLIT_TILE = 16  # keys per tile of the split-context kernel (kTile in paged_attention.cu)
+
+
+def split_ranges(seq_len: int, num_splits: int, tile: int = SPLIT_TILE) -> list[tuple[int, int]]:
+    """The split kernel's key ranges [begin, end) of a context, one per split (empty ones
+    too): ceil(ceil(seq_len / tile) / num_splits) tiles each."""
+    tiles = -(-seq_len // tile)
+    per_split = -(-tiles // num_splits) * tile
+    return [(min(s * per_split, seq_len), min((s + 1) * per_split, seq_len))
+            for s in range(num_splits)]
+
+
+def split_attention_partials(query: Tensor, k_cache: Tensor, v_cache: Tensor,
+                             block_tables: Tensor, query_lens: list[int],
+                             seq_lens_list: list[int], scale: float, num_splits: int
+                             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Torch reference of the split kernel: per (row, head, split) the partial softmax state
+    over the split's keys (causal inside the window). Returns (acc [rows, heads, splits,
+    head_dim], max [rows, heads, splits], sum [rows, heads, splits]), float32; a split that
+    sees no key has (0, -inf, 0)."""
+    num_rows, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    part_acc = torch.zeros(num_rows, num_heads, num_splits, head_dim)
+    part_max = torch.full((num_rows, num_heads, num_splits), float("-inf"))
+    part_sum = torch.zeros(num_rows, num_heads, num_splits)
+    start = 0
+    for seq, (query_len, seq_len) in enumerate(zip(query_lens, seq_lens_list)):
+        rows = slice(start, start + query_len)
+        start += query_len
+        if query_len == 0 or seq_len <= 0:
+            continue
+        keys = _gather_context(k_cache, block_tables[seq], seq_len).float()  # [kvh, L, d]
+        values = _gather_context(v_cache, block_tables[seq], seq_len).float()
+        keys = keys.repeat_interleave(group, dim=0)  # [heads, L, d]
+        values = values.repeat_interleave(group, dim=0)
+        q = query[rows].float() * scale  # [q, heads, d]
+        scores = torch.einsum("qhd,hld->qhl", q, keys)  # [q, heads, L]
+        mask = window_mask(query_len, seq_len, query.device)  # [q, L]
+        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
+        for s, (begin, end) in enumerate(split_ranges(seq_len, num_splits)):
+            if begin >= end:
+                continue
+            chunk = scores[:, :, begin:end]  # [q, heads, n]
+            m = chunk.amax(dim=-1)  # [q, heads]
+            p = torch.exp(chunk - torch.where(m.isinf(), 0.0, m)[..., None])  # masked: 0
+            part_max[rows, :, s] = m
+            part_sum[rows, :, s] = p.sum(dim=-1)
+            part_acc[rows, :, s] = torch.einsum("qhl,hld->qhd", p, values[:, begin:end])
+    return part_acc, part_max, part_sum
+
+
+def combine_partials(part_acc: Tensor, part_max: Tensor, part_sum: Tensor) -> Tensor:
+    """The combine kernel's math: [rows, heads, splits, d] partials -> [rows, heads, d];
+    rows with no key in any split (padding) are 0."""
+    global_max = part_max.amax(dim=-1, keepdim=True)  # [rows, heads, 1]
+    weight = torch.exp(part_max - torch.where(global_max.isinf(), 0.0, global_max))
+    denom = (part_sum * weight).sum(dim=-1)  # [rows, heads]
+    out = (part_acc * weight[..., None]).sum(dim=-2) / denom[..., None]
+    return torch.where(denom[..., None] > 0, out, 0.0)
+
+
 def _attend_one(query: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor,
                 query_len: int, seq_len: int, scale: float) -> Tensor:
     # query: [query_len, num_heads, head_dim] -> [query_len, num_heads, head_dim]

@@ -208,16 +208,19 @@ def _apply_top_k(sub: Tensor, top_k: Tensor) -> Tensor:
     return sub.masked_fill(sub < kth, _NEG_INF)
 
 
-def _apply_top_p(sub: Tensor, top_p: Tensor) -> Tensor:
+def _apply_top_p(sub: Tensor, top_p: Tensor, grow: bool | None = None) -> Tensor:
     """sub [n, vocab]; top_p [n] in (0, 1). Keeps a token iff the probability of the tokens
     ranked above it is < top_p (Hugging Face / vLLM: ascending cumsum <= 1 - top_p is dropped).
 
-    NOTE: sorts only the top m tokens, growing m until they hold top_p of the mass in every
-    row; a full sort of a 152k vocab is the slowest op here on a CPU.
+    NOTE: on the CPU (`grow`) sorts only the top m tokens, growing m until they hold top_p of
+    the mass in every row; a full sort of a 152k vocab is the slowest op here on a CPU. On a
+    GPU the full sort is cheap and the growth test would be a host sync: one sort, no check.
     """
     probs = sub.softmax(dim=-1)  # [n, vocab]
     vocab_size = probs.shape[1]
-    m = min(256, vocab_size)
+    if grow is None:
+        grow = sub.device.type == "cpu"
+    m = min(256, vocab_size) if grow else vocab_size
     while True:
         top_probs, top_ids = probs.topk(m, dim=-1)  # [n, m], descending
         cum = top_probs.cumsum(dim=-1)

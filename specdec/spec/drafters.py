@@ -148,6 +148,9 @@ class DraftModelDrafter:
                     matcher.rollback(n)
 
     def _propose(self, requests, matchers, consumed, cut) -> list[Proposal]:
+        if all(m is None for m in matchers) and not any(
+                _reads_token_values(req.sampling_params) for req, _ in requests):
+            return self._propose_on_device(requests)
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         first_seqs, drafting = self._catch_up(requests)
@@ -227,3 +230,72 @@ class DraftModelDrafter:
                 d, p = d[:c], p[:c]
             out.append(Proposal(d, torch.stack(p) if p else None))
         return out
+
+    def _propose_on_device(self, requests) -> list[Proposal]:
+        """The draft loop without a host read per step: each step's tokens feed the next
+        step's input ids on the device, and all k steps' tokens come back in ONE transfer.
+
+        Only for requests whose logits processors never read the draft token values (no
+        grammar, no repetition/presence/frequency penalty): their rows' output_token_ids
+        then need the right length only, and the drafts are placeholders until the end."""
+        first_seqs, drafting = self._catch_up(requests)
+        max_k = max((requests[i][1] for i in drafting), default=0)
+        if not drafting and first_seqs:
+            self.runner.execute(first_seqs)  # catch-up chunks only; nothing to propose
+        device = self.runner.device
+        column = {i: c for c, i in enumerate(drafting)}
+        grid = torch.full((max_k, len(drafting)), -1, dtype=torch.long, device=device)
+        probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        previous = None  # [len(previous active)] token ids of the last step, on the device
+        previous_active: list[int] = []
+        for step in range(max_k):
+            active = [i for i in drafting if requests[i][1] > step]
+            if step == 0:
+                seqs, input_ids = first_seqs, None
+            else:
+                seqs = [SeqSlice([0], requests[i][0].num_tokens + step - 1,
+                                 requests[i][0].block_ids, 1) for i in active]
+                where = {i: r for r, i in enumerate(previous_active)}
+                pick = torch.tensor([where[i] for i in active], dtype=torch.long)
+                input_ids = previous.index_select(0, pick.to(device))  # [len(active)]
+            logits = self.runner.execute(seqs, observe=step > 0, input_ids=input_ids)
+            rows = [RowState(requests[i][0].sampling_params, requests[i][0].prompt_token_ids,
+                             requests[i][0].output_token_ids + [0] * step,
+                             requests[i][0].eos_token_id, requests[i][0].sampling_constants)
+                    for i in active]
+            processed = process_logits(logits, rows)
+            token_ids = processed.argmax(dim=-1)  # [len(active)], greedy rows keep these
+            sampled = [r for r, row in enumerate(rows) if not row.params.greedy]
+            if sampled:
+                sampled_rows = [rows[r] for r in sampled]
+                index = torch.tensor(sampled, dtype=torch.long, device=device)
+                row_probs = compute_probs(processed[index], sampled_rows)
+                generators = [None if row.params.seed is None
+                              else row_generator(row.params.seed, len(row.output_token_ids),
+                                                 STREAM_DRAFT)
+                              for row in sampled_rows]
+                token_ids = token_ids.index_copy(0, index, sample(row_probs, generators))
+                for j, r in enumerate(sampled):
+                    probs[active[r]].append(row_probs[j])
+            cols = torch.tensor([column[i] for i in active], dtype=torch.long, device=device)
+            grid[step].index_copy_(0, cols, token_ids)
+            previous, previous_active = token_ids, active
+            for i in active:
+                req = requests[i][0]
+                req.draft_num_computed_tokens = req.num_tokens + step
+        host = grid.t().tolist() if max_k else []  # the round's one read: [drafting][max_k]
+        out = []
+        for i, (_, k) in enumerate(requests):
+            if i not in column:
+                out.append(Proposal([], None))
+                continue
+            p = probs[i]
+            out.append(Proposal(host[column[i]][:k], torch.stack(p) if p else None))
+        return out
+
+
+def _reads_token_values(params) -> bool:
+    """Whether a request's logits processors read the values of earlier tokens (penalties),
+    not just how many there are."""
+    return (params.repetition_penalty != 1.0 or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0)

@@ -86,3 +86,39 @@ def test_speculative_greedy_equals_plain_greedy(kernels, tiny_dirs, draft) -> No
     speculative = _generate(spec, prompts, max_tokens=32)
     assert all(len(t) == 32 for t in plain)
     assert speculative == plain
+
+
+def test_ragged_windows_replay_padded_graphs(kernels, tiny_dirs) -> None:
+    """A ragged batch (1- to 4-token windows) is padded in front to the 4-token graph; its
+    logits equal the eager forward's, and every runner shares one graph memory pool."""
+    import torch
+
+    from specdec.runner import ModelRunner, SeqSlice
+    from specdec.model.weights import load_model
+
+    model = load_model(tiny_dirs["target"], "float32", "cuda")
+    runner = ModelRunner(model, num_blocks=64, block_size=16)
+    eager = ModelRunner(model, num_blocks=64, block_size=16)
+    eager.kv_caches = runner.kv_caches
+    pool = torch.cuda.graph_pool_handle()
+    assert runner.capture_graphs([1, 2, 3, 4], max_num_seqs=4, max_model_len=256, pool=pool)
+    assert runner.pad_lengths == (1, 2, 3, 4)
+    assert {id(g.pool) for g in runner.graph_runners.values()} == {id(pool)}
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 300) for _ in range(n)] for n in (20, 33, 7)]
+    tables = [[0, 1, 2], [3, 4, 5], [6, 7]]
+    eager.execute([SeqSlice(p, 0, t, 1) for p, t in zip(prompts, tables)])
+    windows = [SeqSlice([5], 20, tables[0], 1), SeqSlice([6, 7, 8, 9], 33, tables[1], 4),
+               SeqSlice([1, 2], 7, tables[2], 2)]
+    want = eager.execute(windows).clone()
+    replays = {q: 0 for q in runner.graph_runners}
+    for q, graph_runner in runner.graph_runners.items():
+        run = graph_runner.run
+
+        def counting_run(batch, run=run, q=q):
+            replays[q] += 1
+            return run(batch)
+        graph_runner.run = counting_run
+    got = runner.execute(windows)
+    assert replays == {1: 0, 2: 0, 3: 0, 4: 1}
+    assert relative_error(got, want) <= 1e-4

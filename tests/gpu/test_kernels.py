@@ -99,3 +99,23 @@ def test_kernels_capture_in_cuda_graph(kernels) -> None:
     case.seq_lens.copy_(seq_lens)
     case.seq_lens_list[:] = [7, 33]
     assert relative_error(out, case.reference()) <= 1e-2
+
+
+@pytest.mark.parametrize("mix", sorted(WINDOW_MIXES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl,lists", [("single", False), ("split", False), ("split", True)])
+def test_paged_attention_impls(kernels, mix, dtype, impl, lists) -> None:
+    """Both kernels, and the split path with the CPU lists (long windows through SDPA) and
+    without (every window in the split kernel, grid sized for the whole batch)."""
+    case = make_attention_case(WINDOW_MIXES[mix], 12, 2, 128, 16, dtype, device="cuda",
+                               seed=len(mix) + 3)
+    poison_allocator(case.query.shape, dtype)
+    extra = (case.query_lens, case.seq_lens_list) if lists else ()
+    out = kernels.paged_attention(case.query, case.k_cache, case.v_cache, case.block_tables,
+                                  case.seq_lens, case.query_start_loc, case.scale, *extra,
+                                  impl=impl)
+    torch.cuda.synchronize()
+    real = case.real_rows
+    assert not out.isnan().any()
+    assert relative_error(out[real], case.reference()[real]) <= TOLERANCE[dtype]
+    assert (out[~real] == 0).all()

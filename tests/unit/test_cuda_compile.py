@@ -78,8 +78,8 @@ def test_nvrtc_text_is_self_contained(source: str, tmp_path: Path) -> None:
 def test_every_kernel_name_is_defined(file_ptx) -> None:
     """kernels.py looks these names up; each must be an extern "C" entry in the PTX."""
     entries = "".join(file_ptx(source, "sm_90") for source in SOURCES)
-    names = [f"paged_attention_{tag}_d{d}" for tag in kernels.DTYPE_TAGS.values()
-             for d in kernels.HEAD_DIMS] + [f"write_kv_w{w}" for w in kernels.WRITE_KV_WORDS]
+    names = [f"paged_attention{kind}_{tag}_d{d}" for kind in ("", "_split", "_combine")
+             for tag in kernels.DTYPE_TAGS.values() for d in kernels.HEAD_DIMS] + [f"write_kv_w{w}" for w in kernels.WRITE_KV_WORDS]
     names += [f"{op}_{tag}" for op in ("rms_norm", "silu_mul", "rope_kv")
               for tag in kernels.DTYPE_TAGS.values()]
     names += [f"{op}_{tag}" for op in kernels.LORA_KERNELS for tag in kernels.DTYPE_TAGS.values()]
@@ -145,13 +145,14 @@ static void emu_entry(int t) {
 template <typename F>
 static void emu_trampoline(void* f) { (*static_cast<F*>(f))(); }
 template <typename F>
-static void emu_run(int grid_x, int grid_y, int threads, F kernel) {
+static void emu_run(int grid_x, int grid_y, int threads, F kernel, int grid_z = 1) {
   std::vector<ucontext_t> contexts(threads);
   std::vector<std::vector<char>> stacks(threads, std::vector<char>(1 << 16));
   emu_contexts = contexts.data();
   emu_body = &emu_trampoline<F>;
   emu_arg = &kernel;
   blockDim.x = threads;
+  for (int z = 0; z < grid_z; ++z)
   for (int y = 0; y < grid_y; ++y) {
     for (int x = 0; x < grid_x; ++x) {
       emu_done.assign(threads, 0);
@@ -169,7 +170,7 @@ static void emu_run(int grid_x, int grid_y, int threads, F kernel) {
         for (int t = 0; t < threads; ++t) {
           if (emu_done[t]) continue;
           emu_current = t;
-          threadIdx.x = t; blockIdx.x = x; blockIdx.y = y;
+          threadIdx.x = t; blockIdx.x = x; blockIdx.y = y; blockIdx.z = z;
           swapcontext(&emu_scheduler, &contexts[t]);
           remaining += !emu_done[t];
         }
@@ -189,6 +190,23 @@ EMU_PA(paged_attention_f32_d64, float)
 EMU_PA(paged_attention_f32_d128, float)
 EMU_PA(paged_attention_bf16_d64, specdec::bf16)
 EMU_PA(paged_attention_bf16_d128, specdec::bf16)
+#define EMU_SPLIT(TAG, T, D)                                                              \
+  extern "C" void emu_split_##TAG##_d##D(int gx, int gy, int gz, float* pa, float* pm,     \
+      float* ps, const T* q, const T* kc, const T* vc, const int* bt, const int* sl,        \
+      const int* qsl, int nh, int nkv, long long qs0, long long qs1, int bs, int mb,       \
+      float scale, int nsp) {                                                              \
+    emu_run(gx, gy, 128, [=] { paged_attention_split_##TAG##_d##D(pa, pm, ps, q, kc, vc,   \
+        bt, sl, qsl, nh, nkv, qs0, qs1, bs, mb, scale, nsp); }, gz);                        \
+  }                                                                                       \
+  extern "C" void emu_combine_##TAG##_d##D(int gx, int gy, T* out, const float* pa,        \
+      const float* pm, const float* ps, const int* sl, const int* qsl, int ns, int nh,     \
+      int nkv, int bs, int mb, int nsp, int sg, int ro) {                                  \
+    emu_run(gx, gy, 128, [=] { paged_attention_combine_##TAG##_d##D(out, pa, pm, ps, sl,   \
+        qsl, ns, nh, nkv, bs, mb, nsp, sg, ro); });                                        \
+  }
+EMU_SPLIT(f32, float, 32)
+EMU_SPLIT(f32, float, 64)
+EMU_SPLIT(bf16, specdec::bf16, 64)
 #define EMU_KV(NAME, W)                                                                   \
   extern "C" void emu_##NAME(int gx, int threads, const W* k, const W* v, W* kc, W* vc,  \
       const long long* sm, long long ks, long long vs, int rw, long long ns) {            \
@@ -291,6 +309,88 @@ def test_emulated_head_dim_32_and_table_overflow(emulated) -> None:
     out = _emulate_attention(emulated, case, torch.float32)
     assert relative_error(out[:2], ref[:2]) <= 1e-5
     assert out[2].isnan().all()
+
+
+def _emulate_split_attention(lib, case, dtype, num_splits: int, slot_groups: int | None = None):
+    """Split kernel then combine kernel; returns (out, acc, max, sum) of the workspace."""
+    num_rows, num_heads, head_dim = case.query.shape
+    num_kv_heads = case.k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    if slot_groups is None:
+        slot_groups = -(-max(case.query_lens) * group // kernels.SPLIT_SLOTS_PER_BLOCK)
+    tag = f"{kernels.DTYPE_TAGS[dtype]}_d{head_dim}"
+    nan = float("nan")  # poisoned: every element the combine reads must have been written
+    part_acc = torch.full((num_rows, num_heads, num_splits, head_dim), nan)
+    part_max = torch.full((num_rows, num_heads, num_splits), nan)
+    part_sum = torch.full((num_rows, num_heads, num_splits), nan)
+    out = torch.full(case.query.shape, nan, dtype=dtype)
+    c = ctypes
+    split = getattr(lib, f"emu_split_{tag}")
+    split.argtypes = [c.c_int] * 3 + [c.c_void_p] * 9 + [c.c_int] * 2 + [c.c_longlong] * 2 \
+        + [c.c_int, c.c_int, c.c_float, c.c_int]
+    split(num_kv_heads * slot_groups, len(case.query_lens), num_splits, part_acc.data_ptr(),
+          part_max.data_ptr(), part_sum.data_ptr(), case.query.data_ptr(),
+          case.k_cache.data_ptr(), case.v_cache.data_ptr(), case.block_tables.data_ptr(),
+          case.seq_lens.data_ptr(), case.query_start_loc.data_ptr(), num_heads, num_kv_heads,
+          case.query.stride(0), case.query.stride(1), case.k_cache.shape[1],
+          case.block_tables.shape[1], case.scale, num_splits)
+    combine = getattr(lib, f"emu_combine_{tag}")
+    combine.argtypes = [c.c_int, c.c_int] + [c.c_void_p] * 6 + [c.c_int] * 8
+    combine(num_heads, num_rows, out.data_ptr(), part_acc.data_ptr(), part_max.data_ptr(),
+            part_sum.data_ptr(), case.seq_lens.data_ptr(), case.query_start_loc.data_ptr(),
+            len(case.query_lens), num_heads, num_kv_heads, case.k_cache.shape[1],
+            case.block_tables.shape[1], num_splits, slot_groups, 0)
+    return out, part_acc, part_max, part_sum
+
+
+# (mix, dtype, head_dim, heads, splits): GQA groups of 4 and 1, windows of 1, 5 and 9 rows
+# (more than one slot group), empty trailing splits (3 splits over 17 keys), padding.
+SPLIT_CASES = [
+    ([(1, 17), (1, 64), (1, 100)], torch.float32, 32, (8, 2), 3),
+    ([(5, 33), (9, 40), (2, 16)], torch.float32, 64, (8, 2), 4),
+    ([(1, 37), (5, 21), (3, 3), (4, 0)], torch.float32, 32, (3, 3), 2),
+    ([(1, 50), (5, 29)], torch.bfloat16, 64, (4, 1), 3),
+]
+
+
+@pytest.mark.parametrize("windows,dtype,head_dim,heads,num_splits", SPLIT_CASES)
+def test_emulated_split_attention(emulated, windows, dtype, head_dim, heads, num_splits):
+    from specdec.kernels import ops
+
+    num_heads, num_kv_heads = heads
+    case = make_attention_case(windows, num_heads, num_kv_heads, head_dim, 16, dtype,
+                               seed=num_splits + head_dim)
+    out, acc, maxes, sums = _emulate_split_attention(emulated, case, dtype, num_splits)
+    real = case.real_rows
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert not out.isnan().any()
+    assert relative_error(out[real], case.reference()[real]) <= tol
+    assert (out[~real] == 0).all()
+    # The partial states themselves, against the torch reference of the split math.
+    want_acc, want_max, want_sum = ops.split_attention_partials(
+        case.query.float(), case.k_cache.float(), case.v_cache.float(), case.block_tables,
+        case.query_lens, case.seq_lens_list, case.scale, num_splits)
+    assert torch.equal(maxes[real].isneginf(), want_max[real].isneginf())
+    finite = ~want_max[real].isneginf()
+    assert relative_error(maxes[real][finite], want_max[real][finite]) <= tol
+    assert relative_error(sums[real], want_sum[real]) <= tol
+    assert relative_error(acc[real], want_acc[real]) <= tol
+
+
+def test_emulated_split_attention_overflow_and_slot_capacity(emulated):
+    """A context past the block table, and a window wider than the grid's slots: NaN rows."""
+    case = make_attention_case([(2, 40), (1, 5)], 2, 1, 32, 16, torch.float32, seed=5,
+                               extra_table_cols=0)
+    ref = case.reference()
+    case.seq_lens[1] = 49  # needs 4 blocks; the table has 3 columns
+    out, *_ = _emulate_split_attention(emulated, case, torch.float32, 2)
+    assert relative_error(out[:2], ref[:2]) <= 1e-5
+    assert out[2].isnan().all()
+    # 9 rows x 2 heads = 18 slots, one slot group of 16: the whole window is NaN, never stale.
+    case = make_attention_case([(9, 30), (1, 5)], 2, 1, 32, 16, torch.float32, seed=6)
+    out, *_ = _emulate_split_attention(emulated, case, torch.float32, 2, slot_groups=1)
+    assert out[:9].isnan().all()
+    assert relative_error(out[9:], case.reference()[9:]) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype,num_kv_heads,head_dim,word",

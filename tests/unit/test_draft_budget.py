@@ -68,9 +68,9 @@ def test_draft_catch_up_is_chunked_within_the_budget(draft_pair):
     runner = spec.engine.draft_runner
     real_execute = runner.execute
 
-    def recording(seqs, observe=False):
+    def recording(seqs, observe=False, **kwargs):
         sizes.append(sum(len(s.token_ids) for s in seqs))
-        return real_execute(seqs, observe)
+        return real_execute(seqs, observe, **kwargs)
     runner.execute = recording
     rng = random.Random(0)
     prompts = [{"prompt_token_ids": [rng.randrange(3, 384) for _ in range(n)]}

@@ -21,7 +21,7 @@ def test_gpu_bench_smoke_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     sections = {"env", "copy_bandwidth", "kernels", "decode_batch1", "verify_steps", "spec_e2e",
-                "profile"}
+                "host_syncs", "profile"}
     assert sections <= set(results)
     assert {name: results[name].get("error") for name in sections} == dict.fromkeys(sections)
     assert results["failures"] == []
@@ -32,6 +32,8 @@ def test_gpu_bench_smoke_runs_every_section(tmp_path):
                          "ngram_k4"}
     assert all(isinstance(r, dict) and r["tokens"] == 16 for r in runs.values()), runs
     assert runs["draft_copy_k4"]["acceptance"] == 1.0  # the target drafting for itself
+    ragged = results["verify_steps"]["ragged"]  # padded ragged windows (graphs on CUDA)
+    assert ragged["window_lens"] == [1, 5, 3, 2] and ragged["eager_ms"] > 0
 
 
 def test_compare_greedy_reports_the_near_tie_rule():

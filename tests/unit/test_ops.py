@@ -139,3 +139,71 @@ def test_write_kv_single_padding_slot_writes_nothing():
     ops.write_kv(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), k_cache, v_cache,
                  torch.tensor([-1]))
     assert bool((k_cache == 7.0).all()) and bool((v_cache == 7.0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# Split-context (flash-decoding) math and the SDPA prefill path, against the naive attention.
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("case", list(WINDOWS))
+def test_split_partials_combine_to_attention(case, num_splits):
+    windows = WINDOWS[case]
+    query, k_cache, v_cache, block_tables, seq_lens, qsl, query_lens, contexts = _make_case(
+        16, 8, 2, windows, seed=num_splits)
+    scale = 16 ** -0.5
+    parts = ops.split_attention_partials(query, k_cache, v_cache, block_tables, query_lens,
+                                         seq_lens, scale, num_splits)
+    out = ops.combine_partials(*parts)
+    start = 0
+    for (query_len, _), (keys, values) in zip(windows, contexts):
+        expected = _naive_attention(query[start:start + query_len], keys, values, scale)
+        torch.testing.assert_close(out[start:start + query_len], expected, atol=1e-5, rtol=1e-5)
+        start += query_len
+    # Causality is per split: the first row of a 19-token window sees no key of a late split.
+    part_max = parts[1]
+    if case == "ragged" and num_splits == 16:
+        assert part_max.isneginf().any()
+
+
+def test_split_ranges_cover_the_context_in_tiles():
+    for seq_len in (1, 15, 16, 17, 100, 1000):
+        for num_splits in (1, 2, 5, 64):
+            ranges = ops.split_ranges(seq_len, num_splits)
+            assert len(ranges) == num_splits
+            assert ranges[0][0] == 0 and ranges[-1][1] == seq_len
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(b % ops.SPLIT_TILE == 0 for b, e in ranges if b < e)
+
+
+def test_combine_of_padding_rows_is_zero():
+    acc = torch.zeros(2, 3, 4, 8)
+    maxes = torch.full((2, 3, 4), float("-inf"))
+    assert torch.equal(ops.combine_partials(acc, maxes, torch.zeros(2, 3, 4)),
+                       torch.zeros(2, 3, 8))
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("window", [(40, 40), (33, 70), (64, 100)])
+def test_prefill_attention_sdpa_bottom_right(window, num_heads, num_kv_heads):
+    query, k_cache, v_cache, block_tables, seq_lens, qsl, query_lens, contexts = _make_case(
+        16, num_heads, num_kv_heads, [window], seed=window[1])
+    out = ops.prefill_attention(query, k_cache, v_cache, block_tables[0], window[0], window[1],
+                                0.25)
+    torch.testing.assert_close(out, _naive_attention(query, *contexts[0], 0.25),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_split_plan():
+    from specdec.kernels.cupy import MAX_SPLITS, SPLIT_SLOTS_PER_BLOCK, split_plan
+
+    # Qwen2.5-1.5B at batch 1: 2 KV heads of 6 query heads; decode, then a k=4 verify window.
+    assert split_plan(1, 2, 6, 1, 4096, 132) == (1, MAX_SPLITS)
+    slot_groups, splits = split_plan(1, 2, 6, 5, 4096, 132)
+    assert slot_groups == 2 and splits == MAX_SPLITS  # 30 slots -> 2 groups of 16
+    # Many sequences already fill the GPU: no split.
+    assert split_plan(64, 8, 4, 1, 4096, 132) == (1, 1)
+    # A short table caps the splits at one per two tiles.
+    assert split_plan(1, 1, 1, 1, 64, 132) == (1, 2)
+    assert split_plan(2, 2, 8, 1, 8192, 132)[0] * SPLIT_SLOTS_PER_BLOCK >= 8
+    with pytest.raises(ValueError, match="max_query_len must be >= 1, got 0"):
+        split_plan(1, 1, 1, 0, 64, 132)

@@ -22,9 +22,11 @@ def one_hot(*token_ids: int, vocab: int = V) -> torch.Tensor:
 
 
 def both(*args, **kwargs):
-    """Run the vectorised sampler and the reference; they must agree exactly."""
+    """Run the vectorised sampler and the reference; they must agree exactly, and so must the
+    GPU variant that draws every seeded candidate row instead of reading num_accepted."""
     fast = rejection_sample(*args, **kwargs)
     assert rejection_sample_reference(*args, **kwargs) == fast
+    assert rejection_sample(*args, **kwargs, precompute_seeded=True) == fast
     return fast
 
 

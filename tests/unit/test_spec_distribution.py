@@ -283,11 +283,18 @@ def test_a_biased_accept_rule_fails_these_checks(pair, monkeypatch):
     import specdec.engine as engine_module
     target_dir, draft_dir, target, draft = pair
     case = CASES[1]
-    monkeypatch.setattr(engine_module, "rejection_sample", biased_rejection_sample)
+    monkeypatch.setattr(engine_module, "rejection_sample_device", biased_rejection_sample_device)
     outs, _, first_accepted, _ = run_case(case, target_dir, draft_dir, num_samples=1500)
     pvalues = fit_pvalues(case, [list(o.token_ids) for o in outs], target)
     z1, z2 = acceptance_z(case, first_accepted, 1500, target, draft)
     assert min(pvalues.values()) < 1e-6 and max(abs(z1), abs(z2)) > 6, (pvalues, z1, z2)
+
+
+def biased_rejection_sample_device(*args, width: int, **kwargs):
+    """biased_rejection_sample in the engine's packed layout (rejection.rejection_sample_device:
+    [num_accepted, tokens..., -1 padding] per request)."""
+    out, accepted = biased_rejection_sample(*args, **kwargs)
+    return torch.tensor([[a] + t + [-1] * (width + 1 - len(t)) for t, a in zip(out, accepted)])
 
 
 def biased_rejection_sample(draft_token_ids, cu_num_draft, draft_probs, target_probs, uniforms,

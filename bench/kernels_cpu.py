@@ -9,13 +9,18 @@ ours), then one decode step's linear layers per model (the sum over its layers),
 
 Kernels: `bf16` F.linear; `fbgemm` dynamic int8 (`quantized.linear_dynamic`, activations per
 tensor, float32 in and out); `ours` (specdec/kernels/q4_cpu.cpp through q4_cpu.q4_linear, then
-to bf16 as Int4Linear does); `ours_avx2` (the same kernel's AVX2 path); `torch_int4`
+to bf16 as Int4Linear does: weights in huge pages, q4_cpu.to_hugepages, threads taking blocks of
+tiles from a shared counter); `ours_4k` (the same, weights in 4 KiB pages); `ours_static` (4 KiB
+pages and at::parallel_for's static split: the kernel before both); `ours_avx2` (the AVX2 path,
+huge pages); `torch_int4`
 (`_weight_int4pack_mm_for_cpu`); `torch_int8` (`_weight_int8pack_mm`).
 
 NOTE: the timed calls cycle over enough copies of each layer's weights that every call reads
 them from DRAM, as a decode step does (one layer alone would stay in the 32 MB L3); calls of
 all kernels and row counts are interleaved in a random order each round, so other jobs on a
-shared machine slow them alike.
+shared machine slow them alike. On a machine busier than its cores, run 2 threads with
+OMP_WAIT_POLICY=passive: OpenMP's spinning workers (after every torch op, and `ours_static`'s
+own region) otherwise take the core the next call needs, ~20 ms a call.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ MODELS = {
                  ("gate/up_proj", 4864, 896, 2 * 24), ("down_proj", 896, 4864, 24),
                  ("lm_head", 151936, 896, 1)],
 }
-KERNELS = ("bf16", "fbgemm", "ours", "ours_avx2", "torch_int4", "torch_int8")
+KERNELS = ("bf16", "fbgemm", "ours", "ours_4k", "ours_static", "ours_avx2", "torch_int4",
+           "torch_int8")
+OURS = {"ours", "ours_4k", "ours_static", "ours_avx2"}
 DRAM_BYTES = 96 << 20  # the int4 weights cycled per shape: 3x the L3
 
 
@@ -76,12 +83,19 @@ def make_kernels(n: int, k: int, seed: int, names: list[str]) -> dict:
     scales = torch.rand(n, k // 32, generator=gen) * 0.02
     zeros = torch.randn(n, k // 32, generator=gen) * 0.1
     kernel = q4_cpu.load_kernel()
-    if kernel is not None and ({"ours", "ours_avx2"} & set(names)):
+    if kernel is not None and (OURS & set(names)):
         packed, scale_zero = q4_cpu.q4_pack(codes, scales, zeros)
+        huge, huge_sz = q4_cpu.to_hugepages(packed), q4_cpu.to_hugepages(scale_zero)
         if "ours" in names:
-            out["ours"] = lambda x: q4_cpu.q4_linear(kernel, x, packed, scale_zero).to(x.dtype)
+            out["ours"] = lambda x: q4_cpu.q4_linear(kernel, x, huge, huge_sz).to(x.dtype)
+        if "ours_4k" in names:
+            out["ours_4k"] = lambda x: q4_cpu.q4_linear(kernel, x, packed,
+                                                        scale_zero).to(x.dtype)
+        if "ours_static" in names:
+            out["ours_static"] = lambda x: q4_cpu.q4_linear(
+                kernel, x, packed, scale_zero, split_dynamic=False).to(x.dtype)
         if "ours_avx2" in names and "avx2" in kernel.q4_isas():
-            out["ours_avx2"] = lambda x: q4_cpu.q4_linear(kernel, x, packed, scale_zero,
+            out["ours_avx2"] = lambda x: q4_cpu.q4_linear(kernel, x, huge, huge_sz,
                                                           isa="avx2").to(x.dtype)
     if "torch_int4" in names:
         packed_t = torch._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
@@ -162,8 +176,11 @@ def main() -> None:
             plans[model] = MODELS[model]
     load = os.getloadavg()
     kernel = q4_cpu.load_kernel()
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp = thp.read_text().strip() if thp.exists() else "n/a"
     print(f"{args.threads} threads, {args.rounds} rounds, load average {load[0]:.2f} "
-          f"{load[1]:.2f} {load[2]:.2f}, q4 paths {kernel.q4_isas() if kernel else None}")
+          f"{load[1]:.2f} {load[2]:.2f}, q4 paths {kernel.q4_isas() if kernel else None}, "
+          f"THP {thp}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     results = []
     for plan, layers in plans.items():
         step = {}
@@ -186,6 +203,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(
         {"threads": args.threads, "rounds": args.rounds, "rows": rows,
+         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
          "load_average_start": load, "load_average_end": load_end, "results": results},
         indent=1))
     print(f"\nload average at the end {load_end[0]:.2f}; wrote {args.out}")

@@ -20,9 +20,14 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -50,6 +55,10 @@ constexpr int kRowChunkAvx2 = 4;   // AVX2 has 16 vector registers, not 32
 // multi-row calls were compute + memory (5 rows 1.85x one row), with it 1.3x; 2 KiB (8 groups
 // ahead) and 4 KiB did the same. Tiles are contiguous, so the prefetch runs into the next one.
 constexpr int kPrefetchBytes = 2048;
+// Tiles a thread takes at a time from the shared counter (64 tiles of a K=1536 layer: 960 KiB).
+constexpr int64_t kBlockTiles = 64;
+// Below this many weight bytes x rows a call runs on the calling thread alone.
+constexpr int64_t kMinSplitBytes = 256 << 10;
 
 // Which inner loop runs: the plain C++ one, AVX2, or AVX512-VNNI.
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kVnni = 2 };
@@ -302,6 +311,91 @@ void tile_dispatch_avx2(int MR, const uint8_t* w, const uint16_t* sz, const int8
 }
 #endif
 
+// Helper threads that take blocks of tiles from a shared counter, with no barrier: the calling
+// thread works too and then waits only for blocks a helper has claimed. On a loaded machine (the
+// dev VM runs ~10 jobs on 2 cores) an OpenMP region waits at its barrier for every thread to be
+// scheduled, ~20 ms a call; here a helper that wakes late finds the work done and goes back.
+// `state` packs the call's generation (high 24 bits) with the next unclaimed tile (low 40), so a
+// late helper's claim of an older call fails.
+class TilePool {
+ public:
+  using Fn = std::function<void(int64_t, int64_t)>;
+
+  void run(int64_t tiles, int64_t block, int helpers, const Fn& fn) {
+    std::lock_guard<std::mutex> serial(call_mutex_);  // one call at a time uses the pool
+    ensure(helpers);
+    const uint64_t gen = (state_.load() >> kIndexBits) + 1;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      fn_.store(&fn);
+      tiles_.store(tiles);
+      block_.store(block);
+      helpers_wanted_ = helpers;
+      done_.store(0);
+      state_.store(gen << kIndexBits);
+    }
+    wake_.notify_all();
+    work(gen);
+    while (done_.load(std::memory_order_acquire) < tiles) std::this_thread::yield();
+  }
+
+ private:
+  static constexpr int kIndexBits = 40;
+  static constexpr uint64_t kIndexMask = (uint64_t{1} << kIndexBits) - 1;
+
+  // Claims and runs blocks of call `gen` until none is left. A claim succeeds only while the
+  // call is current, so fn_, tiles_ and block_ read after it are that call's.
+  void work(uint64_t gen) {
+    uint64_t s = state_.load();
+    while ((s >> kIndexBits) == gen && static_cast<int64_t>(s & kIndexMask) < tiles_.load()) {
+      const int64_t begin = static_cast<int64_t>(s & kIndexMask);
+      const int64_t block = block_.load();
+      if (!state_.compare_exchange_weak(s, s + block)) continue;
+      const int64_t end = std::min(tiles_.load(), begin + block);
+      (*fn_.load())(begin, end);
+      done_.fetch_add(end - begin, std::memory_order_release);
+      s = state_.load();
+    }
+  }
+
+  void ensure(int helpers) {
+    while (static_cast<int>(threads_.size()) < helpers) {
+      const int id = static_cast<int>(threads_.size());
+      threads_.emplace_back([this, id] { loop(id); });
+      threads_.back().detach();
+    }
+  }
+
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t gen;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return (state_.load() >> kIndexBits) != seen; });
+        gen = state_.load() >> kIndexBits;
+        seen = gen;
+        if (id >= helpers_wanted_) continue;
+      }
+      work(gen);
+    }
+  }
+
+  std::mutex call_mutex_, mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<const Fn*> fn_{nullptr};
+  std::atomic<int64_t> tiles_{0}, block_{1};
+  int helpers_wanted_ = 0;
+  std::vector<std::thread> threads_;
+};
+
+TilePool& tile_pool() {
+  static TilePool* pool = new TilePool();  // never destroyed: helpers outlive static teardown
+  return *pool;
+}
+
 int64_t best_isa() {
   if (SPECDEC_Q4_VNNI) return kVnni;
   if (SPECDEC_Q4_AVX2) return kAvx2;
@@ -323,9 +417,11 @@ std::vector<std::string> q4_isas() {
 
 // x [M, K] (float32 or bfloat16 read as they are; other float dtypes converted), packed
 // [N/16, G, 4, 64] uint8, scale_zero [N/16, G, 2, 16] bf16 -> y [M, N] float32.
-// isa: 0 plain C++, 1 AVX2, 2 AVX512-VNNI, -1 the best compiled in.
+// isa: 0 plain C++, 1 AVX2, 2 AVX512-VNNI, -1 the best compiled in. split_dynamic: helper
+// threads take blocks of tiles from a shared counter, no barrier (TilePool); else
+// at::parallel_for's static split. Either way at::get_num_threads() threads at most.
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
-                        int64_t isa) {
+                        int64_t isa, bool split_dynamic) {
   TORCH_CHECK(x.dim() == 2, "q4_linear: x must be 2-D, got ", x.dim(), "-D");
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 4 && packed.size(2) == 4 &&
                   packed.size(3) == 64 && packed.is_contiguous(),
@@ -371,7 +467,7 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const float* xsp = xsum.data();
   float* yp = y.data_ptr<float>();
   const int64_t chunk = isa == kAvx2 ? kRowChunkAvx2 : kRowChunk;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  auto run_tiles = [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const uint8_t* wt = w + t * G * kTileGroupBytes;
       const uint16_t* szt = sz + t * G * 2 * kTile;
@@ -394,12 +490,26 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
         tile_scalar(MR, wt, szt, qt, dxp + m0 * G, xsp + m0 * G, K, G, yt, N);
       }
     }
-  });
+  };
+  // NOTE: small layers (k_proj: 16 tiles, 200 KB) are not worth waking a helper for.
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), tiles);
+  const bool small = tiles * G * kTileGroupBytes * std::max<int64_t>(1, M) < kMinSplitBytes;
+  if (threads <= 1 || small) {
+    run_tiles(0, tiles);
+  } else if (!split_dynamic) {
+    at::parallel_for(0, tiles, 1, run_tiles);
+  } else {
+    const int64_t block =
+        std::max<int64_t>(1, std::min<int64_t>(kBlockTiles, tiles / (4 * threads)));
+    tile_pool().run(tiles, block, static_cast<int>(threads - 1), run_tiles);
+  }
   return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_linear", &q4_linear, "4-bit weight x int8 activation matmul (CPU)");
+  m.def("q4_linear", &q4_linear, "4-bit weight x int8 activation matmul (CPU)",
+        py::arg("x"), py::arg("packed"), py::arg("scale_zero"), py::arg("isa"),
+        py::arg("split_dynamic") = true);
   m.def("q4_has_vnni", &q4_has_vnni, "whether the AVX512-VNNI path was compiled");
   m.def("q4_isas", &q4_isas, "the inner loops compiled in, best first");
 }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -34,6 +35,7 @@ ISAS = ("avx512vnni", "avx2", "scalar")  # the kernel's inner loops, best first
 _ISA_CODES = {"scalar": 0, "avx2": 1, "avx512vnni": 2}  # as q4_cpu.cpp's enum Isa
 GROUP_SIZE = 32
 TILE_COLUMNS = 16
+HUGEPAGE_BYTES = 2 << 20  # x86-64 transparent huge page
 
 _SOURCE = Path(__file__).with_name("q4_cpu.cpp")
 _log = logging.getLogger(__name__)
@@ -58,6 +60,32 @@ def q4_pack(codes: Tensor, scales: Tensor, zero_eff: Tensor) -> tuple[Tensor, Te
     sz = torch.stack([scales, zero_eff], dim=0).to(torch.bfloat16)  # [2, N, groups]
     sz = sz.reshape(2, tiles, TILE_COLUMNS, groups).permute(1, 3, 0, 2).contiguous()
     return packed, sz  # sz: [tiles, groups, 2, 16]
+
+
+def to_hugepages(t: Tensor) -> Tensor:
+    """A copy of `t` (CPU, contiguous) in 2 MiB-aligned anonymous memory advised
+    MADV_HUGEPAGE, for the packed weights: a 4-bit lm_head is 146 MB, 36k 4 KiB pages against
+    ~3k DTLB entries, and the kernel streams it once per step. Where THP is "madvise" (or
+    "always") the kernel backs the aligned 2 MiB spans with huge pages: same bytes, no extra
+    memory (the range is not rounded up; the tail stays in 4 KiB pages). Tensors under 2 MiB,
+    and hosts without MADV_HUGEPAGE or where madvise fails, keep `t` as it is."""
+    nbytes = t.numel() * t.element_size()
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if (advice is None or nbytes < HUGEPAGE_BYTES or t.device.type != "cpu"
+            or not t.is_contiguous()):
+        return t
+    # NOTE: over-map by one huge page to align the start; the untouched slack costs no memory.
+    region = mmap.mmap(-1, nbytes + HUGEPAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = torch.frombuffer(region, dtype=torch.uint8)  # keeps `region` alive
+    offset = -base.data_ptr() % HUGEPAGE_BYTES
+    try:
+        region.madvise(advice, offset, -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+    except OSError as error:
+        _log.debug("madvise(MADV_HUGEPAGE) failed (%s); keeping 4 KiB pages", error)
+        return t
+    out = base[offset:offset + nbytes].view(t.dtype).view(t.shape)
+    out.copy_(t)
+    return out
 
 
 def quantize_activations(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,14 +159,16 @@ def load_kernel(use_simd: bool = True):
 
 
 def q4_linear(kernel, x: Tensor, packed: Tensor, scale_zero: Tensor,
-              use_simd: bool = True, isa: str | None = None) -> Tensor:
+              use_simd: bool = True, isa: str | None = None,
+              split_dynamic: bool = True) -> Tensor:
     """x [M, K] -> y [M, N] float32 with the compiled kernel: the best inner loop compiled in
     (use_simd=True), the plain C++ one (use_simd=False), or the one `isa` names (one of ISAS
-    that `kernel.q4_isas()` lists; for tests and benchmarks)."""
+    that `kernel.q4_isas()` lists; for tests and benchmarks). split_dynamic=False splits the
+    tiles statically across threads (the earlier behaviour; for benchmarks)."""
     if isa is None:
         code = -1 if use_simd else _ISA_CODES["scalar"]
     elif isa not in _ISA_CODES:
         raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
     else:
         code = _ISA_CODES[isa]
-    return kernel.q4_linear(x, packed, scale_zero, code)
+    return kernel.q4_linear(x, packed, scale_zero, code, split_dynamic)

@@ -230,3 +230,80 @@ def test_int4_linear_takes_source_groups_as_they_are():
     torch.testing.assert_close(model[0](x), want, atol=0.02, rtol=0.02)
     with pytest.raises(ValueError, match="source_groups"):
         Int4Linear(torch.nn.Linear(64, 48), source_groups=(codes, scales, zero_eff))
+
+
+@pytest.mark.parametrize("dtype, shape", [(torch.uint8, (800, 12, 4, 64)),
+                                          (torch.bfloat16, (700, 48, 2, 16))])
+def test_to_hugepages_returns_an_aligned_equal_copy(dtype, shape):
+    t = torch.randint(0, 255, shape).to(dtype)  # 2.5 MB, 2.2 MB: over one huge page
+    assert t.numel() * t.element_size() >= q4_cpu.HUGEPAGE_BYTES
+    got = q4_cpu.to_hugepages(t)
+    if not hasattr(q4_cpu.mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no MADV_HUGEPAGE on this host: to_hugepages keeps the tensor")
+    assert got.data_ptr() != t.data_ptr() and got.data_ptr() % q4_cpu.HUGEPAGE_BYTES == 0
+    assert got.dtype == dtype and got.shape == t.shape and got.is_contiguous()
+    assert torch.equal(got, t)
+    del t
+    import gc
+
+    gc.collect()  # the copy keeps its mapping alive on its own
+    assert got.sum().item() == got.clone().sum().item()
+
+
+def test_to_hugepages_keeps_small_and_unsupported_tensors():
+    small = torch.zeros(1024, dtype=torch.uint8)
+    assert q4_cpu.to_hugepages(small) is small
+    strided = torch.zeros(2048, 1024, dtype=torch.uint8)[:, ::2]
+    assert q4_cpu.to_hugepages(strided) is strided
+
+
+def test_to_hugepages_falls_back_when_madvise_fails_or_is_missing(monkeypatch):
+    import mmap
+    import types
+
+    class Refusing(mmap.mmap):
+        def madvise(self, *args):
+            raise OSError(22, "Invalid argument")
+
+    fake = types.SimpleNamespace(MADV_HUGEPAGE=14, MAP_PRIVATE=mmap.MAP_PRIVATE,
+                                 MAP_ANONYMOUS=mmap.MAP_ANONYMOUS, PAGESIZE=mmap.PAGESIZE,
+                                 mmap=Refusing)
+    monkeypatch.setattr(q4_cpu, "mmap", fake)
+    t = torch.ones(3 << 20, dtype=torch.uint8)
+    assert q4_cpu.to_hugepages(t) is t
+    del fake.MADV_HUGEPAGE  # an OS without the advice
+    assert q4_cpu.to_hugepages(t) is t
+
+
+def test_kernel_on_hugepage_weights_and_both_thread_splits_is_bitwise_equal():
+    """The same tiles computed by the same code: the copy in huge pages, and blocks of tiles
+    taken from a shared counter against the static split, give identical outputs."""
+    kernel = q4_cpu.load_kernel()
+    if kernel is None:
+        pytest.skip("no SIMD q4 kernel here")
+    codes, scales, zero_eff = _random_layer(16 * 700, 256, 6)  # 700 tiles: uneven blocks
+    packed, scale_zero = q4_cpu.q4_pack(codes, scales, zero_eff)
+    huge, huge_sz = q4_cpu.to_hugepages(packed), q4_cpu.to_hugepages(scale_zero)
+    x = torch.randn(5, 256).bfloat16()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        static = q4_cpu.q4_linear(kernel, x, packed, scale_zero, split_dynamic=False)
+        dynamic = q4_cpu.q4_linear(kernel, x, packed, scale_zero)
+        on_huge = q4_cpu.q4_linear(kernel, x, huge, huge_sz)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(static, dynamic) and torch.equal(static, on_huge)
+    want = q4_cpu.q4_reference(x, codes, scales, zero_eff)
+    assert (dynamic - want).abs().max() <= 1e-5 * (want.abs().max() + 1.0) * 3
+
+
+def test_int4_linear_keeps_large_packed_weights_in_hugepages():
+    if q4_cpu.load_kernel() is None or not hasattr(q4_cpu.mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no SIMD q4 kernel or no MADV_HUGEPAGE here")
+    linear = torch.nn.Linear(2048, 2048, bias=False)  # packed: 2 MiB
+    qlinear = Int4Linear(linear)
+    assert qlinear.q4_packed.data_ptr() % q4_cpu.HUGEPAGE_BYTES == 0
+    # a buffer registered later (the quantized-model cache does so) goes there too
+    qlinear.register_buffer("q4_packed", qlinear.q4_packed.clone())
+    assert qlinear.q4_packed.data_ptr() % q4_cpu.HUGEPAGE_BYTES == 0

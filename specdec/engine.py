@@ -170,8 +170,14 @@ class Engine:
             kernels.require(128, torch.float32)  # fail before loading any weights
         self.tokenizer = load_tokenizer(config.model.path)
         self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
-        target = load_model(config.model.path, config.model.dtype, str(self.device),
-                            config.model.quantization)
+        self.parallel = None  # TensorParallelDriver: the target's other ranks (TP > 1)
+        if config.parallel.tensor_parallel_size > 1:
+            from specdec.model.parallel import start_tensor_parallel
+            self.parallel = start_tensor_parallel(config, self.device)
+            target = self.parallel.model  # rank 0's shard
+        else:
+            target = load_model(config.model.path, config.model.dtype, str(self.device),
+                                config.model.quantization)
         self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
         self.model_name = config.server.served_model_name or os.path.basename(
@@ -189,7 +195,8 @@ class Engine:
         self.max_model_len = self._max_model_len(target, draft)
         block_size = config.cache.block_size
         self.num_blocks = config.cache.num_blocks or self._auto_num_blocks(target, draft)
-        self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels)
+        self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels,
+                                         parallel=self.parallel)
         self.draft_runner = (ModelRunner(draft, self.num_blocks, block_size, use_kernels)
                              if draft else None)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
@@ -210,7 +217,9 @@ class Engine:
             self.k_max, spec.adaptive, self.target_runner.cost,
             self.draft_runner.cost if self.draft_runner else None, self.max_model_len)
         self.cuda_graphs = False
-        if self.device.type == "cuda" and dev.cuda_graphs:
+        # NOTE: eager under tensor parallelism: capturing the target would need every worker to
+        # capture the same graphs in step (NCCL can capture the all-reduce); not done yet.
+        if self.device.type == "cuda" and dev.cuda_graphs and self.parallel is None:
             # The verify window is [last, d1..dk] for any k the controller may pick.
             max_seqs = config.scheduler.max_num_seqs
             self.cuda_graphs = self.target_runner.capture_graphs(
@@ -242,6 +251,11 @@ class Engine:
     @classmethod
     def from_config(cls, config: Config) -> "Engine":
         return cls(config)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done at interpreter exit); a no-op at TP 1."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     # ---- set-up helpers -------------------------------------------------------------------
 
@@ -291,7 +305,8 @@ class Engine:
         runners = {"target": self.target_runner}
         models = {"target": {"path": resolve_model_path(self.config.model.path),
                              "dtype": self.config.model.dtype,
-                             "quantization": self.config.model.quantization}}
+                             "quantization": self.config.model.quantization,
+                             "tensor_parallel_size": self.config.parallel.tensor_parallel_size}}
         if self.draft_runner is not None:
             spec = self.config.spec
             # NOTE: the larger sizes price catch-up (a new request's prompt, or the tokens a

@@ -29,8 +29,11 @@ class ModelRunner:
     """Owns one model and its paged KV cache; `execute` returns float32 logits rows."""
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 use_kernels: bool = True):
+                 use_kernels: bool = True, parallel=None):
         self.model = model
+        # A specdec.model.parallel.TensorParallelDriver when `model` is rank 0's shard: every
+        # forward then goes through it (it sends the step's input to the other ranks first).
+        self.parallel = parallel
         self.device = model.device
         # CUDA: the CuPy kernels, checked here so that a missing or unsupported kernel is a
         # start-up error rather than a silent torch fallback (device.kernels = "torch" opts out).
@@ -41,6 +44,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
+        if parallel is not None:
+            parallel.allocate_kv(num_blocks, block_size)
         self.graph_runners: dict = {}  # query_len -> CudaGraphRunner
         self.lora = None  # a LoRAManager when adapters are enabled (target only)
         # Timing model for adaptive speculation: seconds = fixed + per_token * num_tokens.
@@ -107,12 +112,17 @@ class ModelRunner:
         if graphs is not None and batch.lora is None and graphs.can_run(batch):
             logits = graphs.run(batch)
         else:
-            logits = self.model(batch, self.kv_caches)
+            logits = self._forward(batch)
         logits = logits.float().cpu()
         if observe:
             self.cost.observe(len(batch.query_lens), int(batch.input_ids.shape[0]),
                               time.perf_counter() - t0)
         return logits
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        if self.parallel is not None:
+            return self.parallel.forward(batch, self.kv_caches)
+        return self.model(batch, self.kv_caches)
 
     def capture_graphs(self, query_lens: list[int], max_num_seqs: int, max_model_len: int,
                        debug: bool = False) -> bool:
@@ -140,7 +150,7 @@ class ModelRunner:
             batch.slot_mapping.fill_(-1)  # NOTE: timing only; never touch the real cache
             for i in range(repeats + 1):
                 t0 = time.perf_counter()
-                self.model(batch, self.kv_caches).float().cpu()
+                self._forward(batch).float().cpu()
                 if i:  # the first run is a warm-up
                     self.cost.observe(1, n, time.perf_counter() - t0)
 

@@ -1,0 +1,505 @@
+"""Tensor parallelism over torch.distributed: the target model split across N ranks.
+
+Rank 0 is the serving process (scheduler, drafter, sampling, server); ranks 1..N-1 are its
+child processes (torch.multiprocessing, spawn), started by `start_tensor_parallel`. Each step
+rank 0 broadcasts the step's plain input (token ids, positions, slot mapping, block tables,
+sequence lengths, query starts, logits rows) as one int64 tensor after a fixed 8-entry header,
+and every rank runs the target forward over its own shard and its own KV-cache shard. Block
+ids are the same on every rank, so the scheduler's bookkeeping does not change.
+
+Megatron's split, per decoder layer (vLLM's layout):
+- qkv_proj and gate_up_proj are column-parallel: rank r holds its query heads, its KV heads
+  and its slice of the intermediate rows; no communication.
+- o_proj and down_proj are row-parallel (the matching input columns), then one all-reduce
+  each; a row-parallel bias is added by rank 0 only.
+- embed_tokens and lm_head are vocabulary-parallel: rank r holds rows [r V/N, (r+1) V/N);
+  an id outside them embeds to zero there (then all-reduce), and rank 0 gathers the logits.
+
+Glossary:
+- KV group: the query heads that share one KV head (num_heads / num_kv_heads of them).
+- replicated KV heads: with fewer KV heads than ranks (N % num_kv_heads == 0) every rank holds
+  the one KV head its query heads read, so N / num_kv_heads ranks hold a copy of each.
+
+Two process groups: `meta` (gloo, on the CPU) carries the step header and input with a long
+timeout, because a worker waits on it while the server is idle; `compute` (gloo on the CPU,
+NCCL on CUDA) carries the all-reduces and the gather, with `parallel.timeout_s`.
+
+Faults: a watchdog thread on rank 0 waits on the workers' process sentinels, and a worker that
+exits while the engine runs makes the process exit 1 within a fraction of a second (after the
+worker's own error, which it stores in the TCPStore, is logged). A collective that fails or
+times out raises in the engine step (the server then exits 1). Each worker polls its parent
+and exits when the parent is gone, so no orphan outlives a killed server. `close()` (also at
+interpreter exit) stops the workers in order.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing.connection
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+logger = logging.getLogger("specdec.parallel")
+
+# Header entries (int64): op, num_tokens, num_seqs, max_blocks, num_logits, use_kernels, a, b.
+HEADER_LEN = 8
+OP_FORWARD, OP_ALLOCATE, OP_SHUTDOWN = 1, 2, 3
+IDLE_TIMEOUT = timedelta(days=365)  # the meta group: a worker waits there while the server idles
+PARENT_POLL_S = 0.2
+EXIT_FAULT = 1
+
+
+# ---------------------------------------------------------------------------------- layout
+
+@dataclass(frozen=True, slots=True)
+class ShardLayout:
+    """Which global rows of each split tensor rank `rank` of `world_size` holds.
+
+    Ranges are in heads (q_heads, kv_heads), intermediate rows and vocabulary rows; the
+    vocabulary shard is padded to `vocab_rows` rows so that every rank's logits have the same
+    width (the padding rows are zero and cut off after the gather)."""
+
+    rank: int
+    world_size: int
+    q_heads: range
+    kv_heads: range
+    intermediate: range
+    vocab: range
+    vocab_rows: int
+
+
+def _split(total: int, rank: int, world_size: int) -> range:
+    """Rank's contiguous share of `total` items, as even as possible (the first ones larger)."""
+    base, extra = divmod(total, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def shard_layout(arch, rank: int, world_size: int) -> ShardLayout:
+    """The rank's slice of a model (`arch`: specdec.model.llama._Arch).
+
+    KV heads split when num_kv_heads % N == 0 and are replicated when N % num_kv_heads == 0
+    (vLLM's two cases). Otherwise, with more KV heads than ranks, the KV groups are split as
+    evenly as they go (SmolLM2-135M: 9 heads in 3 groups -> 6 + 3 heads at N = 2), a case vLLM
+    refuses; query heads always follow their KV group, so a rank's heads keep the model's
+    grouping. The intermediate rows split as evenly as they go."""
+    heads, kv = arch.num_attention_heads, arch.num_key_value_heads
+    group = heads // kv  # query heads per KV head
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if kv >= world_size:
+        kv_heads = _split(kv, rank, world_size)
+        q_heads = range(kv_heads.start * group, kv_heads.stop * group)
+    elif world_size % kv == 0:
+        copies = world_size // kv  # ranks per KV head
+        if group % copies:
+            raise ValueError(f"parallel.tensor_parallel_size={world_size}: the "
+                             f"{group} query heads per KV head do not split over the "
+                             f"{copies} ranks that share each of the {kv} KV heads")
+        kv_heads = range(rank // copies, rank // copies + 1)
+        per_rank = group // copies
+        q_heads = range(rank * per_rank, (rank + 1) * per_rank)
+    else:
+        raise ValueError(f"parallel.tensor_parallel_size must divide num_key_value_heads={kv} "
+                         f"or be a multiple of it when larger, got {world_size}")
+    if arch.intermediate_size < world_size:
+        raise ValueError(f"parallel.tensor_parallel_size must be <= intermediate_size="
+                         f"{arch.intermediate_size}, got {world_size}")
+    vocab_rows = -(-arch.vocab_size // world_size)
+    start = rank * vocab_rows
+    vocab = range(min(start, arch.vocab_size), min(start + vocab_rows, arch.vocab_size))
+    return ShardLayout(rank, world_size, q_heads, kv_heads,
+                       _split(arch.intermediate_size, rank, world_size), vocab, vocab_rows)
+
+
+# ---------------------------------------------------------------------------------- collectives
+
+class TensorParallel:
+    """One rank's shard layout and the collectives its forward runs (specdec/model/llama.py
+    calls `shard_arch`, `embed`, `all_reduce` and `gather_logits`).
+
+    `comm_s` adds up the seconds spent in collectives (the benchmark reads it)."""
+
+    def __init__(self, rank: int, world_size: int, group=None) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.group = group  # the compute group; None: the default group
+        self.layout: ShardLayout | None = None
+        self.comm_s = 0.0
+
+    def shard_arch(self, arch):
+        """The per-rank arch: local head, KV head, intermediate and vocabulary counts."""
+        import dataclasses
+        self.layout = shard_layout(arch, self.rank, self.world_size)
+        lay = self.layout
+        return dataclasses.replace(arch, num_attention_heads=len(lay.q_heads),
+                                   num_key_value_heads=len(lay.kv_heads),
+                                   intermediate_size=len(lay.intermediate),
+                                   vocab_size=lay.vocab_rows)
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        # NOTE: contiguous: the CPU Linear's few-row path returns a transposed view, and a
+        # collective works on the storage
+        x = x.contiguous()
+        t0 = time.perf_counter()
+        dist.all_reduce(x, group=self.group)
+        self.comm_s += time.perf_counter() - t0
+        return x
+
+    def embed(self, weight: Tensor, input_ids: Tensor) -> Tensor:
+        """Vocabulary-parallel embedding: [num_tokens] -> [num_tokens, hidden] on every rank."""
+        vocab = self.layout.vocab
+        local = input_ids - vocab.start
+        outside = (local < 0) | (local >= len(vocab))  # [num_tokens]
+        hidden = F.embedding(local.masked_fill(outside, 0), weight)
+        return self.all_reduce(hidden.masked_fill(outside[:, None], 0.0))
+
+    def gather_logits(self, logits: Tensor, vocab_size: int) -> Tensor | None:
+        """[num_logits, vocab_rows] per rank -> [num_logits, vocab_size] on rank 0, None on
+        the others."""
+        t0 = time.perf_counter()
+        logits = logits.contiguous()
+        parts = ([torch.empty_like(logits) for _ in range(self.world_size)]
+                 if self.rank == 0 else None)
+        dist.gather(logits, parts, dst=0, group=self.group)
+        self.comm_s += time.perf_counter() - t0
+        if self.rank != 0:
+            return None
+        return torch.cat(parts, dim=-1)[:, :vocab_size]
+
+
+# ---------------------------------------------------------------------------------- weights
+
+_COLUMN = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "mlp", "up_proj": "mlp"}
+_ROW = {"o_proj": "q", "down_proj": "mlp"}
+
+
+def _shard_of(hf_name: str, layout: ShardLayout, head_dim: int):
+    """(dim, start, stop, rows) of the checkpoint tensor this rank reads: dim 0 or 1 is split,
+    None: read whole; rows pads the vocabulary shard. "zero": a row-parallel bias off rank 0."""
+    parts = hf_name.split(".")
+    name, kind = parts[-2] if len(parts) >= 2 else "", parts[-1]
+    spans = {"q": (layout.q_heads.start * head_dim, layout.q_heads.stop * head_dim),
+             "kv": (layout.kv_heads.start * head_dim, layout.kv_heads.stop * head_dim),
+             "mlp": (layout.intermediate.start, layout.intermediate.stop)}
+    if name in _COLUMN:
+        return (0, *spans[_COLUMN[name]], None)
+    if name in _ROW:
+        if kind == "bias":
+            return None if layout.rank == 0 else "zero"
+        return (1, *spans[_ROW[name]], None)
+    if name in ("embed_tokens", "lm_head"):
+        return (0, layout.vocab.start, layout.vocab.stop, layout.vocab_rows)
+    return None
+
+
+def load_sharded(model, path: str) -> None:
+    """Read this rank's slices of every checkpoint tensor (safetensors `get_slice`: only those
+    bytes are read) into the sharded model; ValueError naming a missing tensor."""
+    from safetensors import safe_open
+
+    from specdec.model.weights import safetensors_files
+
+    layout = model.tp.layout
+
+    def tensors():
+        for file in safetensors_files(path):
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    shard = _shard_of(name, layout, model.head_dim)
+                    if shard is None:
+                        yield name, f.get_tensor(name)
+                        continue
+                    if shard == "zero":
+                        yield name, torch.zeros(f.get_slice(name).get_shape())
+                        continue
+                    dim, start, stop, rows = shard
+                    piece = f.get_slice(name)
+                    tensor = piece[start:stop] if dim == 0 else piece[:, start:stop]
+                    if rows is not None and tensor.shape[0] < rows:
+                        tensor = F.pad(tensor, (0, 0, 0, rows - tensor.shape[0]))
+                    yield name, tensor
+    model.load_weights(tensors())
+
+
+# ---------------------------------------------------------------------------------- step input
+
+def pack_batch(batch) -> tuple[Tensor, Tensor]:
+    """ForwardBatch -> (header [8] int64, payload [n] int64), both on the CPU."""
+    num_seqs, max_blocks = batch.block_tables.shape
+    header = torch.tensor([OP_FORWARD, batch.input_ids.shape[0], num_seqs, max_blocks,
+                           batch.logits_indices.shape[0], int(batch.use_kernels), 0, 0],
+                          dtype=torch.int64)
+    payload = torch.cat([batch.input_ids.to("cpu", torch.int64),
+                         batch.positions.to("cpu", torch.int64),
+                         batch.slot_mapping.to("cpu", torch.int64),
+                         batch.block_tables.to("cpu", torch.int64).reshape(-1),
+                         batch.seq_lens.to("cpu", torch.int64),
+                         batch.query_start_loc.to("cpu", torch.int64),
+                         batch.logits_indices.to("cpu", torch.int64)])
+    return header, payload
+
+
+def payload_len(header: Tensor) -> int:
+    _, tokens, seqs, blocks, logits = header[:5].tolist()
+    return 3 * tokens + seqs * blocks + seqs + (seqs + 1) + logits
+
+
+def unpack_batch(header: Tensor, payload: Tensor, device: torch.device):
+    """The inverse of pack_batch, with the tensors on `device`."""
+    from specdec.model.llama import ForwardBatch
+
+    _, tokens, seqs, blocks, logits, use_kernels = header[:6].tolist()
+    sizes = [tokens, tokens, tokens, seqs * blocks, seqs, seqs + 1, logits]
+    ids, pos, slots, tables, seq_lens, qsl, rows = payload.split(sizes)
+    query_lens = (qsl[1:] - qsl[:-1]).tolist()
+    seq_lens_list = seq_lens.tolist()
+    dev = device
+    return ForwardBatch(
+        input_ids=ids.to(dev), positions=pos.to(dev), slot_mapping=slots.to(dev),
+        block_tables=tables.view(seqs, blocks).to(dev, torch.int32),
+        seq_lens=seq_lens.to(dev, torch.int32), query_start_loc=qsl.to(dev, torch.int32),
+        logits_indices=rows.to(dev), query_lens=query_lens, seq_lens_list=seq_lens_list,
+        use_kernels=bool(use_kernels))
+
+
+# ---------------------------------------------------------------------------------- processes
+
+@dataclass(frozen=True, slots=True)
+class WorkerArgs:
+    """What a worker needs: the target's path, dtype and length, its device and threads."""
+
+    rank: int
+    world_size: int
+    store_port: int
+    model_path: str
+    dtype: str
+    max_model_len: int | None
+    device: str  # this rank's device ("cpu" or "cuda:K")
+    num_threads: int
+    timeout_s: float
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device: the CPU, or the r-th CUDA device after the configured one."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    index = (device.index or 0) + rank
+    return torch.device("cuda", index)
+
+
+def per_rank_threads(num_threads: int, world_size: int) -> int:
+    """device.num_threads applies per rank; 0 (unset) shares the cores between the ranks."""
+    return num_threads or max(1, (os.cpu_count() or 1) // world_size)
+
+
+def _init_groups(rank: int, world_size: int, store, device: torch.device, timeout_s: float):
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                            timeout=IDLE_TIMEOUT)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    return dist.new_group(list(range(world_size)), timeout=timedelta(seconds=timeout_s),
+                          backend=backend)
+
+
+def _load_shard(args: WorkerArgs, tp: TensorParallel, device: torch.device):
+    from specdec.fetch import resolve_model_path
+    from specdec.model.llama import LlamaForCausalLM
+    from specdec.model.weights import load_config, parse_dtype
+
+    path = resolve_model_path(args.model_path)
+    model = LlamaForCausalLM(load_config(path), parse_dtype(args.dtype), device,
+                             max_model_len=args.max_model_len, tp=tp)
+    load_sharded(model, path)
+    return model.eval()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Worker side: exit as soon as the serving process is gone (no orphans)."""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL_S)
+    os._exit(EXIT_FAULT)
+
+
+def worker_main(args: WorkerArgs, parent_pid: int) -> None:
+    """A worker's life: join the groups, load its shard, then run forwards until shutdown."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # NOTE: Ctrl-C reaches rank 0, which stops us
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    torch.set_num_threads(args.num_threads)
+    store = dist.TCPStore("127.0.0.1", args.store_port, args.world_size, is_master=False,
+                          timeout=timedelta(seconds=max(args.timeout_s, 60.0)))
+    try:
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        group = _init_groups(args.rank, args.world_size, store, device, args.timeout_s)
+        tp = TensorParallel(args.rank, args.world_size, group)
+        model = _load_shard(args, tp, device)
+        _serve_steps(model, device)
+    except BaseException as exc:
+        store.set(f"error/{args.rank}", f"{type(exc).__name__}: {exc}")
+        raise
+    dist.destroy_process_group()
+
+
+@torch.inference_mode()
+def _serve_steps(model, device: torch.device) -> None:
+    kv_caches = None
+    header = torch.empty(HEADER_LEN, dtype=torch.int64)
+    while True:
+        dist.broadcast(header, src=0)
+        op = int(header[0])
+        if op == OP_SHUTDOWN:
+            return
+        if op == OP_ALLOCATE:
+            kv_caches = model.make_kv_caches(int(header[1]), int(header[2]))
+            continue
+        payload = torch.empty(payload_len(header), dtype=torch.int64)
+        dist.broadcast(payload, src=0)
+        model(unpack_batch(header, payload, device), kv_caches)
+
+
+class TensorParallelDriver:
+    """Rank 0's side: the workers, the groups, and `forward` (broadcast, then the local shard).
+
+    `broadcast_s` adds up the seconds spent sending step inputs; `tp.comm_s` those in the
+    forward's collectives; `steps` counts forwards."""
+
+    def __init__(self, world_size: int, device: torch.device, model_path: str, dtype: str,
+                 max_model_len: int | None, num_threads: int, timeout_s: float) -> None:
+        self.world_size = world_size
+        self.device = rank_device(device, 0)
+        self.timeout_s = timeout_s
+        self.broadcast_s = 0.0
+        self.steps = 0
+        self._closing = False
+        self._lock = threading.Lock()
+        if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + world_size:
+            raise ValueError(f"parallel.tensor_parallel_size={world_size} needs "
+                             f"{world_size} CUDA devices from {device}, "
+                             f"{torch.cuda.device_count()} are visible")
+        self.store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True,
+                                   wait_for_workers=False,
+                                   timeout=timedelta(seconds=max(timeout_s, 60.0)))
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.workers = []
+        for rank in range(1, world_size):
+            args = WorkerArgs(rank, world_size, self.store.port, model_path, dtype,
+                              max_model_len, str(rank_device(device, rank)), num_threads,
+                              timeout_s)
+            proc = ctx.Process(target=worker_main, args=(args, os.getpid()), daemon=True,
+                               name=f"specdec-tp-worker-{rank}")
+            proc.start()
+            self.workers.append(proc)
+        atexit.register(self.close)
+        self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                          name="specdec-tp-watchdog")
+        self._watchdog.start()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        group = _init_groups(0, world_size, self.store, self.device, timeout_s)
+        self.tp = TensorParallel(0, world_size, group)
+        self.model = _load_shard(WorkerArgs(0, world_size, self.store.port, model_path, dtype,
+                                            max_model_len, str(self.device), num_threads,
+                                            timeout_s), self.tp, self.device)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.workers]
+
+    def _watch(self) -> None:
+        multiprocessing.connection.wait([p.sentinel for p in self.workers])
+        if self._closing:
+            return
+        dead = [p for p in self.workers if not p.is_alive()]
+        for proc in dead:
+            rank = self.workers.index(proc) + 1
+            try:
+                error = self.store.get(f"error/{rank}").decode() if self.store.check(
+                    [f"error/{rank}"]) else "no error recorded"
+            except Exception:  # the store itself may be unreachable now
+                error = "no error recorded"
+            logger.critical("tensor-parallel worker rank %d (pid %d) exited with code %s "
+                            "(%s); stopping", rank, proc.pid, proc.exitcode, error)
+        for proc in self.workers:
+            if proc.is_alive():
+                proc.kill()
+        logging.shutdown()
+        os._exit(EXIT_FAULT)
+
+    def _broadcast(self, header: Tensor, payload: Tensor | None = None) -> None:
+        t0 = time.perf_counter()
+        dist.broadcast(header, src=0)
+        if payload is not None:
+            dist.broadcast(payload, src=0)
+        self.broadcast_s += time.perf_counter() - t0
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        """Every worker allocates its KV shard with the same block count as rank 0."""
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[:3] = torch.tensor([OP_ALLOCATE, num_blocks, block_size])
+        with self._lock:
+            self._broadcast(header)
+
+    def forward(self, batch, kv_caches) -> Tensor:
+        """Send the step's input to every worker, run rank 0's shard; the gathered logits."""
+        header, payload = pack_batch(batch)
+        with self._lock:
+            self._broadcast(header, payload)
+            self.steps += 1
+            return self.model(batch, kv_caches)
+
+    def comm_stats(self) -> dict:
+        """Seconds in collectives so far: broadcast of inputs, the forward's all-reduces and
+        gather, per step."""
+        steps = max(self.steps, 1)
+        return {"steps": self.steps, "broadcast_s": self.broadcast_s,
+                "forward_comm_s": self.tp.comm_s,
+                "per_step_ms": 1e3 * (self.broadcast_s + self.tp.comm_s) / steps}
+
+    def close(self) -> None:
+        """Stop the workers (a shutdown message, then join; kill after the timeout)."""
+        if self._closing:
+            return
+        self._closing = True
+        alive = [p for p in self.workers if p.is_alive()]
+        if alive and len(alive) == len(self.workers):
+            try:
+                header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+                header[0] = OP_SHUTDOWN
+                if self._lock.acquire(timeout=self.timeout_s):
+                    try:
+                        self._broadcast(header)
+                    finally:
+                        self._lock.release()
+            except Exception as exc:  # a broken group: fall through to kill
+                logger.warning("tensor-parallel shutdown message failed: %s", exc)
+        for proc in self.workers:
+            proc.join(timeout=5.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5.0)
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+        atexit.unregister(self.close)
+
+
+def start_tensor_parallel(config, device: torch.device) -> TensorParallelDriver:
+    """Spawn the N-1 workers of `config.parallel.tensor_parallel_size` and load rank 0's shard."""
+    par = config.parallel
+    threads = per_rank_threads(config.device.num_threads, par.tensor_parallel_size)
+    torch.set_num_threads(threads)
+    return TensorParallelDriver(par.tensor_parallel_size, device, config.model.path,
+                                config.model.dtype, config.model.max_model_len, threads,
+                                par.timeout_s)

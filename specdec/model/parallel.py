@@ -417,10 +417,12 @@ class TensorParallelDriver:
         return [p.pid for p in self.workers]
 
     def _watch(self) -> None:
-        multiprocessing.connection.wait([p.sentinel for p in self.workers])
+        ready = multiprocessing.connection.wait([p.sentinel for p in self.workers])
         if self._closing:
             return
-        dead = [p for p in self.workers if not p.is_alive()]
+        dead = [p for p in self.workers if p.sentinel in ready]
+        for proc in dead:  # NOTE: the sentinel closes a moment before the exit status exists
+            proc.join(timeout=2.0)
         for proc in dead:
             rank = self.workers.index(proc) + 1
             try:

@@ -54,6 +54,7 @@ logger = logging.getLogger("specdec.parallel")
 HEADER_LEN = 8
 OP_FORWARD, OP_ALLOCATE, OP_SHUTDOWN = 1, 2, 3
 IDLE_TIMEOUT = timedelta(days=365)  # the meta group: a worker waits there while the server idles
+LOAD_TIMEOUT = timedelta(minutes=30)  # the first message waits for every rank's weights
 PARENT_POLL_S = 0.2
 EXIT_FAULT = 1
 
@@ -382,6 +383,7 @@ class TensorParallelDriver:
         self.broadcast_s = 0.0
         self.steps = 0
         self._closing = False
+        self._failed = False
         self._lock = threading.Lock()
         if device.type == "cuda" and torch.cuda.device_count() < (device.index or 0) + world_size:
             raise ValueError(f"parallel.tensor_parallel_size={world_size} needs "
@@ -438,19 +440,29 @@ class TensorParallelDriver:
         logging.shutdown()
         os._exit(EXIT_FAULT)
 
-    def _broadcast(self, header: Tensor, payload: Tensor | None = None) -> None:
+    def _broadcast(self, header: Tensor, payload: Tensor | None = None,
+                   timeout: timedelta | None = None) -> None:
+        # NOTE: the meta group's own timeout is long (a worker waits there while the server
+        # idles), so the sender bounds each wait by parallel.timeout_s itself.
         t0 = time.perf_counter()
-        dist.broadcast(header, src=0)
-        if payload is not None:
-            dist.broadcast(payload, src=0)
+        timeout = timeout or timedelta(seconds=self.timeout_s)
+        try:
+            dist.broadcast(header, src=0, async_op=True).wait(timeout)
+            if payload is not None:
+                dist.broadcast(payload, src=0, async_op=True).wait(timeout)
+        except BaseException:
+            self._failed = True
+            raise
         self.broadcast_s += time.perf_counter() - t0
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
-        """Every worker allocates its KV shard with the same block count as rank 0."""
+        """Every worker allocates its KV shard with the same block count as rank 0 (the first
+        message: a worker may still be loading its shard, so the wait is LOAD_TIMEOUT; a
+        worker that dies meanwhile is caught by the watchdog)."""
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         header[:3] = torch.tensor([OP_ALLOCATE, num_blocks, block_size])
         with self._lock:
-            self._broadcast(header)
+            self._broadcast(header, timeout=LOAD_TIMEOUT)
 
     def forward(self, batch, kv_caches) -> Tensor:
         """Send the step's input to every worker, run rank 0's shard; the gathered logits."""
@@ -458,7 +470,11 @@ class TensorParallelDriver:
         with self._lock:
             self._broadcast(header, payload)
             self.steps += 1
-            return self.model(batch, kv_caches)
+            try:
+                return self.model(batch, kv_caches)
+            except BaseException:
+                self._failed = True  # the group is unusable now: close() kills the workers
+                raise
 
     def comm_stats(self) -> dict:
         """Seconds in collectives so far: broadcast of inputs, the forward's all-reduces and
@@ -474,7 +490,7 @@ class TensorParallelDriver:
             return
         self._closing = True
         alive = [p for p in self.workers if p.is_alive()]
-        if alive and len(alive) == len(self.workers):
+        if alive and len(alive) == len(self.workers) and not self._failed:
             try:
                 header = torch.zeros(HEADER_LEN, dtype=torch.int64)
                 header[0] = OP_SHUTDOWN

@@ -1,5 +1,6 @@
 """`python -m server --tensor-parallel-size 2` as a subprocess: the worker is its child; SIGTERM
-stops both and leaves no orphan; a killed worker makes the server exit non-zero, promptly."""
+stops both and leaves no orphan; a killed worker, or a stuck one (a collective that times out),
+makes the server exit non-zero instead of hanging."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _start(tmp_path, tiny_llama_dir):
+def _start(tmp_path, tiny_llama_dir, *extra: str):
     config = tmp_path / "server.toml"
     config.write_text(f'[model]\npath = "{tiny_llama_dir}"\nmax_model_len = 256\n'
                       f'[spec]\nmethod = "ngram"\nadaptive = false\n'
@@ -46,7 +47,7 @@ def _start(tmp_path, tiny_llama_dir):
     log_path = tmp_path / "server.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--config", str(config), "--port", str(port),
-         "--tensor-parallel-size", "2"],
+         "--tensor-parallel-size", "2", *extra],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(log_path, "wb"))
     try:
         _wait_ready(proc, url, log_path)
@@ -91,3 +92,21 @@ def test_killed_worker_makes_the_server_exit_non_zero(tmp_path, tiny_llama_dir):
         assert [pid for pid, _ in _children(proc.pid)] == []
     finally:
         proc.kill()
+
+
+def test_stuck_worker_times_out_and_the_server_exits_non_zero(tmp_path, tiny_llama_dir):
+    proc, url, log_path, worker = _start(tmp_path, tiny_llama_dir, "--parallel.timeout_s", "2")
+    try:
+        assert _completion(url) == 200
+        os.kill(worker, signal.SIGSTOP)  # alive, but answers no collective
+        assert _completion(url) == 500
+        code = proc.wait(HANG_GUARD_S)
+        assert code != 0, log_path.read_text()
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the stopped worker outlived the server"
+    finally:
+        proc.kill()
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)

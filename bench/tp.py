@@ -112,9 +112,16 @@ def main() -> int:
                             args.repeats)
         split = run_system(args.model, args.dtype, 2, max(1, args.threads // 2), batch,
                            args.max_tokens, args.repeats)
-        split["same_tokens_as_tp1"] = split.pop("outputs") == single.pop("outputs")
+        # TP=1 with one rank's threads: how much of TP=1's time is the thread count (under
+        # load, two OpenMP threads that wait on each other can cost more than they give)
+        half = run_system(args.model, args.dtype, 1, max(1, args.threads // 2), batch,
+                          args.max_tokens, args.repeats)
+        reference = single.pop("outputs")
+        split["same_tokens_as_tp1"] = split.pop("outputs") == reference
+        half["same_tokens_as_tp1"] = half.pop("outputs") == reference
         split["speed_vs_tp1"] = round(split["tok_s"] / single["tok_s"], 3)
-        rows += [single, split]
+        half["speed_vs_tp1"] = round(half["tok_s"] / single["tok_s"], 3)
+        rows += [single, split, half]
     print(f"{'tp':>3} {'thr/rank':>8} {'batch':>5} {'tok/s':>8} {'step ms':>8} "
           f"{'bcast ms':>8} {'coll ms':>8} {'comm %':>7} {'vs tp1':>6} same")
     for r in rows:

@@ -55,7 +55,7 @@ def run(args, path: str) -> list[dict]:
     import torch
 
     from specdec.core.config import from_dict
-    from specdec.model.parallel import start_tensor_parallel
+    from specdec.model.parallel_workers import start_tensor_parallel
     from specdec.model.weights import load_model
     from specdec.runner import ModelRunner, SeqSlice
 

@@ -172,7 +172,7 @@ class Engine:
         self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
         self.parallel = None  # TensorParallelDriver: the target's other ranks (TP > 1)
         if config.parallel.tensor_parallel_size > 1:
-            from specdec.model.parallel import start_tensor_parallel
+            from specdec.model.parallel_workers import start_tensor_parallel
             self.parallel = start_tensor_parallel(config, self.device)
             target = self.parallel.model  # rank 0's shard
         else:

@@ -31,7 +31,7 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  use_kernels: bool = True, parallel=None):
         self.model = model
-        # A specdec.model.parallel.TensorParallelDriver when `model` is rank 0's shard: every
+        # A specdec.model.parallel_workers.TensorParallelDriver when `model` is rank 0's shard: every
         # forward then goes through it (it sends the step's input to the other ranks first).
         self.parallel = parallel
         self.device = model.device

@@ -1,4 +1,4 @@
-"""Tensor parallelism (specdec/model/parallel.py) on the CPU: gloo, 2 processes.
+"""Tensor parallelism (specdec/model/parallel.py, parallel_workers.py): CPU, gloo, 2 ranks.
 
 The TP=2 logits equal the single-process model's within 1e-5 (float32) for a whole prefill, a
 chunked prefill, decodes and verify windows, on the tiny random Llama (KV heads split), Qwen2
@@ -13,7 +13,8 @@ import torch
 
 from specdec.core.config import ConfigError, from_dict
 from specdec.model.llama import _Arch
-from specdec.model.parallel import shard_layout, start_tensor_parallel
+from specdec.model.parallel import shard_layout
+from specdec.model.parallel_workers import start_tensor_parallel
 from specdec.model.weights import load_model
 from tests.conftest import PagedSequences, make_tiny_config, save_tiny_model
 

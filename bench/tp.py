@@ -126,7 +126,8 @@ def main() -> int:
           f"{'bcast ms':>8} {'coll ms':>8} {'comm %':>7} {'vs tp1':>6} same")
     for r in rows:
         print(f"{r['tp']:>3} {r['threads_per_rank']:>8} {r['batch']:>5} {r['tok_s']:>8} "
-              f"{r['step_ms']:>8} {r.get('broadcast_ms', '-'):>8} {r.get('collectives_ms', '-'):>8} "
+              f"{r['step_ms']:>8} {r.get('broadcast_ms', '-'):>8} "
+              f"{r.get('collectives_ms', '-'):>8} "
               f"{round(100 * r['comm_share'], 1) if 'comm_share' in r else '-':>7} "
               f"{r.get('speed_vs_tp1', '-'):>6} {r.get('same_tokens_as_tp1', '-')}")
     result = {"model": args.model, "dtype": args.dtype, "max_tokens": args.max_tokens,

@@ -31,8 +31,8 @@ class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
                  use_kernels: bool = True, parallel=None):
         self.model = model
-        # A specdec.model.parallel_workers.TensorParallelDriver when `model` is rank 0's shard: every
-        # forward then goes through it (it sends the step's input to the other ranks first).
+        # A specdec.model.parallel_workers.TensorParallelDriver when `model` is rank 0's shard:
+        # every forward then goes through it (it sends the step's input to the other ranks).
         self.parallel = parallel
         self.device = model.device
         # CUDA: the CuPy kernels, checked here so that a missing or unsupported kernel is a

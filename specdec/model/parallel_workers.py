@@ -105,6 +105,7 @@ class WorkerArgs:
     device: str  # this rank's device ("cpu" or "cuda:K")
     num_threads: int
     timeout_s: float
+    use_kernels: bool = True  # CUDA: require the CuPy kernels (device.kernels = "cupy")
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -162,6 +163,11 @@ def worker_main(args: WorkerArgs, parent_pid: int) -> None:
         group = _init_groups(args.rank, args.world_size, store, device, args.timeout_s)
         tp = TensorParallel(args.rank, args.world_size, group)
         model = _load_shard(args, tp, device)
+        if device.type == "cuda" and args.use_kernels:
+            # NOTE: as ModelRunner does on rank 0: a missing kernel fails the start, and the
+            # kernels read this rank's head counts from the tensors' shapes
+            from specdec.kernels import cupy as kernels
+            kernels.require(model.head_dim, model.dtype)
         _serve_steps(model, device)
     except BaseException as exc:
         store.set(f"error/{args.rank}", f"{type(exc).__name__}: {exc}")
@@ -193,7 +199,8 @@ class TensorParallelDriver:
     forward's collectives; `steps` counts forwards."""
 
     def __init__(self, world_size: int, device: torch.device, model_path: str, dtype: str,
-                 max_model_len: int | None, num_threads: int, timeout_s: float) -> None:
+                 max_model_len: int | None, num_threads: int, timeout_s: float,
+                 use_kernels: bool = True) -> None:
         self.world_size = world_size
         self.device = rank_device(device, 0)
         self.timeout_s = timeout_s
@@ -214,7 +221,7 @@ class TensorParallelDriver:
         for rank in range(1, world_size):
             args = WorkerArgs(rank, world_size, self.store.port, model_path, dtype,
                               max_model_len, str(rank_device(device, rank)), num_threads,
-                              timeout_s)
+                              timeout_s, use_kernels)
             proc = ctx.Process(target=worker_main, args=(args, os.getpid()), daemon=True,
                                name=f"specdec-tp-worker-{rank}")
             proc.start()
@@ -337,4 +344,4 @@ def start_tensor_parallel(config, device: torch.device) -> TensorParallelDriver:
     torch.set_num_threads(threads)
     return TensorParallelDriver(par.tensor_parallel_size, device, config.model.path,
                                 config.model.dtype, config.model.max_model_len, threads,
-                                par.timeout_s)
+                                par.timeout_s, config.device.kernels == "cupy")

@@ -156,3 +156,10 @@ def test_config_rejects_what_tp_does_not_split():
     with pytest.raises(ConfigError, match="lora must be off"):
         from_dict({"lora": {"enabled": True}, "parallel": {"tensor_parallel_size": 2}})
     assert from_dict({"parallel": {"tensor_parallel_size": 2}}).parallel.timeout_s == 30.0
+
+
+def test_command_line_flag_sets_the_config():
+    from server.__main__ import build_config
+    assert build_config(["--tensor-parallel-size", "2"]).parallel.tensor_parallel_size == 2
+    assert build_config(["-tp", "4", "--parallel.timeout_s", "5"]).parallel == \
+        from_dict({"parallel": {"tensor_parallel_size": 4, "timeout_s": 5}}).parallel

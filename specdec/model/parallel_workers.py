@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from specdec.model.parallel import TensorParallel, load_sharded
+from specdec.model.parallel import TensorParallel, load_sharded, shard_layout
 
 logger = logging.getLogger("specdec.parallel")
 
@@ -230,13 +230,19 @@ class TensorParallelDriver:
         self._watchdog = threading.Thread(target=self._watch, daemon=True,
                                           name="specdec-tp-watchdog")
         self._watchdog.start()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        group = _init_groups(0, world_size, self.store, self.device, timeout_s)
-        self.tp = TensorParallel(0, world_size, group)
-        self.model = _load_shard(WorkerArgs(0, world_size, self.store.port, model_path, dtype,
-                                            max_model_len, str(self.device), num_threads,
-                                            timeout_s), self.tp, self.device)
+        self.tp: TensorParallel | None = None
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            group = _init_groups(0, world_size, self.store, self.device, timeout_s)
+            self.tp = TensorParallel(0, world_size, group)
+            self.model = _load_shard(WorkerArgs(0, world_size, self.store.port, model_path,
+                                                dtype, max_model_len, str(self.device),
+                                                num_threads, timeout_s), self.tp, self.device)
+        except BaseException:
+            self._failed = True  # NOTE: no half-started group or worker outlives a failed start
+            self.close()
+            raise
 
     @property
     def pids(self) -> list[int]:
@@ -330,18 +336,32 @@ class TensorParallelDriver:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5.0)
-        try:
+        if dist.is_initialized():
             dist.destroy_process_group()
-        except Exception:
-            pass
         atexit.unregister(self.close)
+
+
+def check_layout(path: str, world_size: int) -> None:
+    """ValueError naming the sizes when the model does not split over `world_size` ranks,
+    before any process starts."""
+    from specdec.model.llama import _Arch
+    from specdec.model.weights import load_config
+
+    arch = _Arch.from_hf(load_config(path))
+    for rank in range(world_size):
+        shard_layout(arch, rank, world_size)
 
 
 def start_tensor_parallel(config, device: torch.device) -> TensorParallelDriver:
     """Spawn the N-1 workers of `config.parallel.tensor_parallel_size` and load rank 0's shard."""
+    from specdec.fetch import resolve_model_path
+
     par = config.parallel
     threads = per_rank_threads(config.device.num_threads, par.tensor_parallel_size)
     torch.set_num_threads(threads)
-    return TensorParallelDriver(par.tensor_parallel_size, device, config.model.path,
+    # NOTE: resolved (fetched, verified) once here; the workers get the directory
+    path = resolve_model_path(config.model.path, verify=True)
+    check_layout(path, par.tensor_parallel_size)
+    return TensorParallelDriver(par.tensor_parallel_size, device, path,
                                 config.model.dtype, config.model.max_model_len, threads,
                                 par.timeout_s, config.device.kernels == "cupy")

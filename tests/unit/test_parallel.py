@@ -163,3 +163,12 @@ def test_command_line_flag_sets_the_config():
     assert build_config(["--tensor-parallel-size", "2"]).parallel.tensor_parallel_size == 2
     assert build_config(["-tp", "4", "--parallel.timeout_s", "5"]).parallel == \
         from_dict({"parallel": {"tensor_parallel_size": 4, "timeout_s": 5}}).parallel
+
+
+def test_a_model_that_does_not_split_fails_before_any_process_starts(tiny_llama_dir):
+    import multiprocessing
+    config = from_dict({"model": {"path": tiny_llama_dir}, "device": {"device": "cpu"},
+                        "parallel": {"tensor_parallel_size": 3}})
+    with pytest.raises(ValueError, match="tensor_parallel_size.*num_key_value_heads=2.*got 3"):
+        start_tensor_parallel(config, torch.device("cpu"))
+    assert multiprocessing.active_children() == []

@@ -169,6 +169,7 @@ def test_a_model_that_does_not_split_fails_before_any_process_starts(tiny_llama_
     import multiprocessing
     config = from_dict({"model": {"path": tiny_llama_dir}, "device": {"device": "cpu"},
                         "parallel": {"tensor_parallel_size": 3}})
+    before = multiprocessing.active_children()  # a module fixture's driver may still run
     with pytest.raises(ValueError, match="tensor_parallel_size.*num_key_value_heads=2.*got 3"):
         start_tensor_parallel(config, torch.device("cpu"))
-    assert multiprocessing.active_children() == []
+    assert multiprocessing.active_children() == before

@@ -4,7 +4,8 @@
 # non-zero status of the tests and the benchmark. Writes under $OUT (if set; else a temp dir):
 #   preflight.txt, pytest_gpu.txt, junit_gpu.xml, gpu_bench.txt, gpu_bench.json (rewritten after
 #   every benchmark section, so a time-out still leaves the finished sections),
-#   gpu_bench_lora.txt, gpu_bench_lora.json (the LoRA section, run on its own).
+#   gpu_bench_lora.txt, gpu_bench_lora.json (the LoRA section, run on its own); with two or more
+#   CUDA devices also gpu_tp.txt and gpu_tp_{float32,bfloat16}.json (bench/gpu_tp.sh: TP=2).
 # Packages the device lacks (orjson, structlog, gguf) are installed from .gpu_wheels/ when
 # present: fill it here first with `bash bench/gpu_wheels.sh` and carry it.
 #   bash bench/gpu_check.sh
@@ -77,5 +78,7 @@ echo "lora bench exit code: $rc" | tee -a "$OUT/gpu_bench_lora.txt"
 grep -v "Writing model shards" "$OUT/gpu_bench_lora.txt" | tail -n 16
 # -- end LoRA
 
+# Tensor parallelism (TP=2 vs TP=1): its own script, a no-op with fewer than two devices.
+OUT="$OUT" PYTHON="$PY" bash bench/gpu_tp.sh; keep $?
 echo "== results under $OUT; exit $status"
 exit "$status"

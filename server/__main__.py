@@ -1,7 +1,8 @@
 """`python -m server` / `specdec serve`: load a config, bind, load the engine, serve, drain.
 
     specdec serve --config configs/X.toml [--host H] [--port P] [--api-key K]
-                  [--max-queued-requests N] [--shutdown-timeout S] [--section.key VALUE ...]
+                  [--max-queued-requests N] [--shutdown-timeout S] [--tensor-parallel-size N]
+                  [--section.key VALUE ...]
                   [--lora-modules NAME=PATH|'{"name": N, "path": P}' ...]
 
 The socket is bound before the engine loads, so /health answers 503 while loading. SIGTERM or
@@ -35,6 +36,8 @@ def build_config(argv: list[str]) -> Config:
                                           "(env SPECDEC_API_KEY)")
     parser.add_argument("--max-queued-requests", type=int)
     parser.add_argument("--shutdown-timeout", type=float)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int,
+                        help="split the target model over N ranks (N - 1 worker processes)")
     parser.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH",
                         help='LoRA adapters (PEFT directories) served as model NAME; also '
                              'the JSON form {"name", "path", "base_model_name"}')
@@ -43,7 +46,8 @@ def build_config(argv: list[str]) -> Config:
     for flag, key in (("host", "server.host"), ("port", "server.port"),
                       ("api_key", "server.api_key"),
                       ("max_queued_requests", "server.max_queued_requests"),
-                      ("shutdown_timeout", "server.shutdown_timeout")):
+                      ("shutdown_timeout", "server.shutdown_timeout"),
+                      ("tensor_parallel_size", "parallel.tensor_parallel_size")):
         value = getattr(args, flag)
         if value is not None:
             overrides[key] = value

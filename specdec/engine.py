@@ -180,8 +180,14 @@ class Engine:
         target_path = resolve_model_path(config.model.path, verify=True)
         self.tokenizer = load_tokenizer(target_path)
         self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
-        target = load_model(target_path, config.model.dtype, str(self.device),
-                            config.model.quantization)
+        self.parallel = None  # TensorParallelDriver: the target's other ranks (TP > 1)
+        if config.parallel.tensor_parallel_size > 1:
+            from specdec.model.parallel_workers import start_tensor_parallel
+            self.parallel = start_tensor_parallel(config, self.device)
+            target = self.parallel.model  # rank 0's shard
+        else:
+            target = load_model(target_path, config.model.dtype, str(self.device),
+                                config.model.quantization)
         self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
         self.model_name = config.server.served_model_name or os.path.basename(
@@ -203,7 +209,8 @@ class Engine:
             short = short_pool_message(self.num_blocks, block_size, self.max_model_len)
             if short:
                 logger.warning("%s", short)
-        self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels)
+        self.target_runner = ModelRunner(target, self.num_blocks, block_size, use_kernels,
+                                         parallel=self.parallel)
         self.draft_runner = (ModelRunner(draft, self.num_blocks, block_size, use_kernels)
                              if draft else None)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.num_blocks,
@@ -227,7 +234,9 @@ class Engine:
             self.k_max, spec.adaptive, self.target_runner.cost,
             self.draft_runner.cost if self.draft_runner else None, self.max_model_len)
         self.cuda_graphs = False
-        if self.device.type == "cuda" and dev.cuda_graphs:
+        # NOTE: eager under tensor parallelism: capturing the target would need every worker to
+        # capture the same graphs in step (NCCL can capture the all-reduce); not done yet.
+        if self.device.type == "cuda" and dev.cuda_graphs and self.parallel is None:
             # The verify window is [last, d1..dk] for any k the controller may pick.
             max_seqs = config.scheduler.max_num_seqs
             pool = torch.cuda.graph_pool_handle()  # one pool for every runner and bucket
@@ -281,6 +290,11 @@ class Engine:
             self._idle_work.pop(0)()
         return bool(self._idle_work)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done at interpreter exit); a no-op at TP 1."""
+        if self.parallel is not None:
+            self.parallel.close()
+
     # ---- set-up helpers -------------------------------------------------------------------
 
     def _max_model_len(self, target, draft) -> int:
@@ -330,7 +344,8 @@ class Engine:
         runners = {"target": self.target_runner}
         models = {"target": {"path": resolve_model_path(self.config.model.path),
                              "dtype": self.config.model.dtype,
-                             "quantization": self.config.model.quantization}}
+                             "quantization": self.config.model.quantization,
+                             "tensor_parallel_size": self.config.parallel.tensor_parallel_size}}
         if self.draft_runner is not None:
             spec = self.config.spec
             # NOTE: the larger sizes price catch-up (a new request's prompt, or the tokens a

@@ -13,10 +13,16 @@ from specdec.core.request import SamplingParams
 from specdec.model.lora import LoRARequest  # noqa: F401 - vLLM's import site: specdec.llm
 
 class LLM:
-    """Offline API in vLLM's shape: `LLM(config)`, `generate(prompts, params)`, `chat(...)`."""
+    """Offline API in vLLM's shape: `LLM(config)`, `generate(prompts, params)`, `chat(...)`.
 
-    def __init__(self, config: Config | None = None, **overrides):
+    `tensor_parallel_size=N` (vLLM's keyword) is `parallel.tensor_parallel_size`; other
+    overrides are dotted config keys."""
+
+    def __init__(self, config: Config | None = None, tensor_parallel_size: int | None = None,
+                 **overrides):
         config = config or Config()
+        if tensor_parallel_size is not None:
+            overrides["parallel.tensor_parallel_size"] = tensor_parallel_size
         if overrides:
             config = config.replace(**overrides)
         self.engine = Engine(config)
@@ -113,8 +119,13 @@ def generate_main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--chat", action="store_true", help="apply the chat template")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int,
+                        help="split the target model over N ranks (N - 1 worker processes)")
     args, rest = parser.parse_known_args(argv)
-    llm = LLM.from_config(args.config, **parse_overrides(rest))
+    overrides = parse_overrides(rest)
+    if args.tensor_parallel_size is not None:
+        overrides["parallel.tensor_parallel_size"] = args.tensor_parallel_size
+    llm = LLM.from_config(args.config, **overrides)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     t0 = time.perf_counter()
     if args.chat:
@@ -129,4 +140,5 @@ def generate_main(argv: list[str]) -> int:
         print(f"--- {prompt!r}\n{c.text}\n[{len(c.token_ids)} tokens, {c.finish_reason}, "
               f"acceptance length {out.metrics.acceptance_length:.2f}]")
     print(f"{total} tokens in {seconds:.2f}s = {total / seconds:.1f} tok/s")
+    llm.engine.close()
     return 0

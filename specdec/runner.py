@@ -65,8 +65,11 @@ class ModelRunner:
     """
 
     def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int,
-                 use_kernels: bool = True):
+                 use_kernels: bool = True, parallel=None):
         self.model = model
+        # A specdec.model.parallel_workers.TensorParallelDriver when `model` is rank 0's shard:
+        # every forward then goes through it (it sends the step's input to the other ranks).
+        self.parallel = parallel
         self.device = model.device
         # CUDA: the CuPy kernels, checked here so that a missing or unsupported kernel is a
         # start-up error rather than a silent torch fallback (device.kernels = "torch" opts out).
@@ -77,6 +80,8 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.kv_caches = model.make_kv_caches(num_blocks, block_size)
+        if parallel is not None:
+            parallel.allocate_kv(num_blocks, block_size)
         self.graph_runners: dict = {}  # query_len -> CudaGraphRunner
         # Window lengths that ragged batches are padded to (the captured graphs' query lens;
         # tests set it on the CPU, where the padded batch runs eager with the same result).
@@ -200,7 +205,10 @@ class ModelRunner:
         return logits
 
     def _forward(self, batch) -> Tensor:
-        """A captured graph when one fits the batch, else the eager model."""
+        """The TP ranks together, a captured graph when one fits the batch, else the eager
+        model."""
+        if self.parallel is not None:
+            return self.parallel.forward(batch, self.kv_caches)
         graphs = self.graph_runners.get(batch.query_lens[0])
         if graphs is not None and graphs.can_run(batch):  # can_run checks LoRA fits
             return graphs.run(batch)

@@ -10,6 +10,7 @@ A config file has one table per section; every key is a field of that section's 
     [server]     host, port, api_key, max_queued_requests, shutdown_timeout, served_model_name, ui, ...
     [device]     device, num_threads, cuda_graphs, seed
     [lora]       enabled, modules, max_loras, max_lora_rank, max_cpu_loras, allow_runtime_updates
+    [parallel]   tensor_parallel_size, timeout_s
 
 Unknown sections or keys and bad values raise ConfigError naming the key.
 """
@@ -258,6 +259,21 @@ def parse_lora_modules(value) -> tuple:
 
 
 @dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """Tensor parallelism of the target model (specdec/model/parallel.py): N ranks, rank 0 the
+    serving process and N - 1 worker processes it spawns. `timeout_s` bounds each collective of
+    a step (a stuck or dead rank fails the step instead of hanging it)."""
+
+    tensor_parallel_size: int = 1
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.tensor_parallel_size <= 64, "parallel.tensor_parallel_size",
+               self.tensor_parallel_size, "in [1, 64]")
+        _check(self.timeout_s > 0, "parallel.timeout_s", self.timeout_s, "> 0")
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -266,8 +282,11 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
+        if self.parallel.tensor_parallel_size > 1:
+            check_parallel(self)
         if self.device.device != "auto":
             check_device(self, self.device.device.partition(":")[0])
 
@@ -279,7 +298,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
                   "spec": SpecConfig, "server": ServerConfig, "device": DeviceConfig,
-                  "lora": LoRAConfig}
+                  "lora": LoRAConfig, "parallel": ParallelConfig}
 
 
 def check_device(config: Config, device_type: str) -> None:
@@ -295,6 +314,19 @@ def check_device(config: Config, device_type: str) -> None:
             raise ConfigError(f"{key} must be unset on device {device_type!r}, got {value!r}: "
                               f"the {value} kernels run on the CPU only (set "
                               f'device.device = "cpu", or unset {key})')
+
+
+def check_parallel(config: Config) -> None:
+    """ConfigError for what tensor parallelism does not run: a quantized target (the int8/int4
+    layers are not split) and LoRA adapters (not split either)."""
+    size = config.parallel.tensor_parallel_size
+    if config.model.quantization is not None:
+        raise ConfigError(f"model.quantization must be unset with parallel.tensor_parallel_size"
+                          f"={size}, got {config.model.quantization!r}: quantized weights are "
+                          f"not split across ranks (the draft may stay quantized)")
+    if config.lora.active:
+        raise ConfigError(f"lora must be off with parallel.tensor_parallel_size={size}: "
+                          f"adapters are not split across ranks")
 
 
 def to_dict(config: Config) -> dict[str, dict]:

@@ -122,10 +122,14 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, layer_id: int, dtype: torch.dtype) -> None:
+    """`cfg`: the arch, or under tensor parallelism this rank's shard of it (local head and
+    intermediate counts); `tp` then all-reduces the row-parallel o_proj and down_proj."""
+
+    def __init__(self, cfg, layer_id: int, dtype: torch.dtype, tp=None) -> None:
         super().__init__()
         hidden = cfg.hidden_size
         self.layer_id = layer_id
+        self.tp = tp
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -162,13 +166,18 @@ class DecoderLayer(nn.Module):
                                    batch.seq_lens_list, use_kernels=fused)
         # attn: [num_tokens, num_heads, head_dim]
         attn = attn.reshape(num_tokens, self.q_size)
-        normed, hidden = ops.rms_norm(self._lora(batch, "o", attn, self.o_proj(attn)),
+        normed, hidden = ops.rms_norm(self._reduce(self._lora(batch, "o", attn,
+                                                              self.o_proj(attn))),
                                       self.post_attention_layernorm.weight,
                                       self.post_attention_layernorm.eps, residual=hidden,
                                       use_kernels=fused)
         gate_up = self._lora(batch, "gate_up", normed, self.gate_up_proj(normed))
         act = ops.silu_mul(gate_up, use_kernels=fused)
-        return hidden + self._lora(batch, "down", act, self.down_proj(act))
+        return hidden + self._reduce(self._lora(batch, "down", act, self.down_proj(act)))
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        # Row-parallel output: each rank's partial sum [num_tokens, hidden] -> the full sum
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def _lora(self, batch: ForwardBatch, fused: str, x: Tensor, y: Tensor) -> Tensor:
         # y = proj(x) [num_tokens, out]; plus each token's adapter delta (specdec.model.lora)
@@ -225,12 +234,14 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only Llama-family model over a paged KV cache.
 
     `max_model_len` (optional) bounds the precomputed rotary table; default
-    max_position_embeddings."""
+    max_position_embeddings. `tp` (a specdec.model.parallel.TensorParallel): build this
+    rank's shard only; the forward then returns the logits on rank 0 and None elsewhere."""
 
     def __init__(self, hf_config, dtype: torch.dtype, device: torch.device | str = "cpu",
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, tp=None) -> None:
         super().__init__()
         arch = _Arch.from_hf(hf_config)
+        self.tp = tp
         self.config = hf_config
         self.arch = arch
         self.dtype = dtype
@@ -244,14 +255,16 @@ class LlamaForCausalLM(nn.Module):
         if arch.num_attention_heads % arch.num_key_value_heads != 0:
             raise ValueError(f"num_attention_heads={arch.num_attention_heads} must be a "
                              f"multiple of num_key_value_heads={arch.num_key_value_heads}")
+        local = arch if tp is None else tp.shard_arch(arch)  # this rank's heads and rows
+        self.num_kv_heads = local.num_key_value_heads
         # NOTE: _weight skips nn.Embedding's normal_() init, which even on the meta device
         # imports torch._dynamo (1-4 s of a start-up on the dev VM).
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, _weight=torch.empty(
-            arch.vocab_size, arch.hidden_size, device="meta", dtype=dtype))
-        self.layers = nn.ModuleList(DecoderLayer(arch, i, dtype)
+        self.embed_tokens = nn.Embedding(local.vocab_size, arch.hidden_size, _weight=torch.empty(
+            local.vocab_size, arch.hidden_size, device="meta", dtype=dtype))
+        self.layers = nn.ModuleList(DecoderLayer(local, i, dtype, tp)
                                     for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
-        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False, device="meta",
+        self.lm_head = Linear(arch.hidden_size, local.vocab_size, bias=False, device="meta",
                                  dtype=dtype)
         _materialize(self, self.device)  # NOTE: no random init; weights come from load
         if arch.tie_word_embeddings:
@@ -269,14 +282,12 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()  # NOTE: not inference_mode: callers may edit the logits in place
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """Returns float32 logits [num_logits, vocab_size] for batch.logits_indices."""
-        input_ids = batch.input_ids
-        if self.num_real_tokens < self.vocab_size:
-            input_ids = input_ids.clamp(max=self.num_real_tokens - 1)
-        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        if self.num_real_tokens < self.vocab_size:
-            padded = (batch.input_ids >= self.num_real_tokens)[:, None]  # [num_tokens, 1]
-            hidden = hidden.masked_fill(padded, 0.0)  # padded rows embed to zero
+        """Returns float32 logits [num_logits, vocab_size] for batch.logits_indices (under
+        tensor parallelism: on rank 0; None on the other ranks)."""
+        if self.tp is not None:  # NOTE: ids past the real rows are on no rank: they embed to 0
+            hidden = self.tp.embed(self.embed_tokens.weight, batch.input_ids)
+        else:
+            hidden = self._embed(batch.input_ids)  # [num_tokens, hidden_size]
         cos = self.rope_cos[batch.positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
         sin = self.rope_sin[batch.positions].unsqueeze(1)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -284,10 +295,21 @@ class LlamaForCausalLM(nn.Module):
         hidden = hidden.index_select(0, batch.logits_indices)  # [num_logits, hidden_size]
         # [num_logits, num_real_tokens]
         logits = self.lm_head(self.norm(hidden, batch.use_kernels)).float()
+        if self.tp is not None:  # [num_logits, vocab rows of this rank] -> rank 0's full rows
+            logits = self.tp.gather_logits(logits, self.num_real_tokens)
+            if logits is None:
+                return None
         if self.num_real_tokens < self.vocab_size:
             logits = torch.nn.functional.pad(logits, (0, self.vocab_size - self.num_real_tokens),
                                              value=float("-inf"))  # never sampled
         return logits  # [num_logits, vocab_size]
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        if self.num_real_tokens == self.vocab_size:
+            return self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids.clamp(max=self.num_real_tokens - 1))
+        padded = (input_ids >= self.num_real_tokens)[:, None]  # [num_tokens, 1]
+        return hidden.masked_fill(padded, 0.0)  # padded rows embed to zero
 
     def pad_vocab(self, vocab_size: int) -> None:
         """Present a vocabulary of `vocab_size` rows (another model's padding of the same

@@ -74,7 +74,10 @@ def calibration_key(device: torch.device, models: dict[str, dict],
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": machine_id(device), "block_size": block_size,
         "models": {role: {**model_id(m["path"]), "dtype": str(m["dtype"]),
-                          "quantization": m["quantization"]} for role, m in models.items()},
+                          "quantization": m["quantization"],
+                          **({"tensor_parallel_size": m["tensor_parallel_size"]}
+                             if m.get("tensor_parallel_size", 1) > 1 else {})}
+                   for role, m in models.items()},
         "token_counts": token_counts,
     }
 

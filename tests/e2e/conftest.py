@@ -7,7 +7,9 @@ engine has a thread of its own inside); tests talk to it over real HTTP with the
 - `spec_server`: the tiny Llama target with the tiny draft model (spec.method = "draft").
 - `ngram_server`: the same target with the n-gram drafter, small admission limits
   (max_num_seqs 2 + max_queued_requests 1 = 3 choices in flight) and a 64 KiB body limit.
-Both pin k = 3 (spec.adaptive = false): an adaptive server times the two tiny models on this
+- `tp_spec_server` (module scope): `spec_server` at parallel.tensor_parallel_size = 2 (one
+  spawned worker process; closed after the module, since a process holds one TP group).
+All pin k = 3 (spec.adaptive = false): an adaptive server times the two tiny models on this
 machine and may never speculate. The `drafted` fixture asserts that a test's server verified
 drafts while it ran.
 """
@@ -104,6 +106,19 @@ def spec_server(tiny_llama_dir, tiny_draft_dir):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def tp_spec_server(tiny_llama_dir, tiny_draft_dir):
+    config = make_config(tiny_llama_dir,
+                         spec={"method": "draft", "draft_model": tiny_draft_dir,
+                               "num_speculative_tokens": 3, "adaptive": False},
+                         server={"served_model_name": SPEC_MODEL},
+                         parallel={"tensor_parallel_size": 2})
+    server = LiveServer(config).start()
+    yield server
+    server.stop()
+    server.app.engine.close()  # the worker process and the process group
+
+
 @pytest.fixture(scope="session")
 def ngram_server(tiny_llama_dir):
     config = make_config(tiny_llama_dir,
@@ -124,6 +139,8 @@ def drafted(request):
     names = request.fixturenames
     if "live" in names:
         server = request.getfixturevalue("live")[0]
+    elif "spec_any" in names:
+        server = request.getfixturevalue("spec_any")
     else:
         server = request.getfixturevalue("spec_server" if "spec_server" in names
                                          else "ngram_server")

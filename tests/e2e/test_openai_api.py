@@ -10,9 +10,18 @@ MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Tell me about the quick brown fox."}]
 
 
-@pytest.fixture(params=["spec", "ngram"])
-def live(request, spec_server, ngram_server):
-    return (spec_server, SPEC_MODEL) if request.param == "spec" else (ngram_server, NGRAM_MODEL)
+@pytest.fixture(params=["spec", "ngram", "spec-tp2"])
+def live(request):
+    name, model = {"spec": ("spec_server", SPEC_MODEL), "ngram": ("ngram_server", NGRAM_MODEL),
+                   "spec-tp2": ("tp_spec_server", SPEC_MODEL)}[request.param]
+    return request.getfixturevalue(name), model
+
+
+@pytest.fixture(params=["tp1", "tp2"])
+def spec_any(request):
+    """The speculative server at tensor_parallel_size 1 and 2 (the tests that take it)."""
+    return request.getfixturevalue("spec_server" if request.param == "tp1"
+                                   else "tp_spec_server")
 
 
 def _prompt_len(server, messages) -> int:
@@ -55,9 +64,9 @@ def test_chat_stream_equals_non_stream_at_temperature_zero(live, drafted):
     assert all(c.usage is None for c in chunks[:-1])
 
 
-def test_completions_stream_and_non_stream(spec_server, drafted):
-    client = spec_server.client()
-    tok = spec_server.app.engine.tokenizer
+def test_completions_stream_and_non_stream(spec_any, drafted):
+    client = spec_any.client()
+    tok = spec_any.app.engine.tokenizer
     prompt = "Once upon a time there was"
     full = client.completions.create(model=SPEC_MODEL, prompt=prompt, max_tokens=20,
                                      temperature=0, extra_body={"ignore_eos": True})
@@ -89,8 +98,8 @@ def test_completions_token_id_prompts_and_prompt_lists(spec_server, drafted):
     assert multi.usage.completion_tokens == 4 * 6
 
 
-def test_n3_with_seed_gives_three_seeded_choices(spec_server, drafted):
-    client = spec_server.client()
+def test_n3_with_seed_gives_three_seeded_choices(spec_any, drafted):
+    client = spec_any.client()
     kwargs = dict(model=SPEC_MODEL, messages=MESSAGES, max_tokens=12, temperature=1.0, n=3,
                   seed=1234, extra_body={"ignore_eos": True, "num_speculative_tokens": 3})
     first = client.chat.completions.create(**kwargs)
@@ -114,8 +123,8 @@ def test_n3_with_seed_gives_three_seeded_choices(spec_server, drafted):
     assert finishes == {0: ["length"], 1: ["length"], 2: ["length"]}
 
 
-def test_chat_logprobs_shape(spec_server, drafted):
-    client = spec_server.client()
+def test_chat_logprobs_shape(spec_any, drafted):
+    client = spec_any.client()
     out = client.chat.completions.create(model=SPEC_MODEL, messages=MESSAGES, max_tokens=5,
                                          temperature=0, logprobs=True, top_logprobs=3,
                                          extra_body={"ignore_eos": True})
@@ -145,8 +154,8 @@ def test_completion_logprobs_shape(spec_server, drafted):
     assert all(1 <= len(top) <= 3 and tok in top for tok, top in zip(lp.tokens, lp.top_logprobs))
 
 
-def test_stop_sequence(spec_server, drafted):
-    client = spec_server.client()
+def test_stop_sequence(spec_any, drafted):
+    client = spec_any.client()
     base = client.completions.create(model=SPEC_MODEL, prompt="The quick brown", max_tokens=24,
                                      temperature=0, extra_body={"ignore_eos": True})
     text = base.choices[0].text
@@ -182,17 +191,17 @@ def test_num_speculative_tokens_zero_matches_greedy(spec_server, drafted):
     assert spec.choices[0].text == plain.choices[0].text
 
 
-def test_models_health_version(spec_server):
-    models = spec_server.client().models.list()
+def test_models_health_version(spec_any):
+    models = spec_any.client().models.list()
     assert [m.id for m in models.data] == [SPEC_MODEL]
-    status, _, body = http("GET", spec_server.base_url + "/health")
+    status, _, body = http("GET", spec_any.base_url + "/health")
     assert status == 200
-    status, _, body = http("GET", spec_server.base_url + "/version")
+    status, _, body = http("GET", spec_any.base_url + "/version")
     assert status == 200 and b'"version"' in body
 
 
-def test_raw_sse_framing(spec_server, drafted):
-    status, headers, body = http("POST", spec_server.base_url + "/v1/completions",
+def test_raw_sse_framing(spec_any, drafted):
+    status, headers, body = http("POST", spec_any.base_url + "/v1/completions",
                                  {"prompt": "Hello", "max_tokens": 5, "stream": True,
                                   "temperature": 0, "ignore_eos": True})
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")

@@ -110,8 +110,13 @@ class SpecConfig:
     adaptive: bool = True
     ngram_min: int = 1
     ngram_max: int = 4
+    # The draft's lm_head keeps only token ids below this (None: all): a cheaper draft step;
+    # the draft never proposes the others, and verification keeps the output exact.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.draft_vocab_size is None or self.draft_vocab_size > 0,
+               "spec.draft_vocab_size", self.draft_vocab_size, "unset or positive")
         _check(self.method in SPEC_METHODS, "spec.method", self.method, f"one of {SPEC_METHODS}")
         _check(self.method != "draft" or bool(self.draft_model), "spec.draft_model",
                self.draft_model, 'set when spec.method = "draft"')

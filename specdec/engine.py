@@ -171,7 +171,7 @@ class Engine:
         self.tokenizer = load_tokenizer(config.model.path)
         self.startup["tokenizer_s"] = round(time.perf_counter() - started, 3)
         target = load_model(config.model.path, config.model.dtype, str(self.device),
-                            config.model.quantization)
+                            config.model.quantization, high_bits=config.model.gguf_high_bits)
         self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
         self.model_name = config.server.served_model_name or os.path.basename(

@@ -186,3 +186,17 @@ def test_a_superseded_cache_entry_is_removed(q4k_entry, monkeypatch):
     monkeypatch.setattr(quant, "FORMAT_VERSION", "a-new-packing")  # a new key, same slot
     assert load_model("tiny-test", "bfloat16", quantization="int4").quantized_from == "source"
     assert len(entries()) == 2 and first not in entries()
+
+
+def test_engine_passes_gguf_high_bits_to_the_target(q4k_entry):
+    from specdec.core.config import Config, ConfigError
+    from specdec.engine import Engine
+
+    base = {"model.path": "tiny-test", "model.quantization": "int4", "device.device": "cpu",
+            "model.max_model_len": 64, "model.dtype": "bfloat16"}
+    engine = Engine(Config().replace(**base, **{"model.gguf_high_bits": "int4"}))
+    assert isinstance(engine.target_runner.model.lm_head, quant.Int4Linear)  # Q6_K output
+    engine = Engine(Config().replace(**base))
+    assert isinstance(engine.target_runner.model.lm_head, quant.Int8Linear)
+    with pytest.raises(ConfigError, match="model.gguf_high_bits must be"):
+        Config().replace(**{"model.gguf_high_bits": "int6"})

@@ -135,7 +135,10 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
            "-t", str(threads), "-tb", str(threads), "-c", str(max_len), "-np", "1",
            "--no-warmup", "--log-disable"]
     if name == "llamacpp-draft":
-        cmd += ["-md", str(ensure_gguf(draft)), "--spec-draft-n-max", str(args.llamacpp_k),
+        # NOTE: this llama-server's --spec-type defaults to none: -md alone loads the draft
+        # and never drafts (its timings then carry no draft_n); draft-simple turns it on.
+        cmd += ["-md", str(ensure_gguf(draft)), "--spec-type", "draft-simple",
+                "--spec-draft-n-max", str(args.llamacpp_k),
                 "-td", str(threads), "-tbd", str(threads)]
     start = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

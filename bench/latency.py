@@ -73,10 +73,14 @@ PAIRS = {
 def our_config(name: str, args, pair: Pair | None, target_path: str, draft_path: str | None,
                max_len_needed: int):
     from specdec.core import config as cfg
+    # NOTE: only the flags given override the config: the default run measures the default
+    # config as `make serve` serves it (dtype, quantization, draft settings).
     overrides: dict[str, object] = {
-        "model.path": target_path, "model.dtype": args.dtype,
-        "device.num_threads": args.threads, "device.device": args.device,
+        "model.path": target_path, "device.num_threads": args.threads,
+        "device.device": args.device,
     }
+    if args.dtype:
+        overrides["model.dtype"] = args.dtype
     if args.quantization:
         overrides["model.quantization"] = args.quantization
     if name == "ours":
@@ -86,9 +90,11 @@ def our_config(name: str, args, pair: Pair | None, target_path: str, draft_path:
                           "spec.num_speculative_tokens": args.k,
                           "spec.adaptive": not args.fixed_k})
         if name == "ours-draft":
-            overrides.update({"spec.draft_model": draft_path,
-                              "spec.draft_dtype": args.draft_dtype or args.dtype,
-                              "spec.draft_quantization": args.draft_quantization})
+            overrides["spec.draft_model"] = draft_path
+            if args.draft_dtype or args.dtype:
+                overrides["spec.draft_dtype"] = args.draft_dtype or args.dtype
+            if args.draft_quantization:
+                overrides["spec.draft_quantization"] = args.draft_quantization
     config_path = args.config or (os.path.join(REPO_ROOT, pair.config) if pair else None)
     if config_path and os.path.isfile(config_path):
         config = cfg.load(config_path, overrides)
@@ -282,7 +288,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--warmup-tokens", type=int, default=16)
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-tokens (min_tokens / min_new_tokens)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="override the config's model.dtype (hf systems: float32 if unset)")
     p.add_argument("--draft-dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--draft-quantization", choices=["int8", "int4"], default=None)
     p.add_argument("--quantization", choices=["int8", "int4"], default=None,

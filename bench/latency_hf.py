@@ -4,6 +4,7 @@ same draft model, and prompt lookup decoding, each timed per request like ours."
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import torch
@@ -27,9 +28,14 @@ class _FirstTokenTimer:
         pass
 
 
-def load_hf(path: str, dtype: str, device: str):
+def load_hf(path: str, dtype: str | None, device: str):
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+
+    from specdec.model import convert, store
+    if store.gguf_source(path) and not os.path.isfile(os.path.join(path, store.WEIGHTS_NAME)):
+        convert.materialize_safetensors(path)  # an entry that keeps only its GGUF
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype or "float32")).to(device)
     return model.eval()
 
 

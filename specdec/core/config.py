@@ -46,6 +46,9 @@ class ModelConfig:
     dtype: str = "float32"
     max_model_len: int = 2048
     quantization: str | None = None  # None, "int8" or "int4" (weight-only, CPU)
+    # int4 from a GGUF: what its Q6_K / Q8_0 modules become, "int8" (closer to the source) or
+    # "int4" (smaller and faster; see specdec/model/gguf_q4k.py)
+    gguf_high_bits: str = "int8"
     trust_remote_code: bool = False
     # "auto": sampling defaults (temperature, top_p, top_k, repetition_penalty) from the
     # model's generation_config.json apply when a request omits them; "none": ignore them.
@@ -55,6 +58,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.path), "model.path", self.path, "a directory or a model name")
+        _check(self.gguf_high_bits in ("int8", "int4"), "model.gguf_high_bits",
+               self.gguf_high_bits, '"int8" or "int4"')
         _check(self.generation_config in ("auto", "none"), "model.generation_config",
                self.generation_config, '"auto" or "none"')
         _check(self.fim_style in FIM_STYLES, "model.fim_style", self.fim_style,
@@ -116,8 +121,13 @@ class SpecConfig:
     adaptive: bool = True
     ngram_min: int = 1
     ngram_max: int = 4
+    # The draft's lm_head keeps only token ids below this (None: all): a cheaper draft step;
+    # the draft never proposes the others, and verification keeps the output exact.
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.draft_vocab_size is None or self.draft_vocab_size > 0,
+               "spec.draft_vocab_size", self.draft_vocab_size, "unset or positive")
         _check(self.method in SPEC_METHODS, "spec.method", self.method, f"one of {SPEC_METHODS}")
         _check(self.method != "draft" or bool(self.draft_model), "spec.draft_model",
                self.draft_model, 'set when spec.method = "draft"')

@@ -94,6 +94,21 @@ def _dequantize_rows(tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torc
     return out
 
 
+def _dequantize(tensor, shape: tuple[int, ...], dtype: torch.dtype, arch: str,
+                num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """One GGUF tensor in Hugging Face layout (q/k rows unpermuted for llama) and `dtype`."""
+    if arch == "llama" and ".attn_q." in tensor.name:
+        return unpermute_rope(_dequantize_rows(tensor, shape, torch.float32), num_heads).to(dtype)
+    if arch == "llama" and ".attn_k." in tensor.name:
+        return unpermute_rope(_dequantize_rows(tensor, shape, torch.float32),
+                              num_kv_heads).to(dtype)
+    return _dequantize_rows(tensor, shape, dtype)
+
+
+def _tensor_shape(tensor) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))  # [out, in]
+
+
 def _gguf_tensor_specs(reader, arch: str, num_heads: int, num_kv_heads: int,
                        dtype: torch.dtype) -> list[store.TensorSpec]:
     specs = []
@@ -101,19 +116,80 @@ def _gguf_tensor_specs(reader, arch: str, num_heads: int, num_kv_heads: int,
         name = hf_name(tensor.name)
         if name is None:
             continue
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # [out, in]
-
-        def produce(tensor=tensor, shape=shape, gguf_name=tensor.name) -> torch.Tensor:
-            if arch == "llama" and ".attn_q." in gguf_name:
-                return unpermute_rope(_dequantize_rows(tensor, shape, torch.float32),
-                                      num_heads).to(dtype)
-            if arch == "llama" and ".attn_k." in gguf_name:
-                return unpermute_rope(_dequantize_rows(tensor, shape, torch.float32),
-                                      num_kv_heads).to(dtype)
-            return _dequantize_rows(tensor, shape, dtype)
-
-        specs.append(store.TensorSpec(name, shape, dtype, produce))
+        shape = _tensor_shape(tensor)
+        specs.append(store.TensorSpec(
+            name, shape, dtype, lambda tensor=tensor, shape=shape: _dequantize(
+                tensor, shape, dtype, arch, num_heads, num_kv_heads)))
     return specs
+
+
+class GGUFTensor:
+    """A GGUF tensor still on disk, read like reader.LazyTensor: `read_into(dst)` dequantizes
+    it (into float32 chunks of rows, then `dst`'s dtype) in Hugging Face layout."""
+
+    __slots__ = ("tensor", "shape", "dtype", "name", "_heads")
+
+    def __init__(self, tensor, name: str, heads: tuple[str, int, int]) -> None:
+        self.tensor, self.name, self._heads = tensor, name, heads
+        self.shape = torch.Size(_tensor_shape(tensor))
+        self.dtype = torch.float32  # what the dequantized values are exact in
+
+    @property
+    def gguf_type(self) -> str:
+        return self.tensor.tensor_type.name  # "Q4_K", "Q6_K", "F32", ...
+
+    def read_into(self, dst: torch.Tensor) -> None:
+        if tuple(dst.shape) != tuple(self.shape):
+            raise ValueError(f"tensor {self.name!r}: shape {tuple(self.shape)}, destination "
+                             f"{tuple(dst.shape)}")
+        dst.copy_(_dequantize(self.tensor, tuple(self.shape), dst.dtype, *self._heads))
+
+    def load(self) -> torch.Tensor:
+        return _dequantize(self.tensor, tuple(self.shape), torch.float32, *self._heads)
+
+
+def _read_gguf(gguf_path: str):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in _ARCHITECTURE_CLASSES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported "
+                         f"(supported: {', '.join(_ARCHITECTURE_CLASSES)})")
+    num_heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
+    num_kv_heads = int(kv_field.contents()) if kv_field is not None else num_heads
+    return reader, arch, num_heads, num_kv_heads
+
+
+def iter_gguf_weights(gguf_path: str):
+    """(Hugging Face name, GGUFTensor) for every stored tensor of a GGUF file: the weight
+    loader reads an entry that keeps its GGUF (and no safetensors) through these."""
+    reader, arch, num_heads, num_kv_heads = _read_gguf(gguf_path)
+    for tensor in reader.tensors:
+        name = hf_name(tensor.name)
+        if name is not None:
+            yield name, GGUFTensor(tensor, name, (arch, num_heads, num_kv_heads))
+
+
+def materialize_safetensors(path: str, dtype: torch.dtype = STORAGE_DTYPE) -> None:
+    """Write `model.safetensors` (`dtype`, dequantized tensor by tensor) next to the entry's
+    GGUF and re-hash the manifest: done once, by the first load that serves unquantized
+    weights (a default int4 deployment never needs it). The file appears by one rename."""
+    gguf_path = os.path.join(path, store.GGUF_NAME)
+    reader, arch, num_heads, num_kv_heads = _read_gguf(gguf_path)
+    specs = _gguf_tensor_specs(reader, arch, num_heads, num_kv_heads, dtype)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".materialize-", suffix=".tmp")
+    os.close(fd)
+    try:
+        store.write_safetensors(tmp, specs, metadata={"format": "pt"}, progress="materialize")
+        os.replace(tmp, os.path.join(path, store.WEIGHTS_NAME))
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    del reader
+    manifest = store.read_manifest(path) or {}
+    store.write_manifest(path, dtype, manifest.get("source", {}))
 
 
 def _write_config_and_tokenizer(gguf_path: str, out_dir: str, arch: str, tied: bool,
@@ -134,25 +210,23 @@ def _write_config_and_tokenizer(gguf_path: str, out_dir: str, arch: str, tied: b
 
 
 def gguf_to_entry(gguf_path: str, out_dir: str, source: dict[str, str],
-                  dtype: torch.dtype = STORAGE_DTYPE) -> None:
-    """GGUF -> `out_dir` (created): `dtype` safetensors, config, tokenizer and manifest."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(gguf_path)
-    arch = str(reader.fields["general.architecture"].contents())
-    if arch not in _ARCHITECTURE_CLASSES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported "
-                         f"(supported: {', '.join(_ARCHITECTURE_CLASSES)})")
-    num_heads = int(reader.fields[f"{arch}.attention.head_count"].contents())
-    kv_field = reader.fields.get(f"{arch}.attention.head_count_kv")
-    num_kv_heads = int(kv_field.contents()) if kv_field is not None else num_heads
+                  dtype: torch.dtype = STORAGE_DTYPE, keep_gguf: bool = False) -> None:
+    """GGUF -> `out_dir` (created): config, tokenizer, manifest and either `dtype` safetensors
+    or (`keep_gguf`) the GGUF itself, moved in as `store.GGUF_NAME`: then the int4 loader
+    takes its 4-bit blocks as they are, and `materialize_safetensors` writes the `dtype`
+    tensors only if an unquantized load asks for them."""
+    reader, arch, num_heads, num_kv_heads = _read_gguf(gguf_path)
     tied = all(t.name != "output.weight" for t in reader.tensors)
     os.makedirs(out_dir)
     _write_config_and_tokenizer(gguf_path, out_dir, arch, tied, dtype)
-    specs = _gguf_tensor_specs(reader, arch, num_heads, num_kv_heads, dtype)
-    store.write_safetensors(os.path.join(out_dir, store.WEIGHTS_NAME), specs,
-                            metadata={"format": "pt"}, progress="convert")
-    del reader
+    if keep_gguf:
+        del reader
+        shutil.move(gguf_path, os.path.join(out_dir, store.GGUF_NAME))
+    else:
+        specs = _gguf_tensor_specs(reader, arch, num_heads, num_kv_heads, dtype)
+        store.write_safetensors(os.path.join(out_dir, store.WEIGHTS_NAME), specs,
+                                metadata={"format": "pt"}, progress="convert")
+        del reader
     store.write_manifest(out_dir, dtype, source)
 
 

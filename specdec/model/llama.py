@@ -293,14 +293,14 @@ class LlamaForCausalLM(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden = layer(hidden, cos, sin, batch, kv_cache)
         hidden = hidden.index_select(0, batch.logits_indices)  # [num_logits, hidden_size]
-        # [num_logits, num_real_tokens]
+        # [num_logits, lm_head rows]: num_real_tokens, or fewer for a pruned draft head
         logits = self.lm_head(self.norm(hidden, batch.use_kernels)).float()
         if self.tp is not None:  # [num_logits, vocab rows of this rank] -> rank 0's full rows
             logits = self.tp.gather_logits(logits, self.num_real_tokens)
             if logits is None:
                 return None
-        if self.num_real_tokens < self.vocab_size:
-            logits = torch.nn.functional.pad(logits, (0, self.vocab_size - self.num_real_tokens),
+        if logits.shape[1] < self.vocab_size:  # padded vocabulary, or a pruned draft head
+            logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[1]),
                                              value=float("-inf"))  # never sampled
         return logits  # [num_logits, vocab_size]
 
@@ -310,6 +310,17 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.embed_tokens(input_ids.clamp(max=self.num_real_tokens - 1))
         padded = (input_ids >= self.num_real_tokens)[:, None]  # [num_tokens, 1]
         return hidden.masked_fill(padded, 0.0)  # padded rows embed to zero
+
+    def prune_head(self, num_tokens: int) -> None:
+        """Compute logits for token ids below `num_tokens` only; the others get -inf (never
+        proposed). For a draft: its distribution stays a proper one over the kept ids, and the
+        target's verification keeps the output exact. The embedding keeps every row."""
+        from specdec.model.quant import prune_rows
+
+        if not 0 < num_tokens <= self.num_real_tokens:
+            raise ValueError(f"num_tokens must be in [1, {self.num_real_tokens}] (the model's "
+                             f"vocabulary), got {num_tokens}")
+        self.lm_head = prune_rows(self.lm_head, num_tokens)
 
     def pad_vocab(self, vocab_size: int) -> None:
         """Present a vocabulary of `vocab_size` rows (another model's padding of the same

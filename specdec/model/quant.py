@@ -168,6 +168,102 @@ class Int4Linear(nn.Module):
                 f"int4 group={self.group_size}, kernel={kernel}")
 
 
+class Int4Embedding(nn.Module):
+    """An embedding table kept as int4 groups of 32 (a quarter of bfloat16's bytes on disk
+    and in memory); a lookup dequantizes only the rows it reads:
+    row = codes * scale + zero_eff per group, returned in `dtype`.
+
+    NOTE: scale and zero_eff stay float32: a GGUF's Q4_K rows (d * sc and -dmin * m, fp16
+    times 6-bit integers) are then reproduced exactly."""
+
+    def __init__(self, embedding: nn.Embedding, dtype: torch.dtype,
+                 source_groups: tuple[Tensor, Tensor, Tensor] | None = None,
+                 group_size: int = INT4_GROUP_SIZE) -> None:
+        super().__init__()
+        num_embeddings, embedding_dim = embedding.weight.shape
+        if embedding_dim % group_size or embedding_dim % 2:
+            raise ValueError(f"Int4Embedding needs embedding_dim % {group_size} == 0, got "
+                             f"{embedding_dim}")
+        if source_groups is not None:
+            codes, scales, zero_eff = source_groups
+            if tuple(codes.shape) != (num_embeddings, embedding_dim):
+                raise ValueError(f"source_groups: codes {tuple(codes.shape)} for a "
+                                 f"{(num_embeddings, embedding_dim)} embedding")
+            scales, zero_eff = scales.float(), zero_eff.float()
+        else:
+            codes, scales, zeros = int4_groups(embedding.weight.detach(), group_size)
+            scales, zero_eff = scales.float(), zeros.float() - 8.0 * scales.float()
+        codes = codes.to(torch.uint8)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.group_size = group_size
+        self.out_dtype = str(dtype).removeprefix("torch.")  # a plain str: cached as metadata
+        # [num_embeddings, embedding_dim / 2] uint8: input 2j in the low nibble, 2j+1 high
+        self.register_buffer("packed", (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous())
+        self.register_buffer("scales", scales.contiguous())  # [num_embeddings, dim / 32]
+        self.register_buffer("zero_eff", zero_eff.contiguous())
+
+    def dequantize(self, ids: Tensor) -> Tensor:
+        """float32 rows [len(ids), embedding_dim] (the plain reference of a lookup)."""
+        packed = self.packed[ids]  # [n, dim / 2]
+        codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(len(ids), -1)
+        groups = codes.float().reshape(len(ids), -1, self.group_size)
+        rows = groups * self.scales[ids][..., None] + self.zero_eff[ids][..., None]
+        return rows.reshape(len(ids), self.embedding_dim)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        # ids: [num_tokens] -> [num_tokens, embedding_dim]
+        rows = self.dequantize(ids.reshape(-1)).to(getattr(torch, self.out_dtype))
+        return rows.reshape(*ids.shape, -1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 group={self.group_size}"
+
+
+def prune_rows(module: nn.Module, num_rows: int) -> nn.Module:
+    """A copy of a Linear / Int8Linear / Int4Linear that computes only its first `num_rows`
+    outputs (the same values, bit for bit): a draft's vocabulary-pruned lm_head."""
+    out_features = module.out_features
+    if not 0 < num_rows <= out_features:
+        raise ValueError(f"num_rows must be in [1, {out_features}], got {num_rows}")
+    # NOTE: the q4 kernel packs tiles of 16 outputs, torch's int4 layout blocks of 64
+    # (checked against the full layer in tests/unit/test_draft_head.py).
+    tile = (16 if module.use_q4_kernel else 64) if isinstance(module, Int4Linear) else 1
+    if num_rows % tile:
+        raise ValueError(f"an int4 layer keeps whole tiles of {tile} rows: num_rows must be a "
+                         f"multiple of {tile}, got {num_rows}")
+    if isinstance(module, nn.Linear):
+        pruned = type(module)(module.in_features, num_rows, bias=module.bias is not None,
+                              device="meta", dtype=module.weight.dtype)
+        pruned.weight = nn.Parameter(module.weight.detach()[:num_rows].clone(),
+                                     requires_grad=False)
+        if module.bias is not None:
+            pruned.bias = nn.Parameter(module.bias.detach()[:num_rows].clone(),
+                                       requires_grad=False)
+        return pruned
+    if not isinstance(module, (Int8Linear, Int4Linear)):
+        raise TypeError(f"prune_rows takes a Linear, Int8Linear or Int4Linear, got "
+                        f"{type(module).__name__}")
+    # NOTE: each layout keeps an output's bytes together along its first dim (q4: tiles of 16
+    # outputs), except torch's int4 scales_and_zeros [groups, out, 2].
+    rows = {"qweight": num_rows, "scales": num_rows, "bias": num_rows,
+            "q4_packed": num_rows // 16, "q4_scale_zero": num_rows // 16,
+            "packed_weight": num_rows}
+    pruned = type(module).__new__(type(module))
+    nn.Module.__init__(pruned)
+    for k, v in vars(module).items():
+        if not k.startswith("_") and k != "training":
+            setattr(pruned, k, v)
+    pruned.out_features = num_rows
+    for name, buffer in module._buffers.items():
+        if buffer is None:
+            pruned.register_buffer(name, None)
+        elif name == "scales_and_zeros":
+            pruned.register_buffer(name, buffer[:, :num_rows].clone())
+        else:
+            pruned.register_buffer(name, buffer[:rows[name]].clone())
+    return pruned
+
+
 def int4_fits(linear: nn.Linear, group_size: int = INT4_GROUP_SIZE) -> bool:
     return linear.out_features % 16 == 0 and linear.in_features % group_size == 0
 

@@ -31,7 +31,7 @@ from specdec.model import quant, store
 from specdec.model.reader import SafetensorsFile
 
 CACHE_FORMAT = 2
-CACHEABLE = ("Int8Linear", "Int4Linear")
+CACHEABLE = ("Int8Linear", "Int4Linear", "Int4Embedding")
 _SIMPLE = (int, float, str, bool, type(None))
 
 
@@ -41,18 +41,27 @@ def cache_dir() -> str:
     return os.path.join(root, "quantized")
 
 
-def cache_key(path: str, dtype: torch.dtype, quantization: str) -> str | None:
+def cache_key(path: str, dtype: torch.dtype, quantization: str,
+              high_bits: str = "int8") -> str | None:
     """The entry name for this source and settings; None if the source has no manifest
-    (a local directory we cannot fingerprint cheaply: no caching)."""
+    (a local directory we cannot fingerprint cheaply: no caching). An entry that keeps its
+    GGUF is keyed by the GGUF alone (the quantized load reads only it), with the code that
+    reads its 4-bit groups and `high_bits`."""
     manifest = store.read_manifest(path)
     if manifest is None:
         return None
+    from specdec.model import gguf_q4k
+
+    suffix = ".gguf" if store.gguf_source(path) else ".safetensors"
     source = {name: entry["xxh3_128"] for name, entry in manifest["files"].items()
-              if name.endswith(".safetensors")}
+              if name.endswith(suffix)}
     code = hashlib.sha256(inspect.getsource(quant).encode()).hexdigest()
     key = {"cache_format": CACHE_FORMAT, "source": source, "dtype": str(dtype),
            "quantization": quantization, "torch": torch.__version__,
            "quant_format": getattr(quant, "FORMAT_VERSION", None), "quant_code": code}
+    if suffix == ".gguf":
+        key["gguf_code"] = hashlib.sha256(inspect.getsource(gguf_q4k).encode()).hexdigest()
+        key["high_bits"] = high_bits
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -73,9 +82,33 @@ def _modules(model: nn.Module) -> dict[str, dict]:
     return out
 
 
-def save(model: nn.Module, key: str) -> str | None:
+def _metadata(path: str) -> dict:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size)).get("__metadata__", {})
+
+
+def _evict_superseded(slot: str, keep: str) -> None:
+    """Remove the entries of the same slot (source entry and settings) other than `keep`:
+    after a code or source change, the old packed copy would otherwise stay on disk."""
+    for name in os.listdir(cache_dir()):
+        path = os.path.join(cache_dir(), name)
+        if not name.endswith(".safetensors") or name == f"{keep}.safetensors":
+            continue
+        try:
+            if _metadata(path).get("slot") != slot:
+                continue
+            os.remove(path)
+            os.remove(path + ".xxh3")
+        except (OSError, ValueError):
+            pass
+
+
+def save(model: nn.Module, key: str, slot: str | None = None) -> str | None:
     """Write the quantized model's tensors under `key`; returns the file, or None when the
-    model is not cacheable or the cache is not writable."""
+    model is not cacheable or the cache is not writable. `slot` (the source entry and the
+    settings, without the code and source hashes): older entries of the same slot are
+    removed once this one is written."""
     modules = _modules(model)
     if modules is None:
         return None
@@ -91,13 +124,18 @@ def save(model: nn.Module, key: str) -> str | None:
         os.makedirs(cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache_dir(), suffix=".tmp")
         os.close(fd)
-        store.write_safetensors(tmp, specs, metadata={"modules": json.dumps(modules)})
+        metadata = {"modules": json.dumps(modules)}
+        if slot is not None:
+            metadata["slot"] = slot
+        store.write_safetensors(tmp, specs, metadata=metadata)
         with open(tmp + ".xxh3", "w") as f:
             f.write(store.file_hash(tmp))
         os.replace(tmp + ".xxh3", path + ".xxh3")
         os.replace(tmp, path)
     except OSError:
         return None
+    if slot is not None:
+        _evict_superseded(slot, key)
     return path
 
 
@@ -115,7 +153,7 @@ def load(model: nn.Module, key: str, source_path: str) -> bool:
     rebuilt from their buffers, the other parameters (embedding, norms) read from the source
     entry `source_path`. False if there is no entry, or it does not match its hash (then it is
     deleted and the caller quantizes)."""
-    from specdec.model.weights import iter_lazy_weights
+    from specdec.model.weights import iter_source_weights
 
     path = os.path.join(cache_dir(), f"{key}.safetensors")
     if not os.path.isfile(path):
@@ -126,9 +164,7 @@ def load(model: nn.Module, key: str, source_path: str) -> bool:
         if not store.hash_matches(path, expected):  # re-read only if the file changed
             raise ValueError("hash mismatch")
         reader = SafetensorsFile(path)
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            metadata = json.loads(f.read(size)).get("__metadata__", {})
+        metadata = _metadata(path)
         modules = json.loads(metadata["modules"])
     except (OSError, ValueError, KeyError):
         for stale in (path, path + ".xxh3"):
@@ -150,7 +186,7 @@ def load(model: nn.Module, key: str, source_path: str) -> bool:
             module.register_buffer(buffer, value)
         setattr(parent, child, module)
     params = set(dict(model.named_parameters(remove_duplicate=False)))
-    rest = [(name, tensor) for name, tensor in iter_lazy_weights(source_path)
+    rest = [(name, tensor) for name, tensor in iter_source_weights(source_path)
             if any(target in params for target, _ in model._map_name(name))]
     loaded = model.load_weights(rest, strict=False)
     missing = sorted(p for p in params if not any(s.startswith(p + "@") for s in loaded)

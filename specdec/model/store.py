@@ -1,8 +1,9 @@
 """The on-disk model cache format: safetensors written tensor by tensor, and a manifest that
 names the format version, the stored dtype and every file's size and xxh3-128 hash.
 
-A fetched entry `$SPECDEC_MODEL_DIR/NAME` holds `model.safetensors` (the weights in the dtype
-they are served in), the config / tokenizer / chat template files, and `MANIFEST_NAME`. An
+A fetched entry `$SPECDEC_MODEL_DIR/NAME` holds `model.gguf` (the verified source) and/or
+`model.safetensors` (the weights in the dtype they are served unquantized in), the config /
+tokenizer / chat template files, and `MANIFEST_NAME`. An
 entry without a manifest, or with an older `format`, predates this layout (float32 weights
 converted by transformers) and is upgraded by `specdec.model.convert.upgrade_entry`.
 
@@ -44,6 +45,10 @@ FORMAT_VERSION = "specdec-model-2"
 MANIFEST_NAME = "specdec-model.json"
 STAMPS_NAME = ".specdec-verified.json"  # file -> [stamp, hash] of its last full hash
 WEIGHTS_NAME = "model.safetensors"
+# An entry may keep its verified GGUF source instead of (or next to) WEIGHTS_NAME: the int4
+# loader reads its 4-bit blocks as they are (specdec/model/gguf_q4k.py), and WEIGHTS_NAME is
+# written from it only when an unquantized load needs it (convert.materialize_safetensors).
+GGUF_NAME = "model.gguf"
 _CHUNK = 16 << 20
 
 _SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "I8",
@@ -189,6 +194,12 @@ def write_manifest(path: str, dtype, source: dict[str, str]) -> dict:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, os.path.join(path, MANIFEST_NAME))
     return manifest
+
+
+def gguf_source(path: str) -> str | None:
+    """The GGUF file an entry keeps (None: a plain safetensors directory)."""
+    file = os.path.join(path, GGUF_NAME)
+    return file if os.path.isfile(file) else None
 
 
 def read_manifest(path: str) -> dict | None:

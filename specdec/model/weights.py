@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from specdec.fetch import resolve_model_path
-from specdec.model import quant_cache
+from specdec.model import convert, quant_cache, store
 from specdec.model.llama import LlamaForCausalLM
 from specdec.model.reader import SafetensorsFile
 
@@ -56,11 +56,26 @@ def iter_weights(path: str):
 
 def iter_lazy_weights(path: str):
     """(name, LazyTensor) for every tensor of the directory: `load_weights` reads each one
-    straight into its parameter (specdec/model/reader.py), with no memory map."""
+    straight into its parameter (specdec/model/reader.py), with no memory map. An entry that
+    keeps only its GGUF yields its tensors, dequantized on read (convert.GGUFTensor)."""
+    if store.gguf_source(path) and not os.path.isfile(os.path.join(path, store.WEIGHTS_NAME)):
+        yield from convert.iter_gguf_weights(store.gguf_source(path))
+        return
     for file in safetensors_files(path):
         reader = SafetensorsFile(file)
         for name in reader.keys():
             yield name, reader.lazy(name)
+
+
+def iter_source_weights(path: str):
+    """What a quantized load reads: the entry's GGUF if it keeps one (its exact values, and
+    the same ones whether or not bf16 safetensors were written next to it), else the
+    safetensors."""
+    gguf_path = store.gguf_source(path)
+    if gguf_path:
+        yield from convert.iter_gguf_weights(gguf_path)
+    else:
+        yield from iter_lazy_weights(path)
 
 
 def _layer_of(name: str) -> int | None:
@@ -68,20 +83,69 @@ def _layer_of(name: str) -> int | None:
     return int(parts[1]) if len(parts) > 2 and parts[0] == "layers" else None
 
 
-def load_quantized(model: LlamaForCausalLM, path: str, quantization: str) -> None:
+class _Unread:
+    """A tensor whose module never reads its dequantized values (GGUFGroups plan 'exact'):
+    load_weights leaves the (soon freed) parameter as it is."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        self.shape = shape
+
+    def read_into(self, dst: torch.Tensor) -> None:
+        if tuple(dst.shape) != tuple(self.shape):
+            raise ValueError(f"shape {tuple(self.shape)}, destination {tuple(dst.shape)}")
+
+
+def _checkpoint_groups(module: torch.nn.Module, prefix: str, gguf_groups) -> tuple[dict, set]:
+    """The GGUF's 4-bit groups for the Linear modules of `module` (named `prefix`), and the
+    names that stay int8, keyed as quantize_weights sees them."""
+    groups, int8_names = {}, set()
+    for name, linear in module.named_modules():
+        if not isinstance(linear, torch.nn.Linear):
+            continue
+        source = gguf_groups.source_groups(prefix + name, linear.weight.detach())
+        if source is None:
+            int8_names.add(name)
+        else:
+            groups[name] = source
+    return groups, int8_names
+
+
+def load_quantized(model: LlamaForCausalLM, path: str, quantization: str,
+                   high_bits: str = "int8") -> None:
     """Load and quantize one decoder layer at a time (then the embedding, norm and lm_head):
     a layer's full-precision Linear weights are freed as soon as it is quantized, so the
-    peak memory is the quantized model plus one layer, never a full-precision copy."""
-    from specdec.model.quant import quantize_weights
+    peak memory is the quantized model plus one layer, never a full-precision copy.
 
+    An entry that keeps its GGUF: int4 takes the GGUF's Q4_K groups as they are, and the
+    modules stored at more bits become `high_bits` (specdec/model/gguf_q4k.py)."""
+    from specdec.model.gguf_q4k import GGUFGroups
+    from specdec.model.quant import Int4Embedding, quantize_weights
+
+    gguf_path = store.gguf_source(path)
+    gguf_groups = (GGUFGroups(gguf_path, high_bits)
+                   if quantization == "int4" and gguf_path else None)
     expected = model._expected_slices()
     loaded: set[str] = set()
     by_layer: dict[int | None, list] = {}
-    for name, tensor in iter_lazy_weights(path):
+    skip = gguf_groups.exact_tensors() if gguf_groups is not None else set()
+    for name, tensor in iter_source_weights(path):
+        if isinstance(tensor, convert.GGUFTensor) and tensor.tensor.name in skip:
+            tensor = _Unread(tensor.shape)  # its module takes the 4-bit groups as they are
         by_layer.setdefault(_layer_of(name), []).append((name, tensor))
     for layer in [*sorted(k for k in by_layer if k is not None), None]:
         loaded |= model.load_weights(by_layer.get(layer, []), strict=False, map_files=False)
-        quantize_weights(model.layers[layer] if layer is not None else model, quantization)
+        module = model.layers[layer] if layer is not None else model
+        groups, int8_names = (_checkpoint_groups(module, "" if layer is None else
+                                                 f"layers.{layer}.", gguf_groups)
+                              if gguf_groups is not None else (None, None))
+        quantize_weights(module, quantization, groups=groups, int8_names=int8_names)
+    if gguf_groups is not None:
+        # NOTE: the table in int4 too (a quarter of bfloat16's bytes), exact for a Q4_K one;
+        # a lookup dequantizes only its rows.
+        weight = model.embed_tokens.weight.detach()
+        model.embed_tokens = Int4Embedding(model.embed_tokens, model.dtype,
+                                           gguf_groups.source_groups("embed_tokens", weight))
+        loaded.add("embed_tokens.weight@None")
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
@@ -90,10 +154,11 @@ def load_quantized(model: LlamaForCausalLM, path: str, quantization: str) -> Non
 
 def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                quantization: str | None = None, max_model_len: int | None = None,
-               ) -> LlamaForCausalLM:
+               high_bits: str = "int8") -> LlamaForCausalLM:
     """Build the model from `path` (a local HF directory or a fetch name) and load its weights.
     `quantization="int8"` / `"int4"`: weight-only quantized Linear layers (logits stay
-    float32; see specdec/model/quant.py)."""
+    float32; see specdec/model/quant.py). `high_bits`: what an int4 load from a GGUF makes of
+    the modules the GGUF stores at more than 4 bits ("int8" or "int4"; gguf_q4k.py)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     torch_dtype = parse_dtype(dtype)
@@ -101,20 +166,23 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
     config = load_config(path)
     model = LlamaForCausalLM(config, torch_dtype, device, max_model_len=max_model_len)
     if quantization is None:
+        if store.gguf_source(path) and not os.path.isfile(os.path.join(path, store.WEIGHTS_NAME)):
+            convert.materialize_safetensors(path)  # once: unquantized serving reads these
         model.load_weights(iter_lazy_weights(path))
     else:
         if torch.device(device).type != "cpu":
             raise ValueError(f"quantization={quantization!r} runs on the CPU only, "
                              f"got device={device}")
-        key = quant_cache.cache_key(path, torch_dtype, quantization)
+        key = quant_cache.cache_key(path, torch_dtype, quantization, high_bits)
         if key is not None and quant_cache.load(model, key, path):
             model.quantization = quantization
             model.quantized_from = "cache"
         else:
-            load_quantized(model, path, quantization)
+            load_quantized(model, path, quantization, high_bits)
             model.quantized_from = "source"
             if key is not None:
-                quant_cache.save(model, key)
+                quant_cache.save(model, key, slot=json.dumps(
+                    [os.path.abspath(path), str(torch_dtype), quantization, high_bits]))
     model.eval()
     return model
 

@@ -64,6 +64,8 @@ def test_config_builds_an_engine_that_generates(path, stand_ins, monkeypatch):
     overrides["model.path"] = smol or target
     if config.spec.method == "draft":
         overrides["spec.draft_model"] = draft
+    if config.spec.draft_vocab_size:  # the stand-in draft's vocabulary is 384 ids
+        overrides["spec.draft_vocab_size"] = 128
     llm = LLM(config.replace(**overrides))
     engine = llm.engine
     assert engine.max_model_len <= config.model.max_model_len
@@ -81,11 +83,16 @@ def test_cpu_only_quantization_on_cuda_is_a_start_up_error():
     path = os.path.join(ROOT, "configs", "qwen2.5-coder-1.5b+0.5b.toml")
     config = load(path)
     assert config.spec.draft_quantization == "int4" and config.device.device == "cpu"
-    with pytest.raises(ConfigError, match=r"spec.draft_quantization must be unset on device "
+    assert config.model.quantization == "int4"
+    with pytest.raises(ConfigError, match=r"model.quantization must be unset on device "
                                           r"'cuda', got 'int4'.*CPU only"):
         load(path, {"device.device": "cuda"})
+    with pytest.raises(ConfigError, match=r"spec.draft_quantization must be unset on device "
+                                          r"'cuda', got 'int4'.*CPU only"):
+        load(path, {"device.device": "cuda", "model.quantization": None})
     with pytest.raises(ConfigError, match="spec.draft_quantization"):
-        check_device(config.replace(**{"device.device": "auto"}), "cuda")  # auto -> CUDA
+        check_device(config.replace(**{"device.device": "auto", "model.quantization": None}),
+                     "cuda")  # auto -> CUDA
     with pytest.raises(ConfigError, match="model.quantization"):
         load(path, {"device.device": "cuda:1", "model.quantization": "int8",
                     "spec.method": "ngram"})

@@ -21,9 +21,31 @@ CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def write_tiny_gguf(path: str, tokenizer_dir: str, seed: int = 0) -> None:
-    """A tiny float32 llama GGUF with a byte-level BPE tokenizer and a chat template."""
+def random_k_blocks(rng, rows: int, cols: int, kind: str) -> np.ndarray:
+    """Random Q4_K / Q6_K bytes [rows, cols / 256 * block bytes] with small finite fp16 scales
+    (gguf-py cannot quantize to k-quants; any bytes are a valid block)."""
+    block = {"Q4_K": 144, "Q6_K": 210}[kind]
+    raw = rng.integers(0, 256, size=(rows, cols // 256, block), dtype=np.uint8)
+    if kind == "Q4_K":  # d, dmin at bytes 0..3
+        raw[..., 0:2] = (0.002 * (1 + rng.random((rows, cols // 256, 1)))).astype(
+            np.float16).view(np.uint8)
+        raw[..., 2:4] = (0.004 * rng.random((rows, cols // 256, 1))).astype(
+            np.float16).view(np.uint8)
+    else:  # d at bytes 208..209 (after ql[128], qh[64], int8 scales[16])
+        raw[..., 208:210] = (0.0005 * (1 + rng.random((rows, cols // 256, 1)))).astype(
+            np.float16).view(np.uint8)
+    return raw.reshape(rows, -1)
+
+
+def write_tiny_gguf(path: str, tokenizer_dir: str, seed: int = 0, hidden: int = HIDDEN,
+                    inter: int = INTER, head_dim: int = HEAD_DIM,
+                    kinds: dict[str, str] | None = None) -> None:
+    """A tiny float32 llama GGUF with a byte-level BPE tokenizer and a chat template.
+    kinds: tensor name -> "Q4_K" / "Q6_K" (random blocks) instead of float32."""
     import gguf
+
+    HIDDEN, INTER, HEAD_DIM = hidden, inter, head_dim  # noqa: N806
+    kinds = kinds or {}
 
     rng = np.random.default_rng(seed)
     with open(os.path.join(tokenizer_dir, "tokenizer.json")) as f:
@@ -56,6 +78,10 @@ def write_tiny_gguf(path: str, tokenizer_dir: str, seed: int = 0) -> None:
     writer.add_chat_template(CHAT)
 
     def tensor(name, *shape, center=0.0):
+        if name in kinds:
+            kind = gguf.GGMLQuantizationType[kinds[name]]
+            writer.add_tensor(name, random_k_blocks(rng, *shape, kinds[name]), raw_dtype=kind)
+            return
         data = center + 0.1 * rng.standard_normal(shape)
         writer.add_tensor(name, data.astype(np.float32))
 

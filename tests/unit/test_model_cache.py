@@ -1,5 +1,5 @@
-"""The model cache on disk (specdec/model/store.py, convert.py, fetch.check_entry): tensors are
-stored in the serving dtype, a second fetch or start reuses the entry, a corrupted entry is
+"""The model cache on disk (specdec/model/store.py, convert.py, fetch.check_entry): an entry
+keeps its GGUF and, once an unquantized load asks, tensors stored in the serving dtype, a second fetch or start reuses the entry, a corrupted entry is
 caught by its hash and fetched again (never served), an older float32 entry is converted in
 place, and the layer-by-layer quantized load equals quantizing the loaded model."""
 
@@ -38,7 +38,12 @@ def fetched(tmp_path, monkeypatch, tiny_tokenizer_dir):
     root = tmp_path / "models"
     monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
     calls = _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest(), 2)
-    return fetch.fetch("tiny-test"), calls
+    path = fetch.fetch("tiny-test")
+    # NOTE: a fetch keeps the GGUF; the first unquantized load writes the bfloat16 tensors.
+    assert not os.path.exists(os.path.join(path, store.WEIGHTS_NAME))
+    from specdec.model.weights import load_model
+    load_model("tiny-test", "bfloat16")
+    return path, calls
 
 
 def test_converted_tensors_have_the_serving_dtype_on_disk(fetched):
@@ -50,6 +55,7 @@ def test_converted_tensors_have_the_serving_dtype_on_disk(fetched):
     assert manifest["format"] == store.FORMAT_VERSION and manifest["dtype"] == "bfloat16"
     assert json.load(open(os.path.join(path, "config.json")))["dtype"] == "bfloat16"
     assert store.WEIGHTS_NAME in manifest["files"] and "tokenizer.json" in manifest["files"]
+    assert store.GGUF_NAME in manifest["files"]
     store.verify_entry(path)
 
 

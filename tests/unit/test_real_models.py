@@ -121,3 +121,32 @@ def test_qwen_pair_greedy_exact(qwen_spec):
     stats = spec.engine.stats()
     rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
     assert rate > 0.3, f"acceptance rate {rate:.2f}: the draft is broken, not just weak"
+
+
+def test_default_int4_config_spec_equals_its_own_no_spec(qwen_pair_dirs):
+    """The default config as `make serve` runs it (int4 target and draft from their GGUFs, the
+    draft's pruned head), k = 4 pinned: 4 code prompts x 64 tokens equal the same engine's
+    no-spec output (num_speculative_tokens = 0), apart from near-ties (bfloat16 activations:
+    a wider gap than fp32's)."""
+    import os
+
+    from specdec.core import config as cfg
+
+    draft_dir, target_dir = qwen_pair_dirs
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                        "qwen2.5-coder-1.5b+0.5b.toml")
+    config = cfg.load(path, {"model.path": target_dir, "spec.draft_model": draft_dir,
+                             "spec.num_speculative_tokens": 4, "spec.adaptive": False,
+                             "model.max_model_len": 1024, "scheduler.max_num_seqs": 4})
+    assert config.model.quantization == "int4" and config.spec.draft_vocab_size
+    llm = LLM(config)
+    prompts = chat_ids(llm, CODE_PROMPTS[:4])
+    reference = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=64,
+                                                     ignore_eos=True, logprobs=2,
+                                                     num_speculative_tokens=0))
+    assert llm.engine.stats().spec_num_drafts == 0
+    spec = [llm.generate([p], SamplingParams(temperature=0.0, max_tokens=64,
+                                             ignore_eos=True))[0] for p in prompts]
+    assert_same_greedy(spec, reference, max_gap=0.05)
+    stats = llm.engine.stats()
+    assert stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens > 0.3

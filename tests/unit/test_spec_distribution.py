@@ -61,6 +61,7 @@ class Case:
     seeded: bool = False
     stops: list[int] = field(default_factory=list)  # tokens that end a sequence (after min)
     prompt: list[int] = field(default_factory=lambda: list(PROMPT))
+    draft_vocab: int | None = None  # spec.draft_vocab_size: the draft's pruned lm_head
 
 
 PENALTIES = dict(repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.3,
@@ -72,6 +73,11 @@ CASES = [
     Case("penalties-draft-seeded", "draft", 4, dict(temperature=0.9, ignore_eos=True,
                                                     **PENALTIES), seeded=True),
     Case("truncation-draft", "draft", 3, dict(temperature=0.7, ignore_eos=True, **TRUNCATION)),
+    # NOTE: the draft proposes only ids < 10 (the stop 11 and the biased 11 never): its
+    # distribution is a proper one over those, and the output must still be the target's.
+    Case("pruned-head-draft-seeded", "draft", 4, dict(temperature=0.9, min_tokens=1,
+                                                      stop_token_ids=[11], **PENALTIES),
+         seeded=True, stops=[EOS, 11], draft_vocab=10),
     Case("stops-draft-seeded", "draft", 5, dict(temperature=1.0, min_tokens=2,
                                                 stop_token_ids=[11], repetition_penalty=1.2),
          seeded=True, stops=[EOS, 11]),
@@ -114,6 +120,7 @@ def run_case(case: Case, target: str, draft: str, num_samples: int = NUM_SAMPLES
           "device.num_threads": 1}
     if case.method == "draft":
         kw["spec.draft_model"] = draft
+        kw["spec.draft_vocab_size"] = case.draft_vocab
     llm = LLM(Config().replace(**kw))
     engine = llm.engine
     windows: Counter = Counter()
@@ -138,8 +145,9 @@ def run_case(case: Case, target: str, draft: str, num_samples: int = NUM_SAMPLES
 
 
 def processed_probs(model, params: SamplingParams, prompt: list[int],
-                    prefixes: list[list[int]]) -> torch.Tensor:
-    """[len(prefixes), V]: the processed next-token distribution after prompt + prefix."""
+                    prefixes: list[list[int]], head_rows: int | None = None) -> torch.Tensor:
+    """[len(prefixes), V]: the processed next-token distribution after prompt + prefix
+    (head_rows: only ids below it have logits, as a pruned draft head gives)."""
     out = []
     for lo in range(0, len(prefixes), 2048):
         chunk = prefixes[lo:lo + 2048]
@@ -151,6 +159,8 @@ def processed_probs(model, params: SamplingParams, prompt: list[int],
             ids = torch.tensor([prompt + chunk[i] for i in idx])
             with torch.no_grad():
                 logits = model(ids).logits[:, -1].float()
+            if head_rows is not None:
+                logits[:, head_rows:] = float("-inf")
             rows = [RowState(params, prompt, chunk[i], frozenset([EOS])) for i in idx]
             probs[idx] = compute_probs(process_logits(logits, rows), rows)
         out.append(probs)
@@ -194,8 +204,9 @@ def first_window_acceptance(case: Case, target, draft) -> tuple[float, float]:
     seconds = [[a, x] for a in range(VOCAB) for x in range(VOCAB)]
     q2 = processed_probs(target, params, case.prompt, seconds).view(VOCAB, VOCAB, VOCAB)
     if case.method == "draft":
-        d1 = processed_probs(draft, params, case.prompt, firsts)
-        d2 = processed_probs(draft, params, case.prompt, seconds).view(VOCAB, VOCAB, VOCAB)
+        d1 = processed_probs(draft, params, case.prompt, firsts, case.draft_vocab)
+        d2 = processed_probs(draft, params, case.prompt, seconds,
+                             case.draft_vocab).view(VOCAB, VOCAB, VOCAB)
     else:  # one-hot n-gram proposals
         ngram = NgramDrafter(1, 4)
         d1, d2 = torch.zeros(VOCAB, VOCAB), torch.zeros(VOCAB, VOCAB, VOCAB)

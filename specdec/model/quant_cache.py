@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from specdec.model import quant, store
-from specdec.model.reader import SafetensorsFile
+from specdec.model.reader import MAP_ALIGNMENT, SafetensorsFile
 
 CACHE_FORMAT = 2
 CACHEABLE = ("Int8Linear", "Int4Linear", "Int4Embedding")
@@ -181,7 +181,7 @@ def load(model: nn.Module, key: str, source_path: str) -> bool:
             value = None
             if present:  # NOTE: mapped, not copied (specdec/model/reader.py); save() never
                 lazy = reader.lazy(f"{name}.{buffer}")  # rewrites a file in place
-                value = lazy.mapped()
+                value = lazy.mapped(MAP_ALIGNMENT)  # NOTE: quantized kernels want 64
                 value = lazy.load() if value is None else value
             module.register_buffer(buffer, value)
         setattr(parent, child, module)

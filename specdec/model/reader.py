@@ -35,6 +35,13 @@ _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
            "BOOL": torch.bool, "F64": torch.float64, "I16": torch.int16}
 
 
+# NOTE: torch's CPU allocator aligns to 64 bytes and some of its kernels rely on it
+# (torch._weight_int8pack_mm crashes on an 8-byte-aligned int8 weight): quantized buffers are
+# mapped only from ranges that start 64-byte aligned in the file (the map is page-aligned).
+# Float weights (matmuls through oneDNN / MKL) need only their element's alignment.
+MAP_ALIGNMENT = 64
+
+
 class SafetensorsFile:
     """The header of one safetensors file, and reads of its tensors by name."""
 
@@ -73,15 +80,16 @@ class SafetensorsFile:
             self._bytes = torch.frombuffer(mapping, dtype=torch.uint8)
         return self._bytes
 
-    def view(self, offset: int, nbytes: int, shape: torch.Size, dtype: torch.dtype
-             ) -> torch.Tensor | None:
+    def view(self, offset: int, nbytes: int, shape: torch.Size, dtype: torch.dtype,
+             alignment: int = 1) -> torch.Tensor | None:
         """The file's bytes [offset, offset + nbytes) as a tensor of `shape` and `dtype`, no
-        copy; None if the range is not aligned for the dtype (then the caller reads it)."""
+        copy; None if the range does not start aligned for the dtype and to `alignment` bytes
+        (then the caller reads it into a fresh allocation)."""
         element = torch.empty((), dtype=dtype).element_size()
         numel = 1
         for dim in shape:
             numel *= dim
-        if offset % element or numel * element != nbytes:
+        if offset % max(element, alignment) or numel * element != nbytes:
             return None
         data = self.file_bytes()
         if offset + nbytes > data.numel():
@@ -101,12 +109,12 @@ class LazyTensor:
         self.shape, self.dtype, self.name = shape, dtype, name
         self.file = file
 
-    def mapped(self) -> torch.Tensor | None:
+    def mapped(self, alignment: int = 1) -> torch.Tensor | None:
         """The tensor as a view of the file's memory map (no copy), or None when it cannot
-        be mapped (no file object, or an unaligned offset)."""
+        be mapped (no file object, or an offset not aligned to the dtype and `alignment`)."""
         if self.file is None:
             return None
-        return self.file.view(self.offset, self.nbytes, self.shape, self.dtype)
+        return self.file.view(self.offset, self.nbytes, self.shape, self.dtype, alignment)
 
     def read_into(self, dst: torch.Tensor) -> None:
         """Fill `dst` (same shape, CPU; any dtype: cast if it differs) from the file."""

@@ -78,18 +78,24 @@ def write_safetensors(path: str, specs: Iterable[TensorSpec],
     import torch
     from tqdm import tqdm
 
-    specs = list(specs)
+    def size(spec: TensorSpec) -> int:
+        return int(np.prod(spec.shape, dtype=np.int64)) * torch.empty(
+            (), dtype=spec.dtype).element_size()
+
+    # NOTE: tensors whose size is a multiple of 64 bytes first, after a data section that
+    # starts 64-byte aligned: each of them can then be memory-mapped (reader.MAP_ALIGNMENT);
+    # only the odd-sized ones after them are read into fresh memory.
+    specs = sorted(specs, key=lambda spec: size(spec) % 64 != 0)
     header: dict = {"__metadata__": dict(metadata or {})}
     offset = 0
     for spec in specs:
-        nbytes = int(np.prod(spec.shape, dtype=np.int64)) * torch.empty(
-            (), dtype=spec.dtype).element_size()
+        nbytes = size(spec)
         dtype = _SAFETENSORS_DTYPES[str(spec.dtype).removeprefix("torch.")]
         header[spec.name] = {"dtype": dtype, "shape": list(spec.shape),
                              "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    encoded += b" " * (-(8 + len(encoded)) % 64)  # the data section starts 64-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)

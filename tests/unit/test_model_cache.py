@@ -272,3 +272,34 @@ def test_quantized_cache_key_follows_the_packing_code(fetched, monkeypatch):
     assert key != quant_cache.cache_key(path, torch.float32, "int4")
     assert quant_cache.cache_key(str(path) + "-nowhere-without-manifest", torch.float32,
                                  "int4") is None
+
+
+def test_written_tensors_are_mapped_only_when_64_byte_aligned(tmp_path):
+    """The writer puts every tensor of a 64-multiple size at a 64-byte-aligned file offset; the
+    reader maps only such ranges (torch's int8 kernel crashes on an 8-byte-aligned weight) and
+    reads the others into fresh memory, equal either way. (The quantized-model cache maps with
+    this alignment; float weights need only their element's.)"""
+    from specdec.model.reader import MAP_ALIGNMENT, SafetensorsFile
+
+    tensors = {"odd": torch.arange(3, dtype=torch.bfloat16),  # 6 bytes: after the aligned ones
+               "odd2": torch.arange(5, dtype=torch.bfloat16),  # at 6 bytes past an aligned one
+               "w": torch.arange(128, dtype=torch.int8).reshape(2, 64),
+               "s": torch.arange(32, dtype=torch.bfloat16)}
+    path = str(tmp_path / "t.safetensors")
+    store.write_safetensors(path, [store.TensorSpec(name, tuple(t.shape), t.dtype,
+                                                    lambda t=t: t)
+                                   for name, t in tensors.items()])
+    f = SafetensorsFile(path)
+    assert f.data_start % MAP_ALIGNMENT == 0
+    for name, want in tensors.items():
+        lazy = f.lazy(name)
+        view = lazy.mapped(MAP_ALIGNMENT)
+        if name == "odd2":
+            assert view is None  # starts 6 bytes past a 64-byte boundary: read, not mapped
+        else:
+            assert view is not None and view.data_ptr() % MAP_ALIGNMENT == 0
+            assert torch.equal(view, want)
+        assert torch.equal(lazy.load(), want)
+    # An unaligned range is never mapped.
+    assert f.view(f.data_start + 8, 64, torch.Size([64]), torch.int8, MAP_ALIGNMENT) is None
+    assert f.view(f.data_start + 8, 64, torch.Size([64]), torch.int8) is not None

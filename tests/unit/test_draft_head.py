@@ -59,7 +59,13 @@ def test_pruned_head_logits_are_the_full_ones_or_minus_inf(tiny_draft_dir, quant
     want = full(PagedSequences(4, 16).batch([("a", prompt)]), full.make_kv_caches(4, 16))
     got = pruned(PagedSequences(4, 16).batch([("a", prompt)]), pruned.make_kv_caches(4, 16))
     assert got.shape == want.shape
-    assert torch.equal(got[:, :128], want[:, :128])
+    if quantization is None:
+        # NOTE: a float32 BLAS matmul of another width (or another weight alignment: the full
+        # head may be memory-mapped, the pruned copy is not) may round differently in the last
+        # bits; the quantized kernels compute each output alone and are exact.
+        torch.testing.assert_close(got[:, :128], want[:, :128], rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got[:, :128], want[:, :128])
     assert torch.isneginf(got[:, 128:]).all()
     with pytest.raises(ValueError, match="num_tokens must be in"):
         pruned.prune_head(full.vocab_size + 1)

@@ -7,6 +7,8 @@ Systems (all greedy, same prompts with the chat template applied, same dtype and
     ours         specdec, no speculation
     ours-draft   specdec with the draft model
     ours-ngram   specdec with the n-gram (prompt lookup) drafter
+    ours-served  our server (`python -m server`) on the config as shipped, over HTTP
+                 (ours-served-nospec: the same with spec.method = "none"); latency_served.py
     llamacpp     llama.cpp's llama-server on the same Q4_K_M GGUF (built once; see
                  latency_llamacpp.py), over HTTP
     llamacpp-draft  the same with the draft GGUF (-md, --spec-draft-n-max --llamacpp-k)
@@ -49,7 +51,7 @@ from prompts import load_code_prompts, load_json_prompts, load_mtbench, take  # 
 
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 ALL_SYSTEMS = ("hf", "hf-assisted", "hf-ngram", "ours", "ours-draft", "ours-ngram",
-               "llamacpp", "llamacpp-draft")
+               "ours-served", "ours-served-nospec", "llamacpp", "llamacpp-draft")
 DRAFT_SYSTEMS = ("hf-assisted", "ours-draft", "llamacpp-draft")
 
 
@@ -365,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
             max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 16
             results[name] = run_llamacpp(name, args, args.target or pair.target, draft_name,
                                          prompt_ids, prompts, max_len)
+        elif name.startswith("ours-served"):
+            from latency_served import run_served
+            config_path = args.config or os.path.join(REPO_ROOT, pair.config)
+            results[name] = run_served(name, args, config_path, prompt_ids, prompts)
         elif name.startswith("hf"):
             results[name] = run_hf(name, args, target_path, draft_path, prompt_ids, prompts,
                                    eos_ids, pad_id)

@@ -429,3 +429,27 @@ def test_json_dataset_prompts_carry_valid_schemas():
     assert not latency.schema_valid('{"name": ', person)
     args, _ = latency.parse_args(["--dataset", "json", "--pair", "smollm2"])
     assert args.dataset == "json"
+
+
+def test_served_config_copy_applies_overrides_and_round_trips():
+    """latency_served writes the shipped config with spec.method = "none" for the no-spec
+    served run: every other key must survive the copy unchanged."""
+    import os
+    import tomllib
+
+    import latency_served
+
+    shipped = pathlib.Path(__file__).parents[2] / "configs" / "qwen2.5-coder-1.5b+0.5b.toml"
+    with open(shipped, "rb") as f:
+        want = tomllib.load(f)
+    path = latency_served.write_config(str(shipped), {"spec": {"method": "none"},
+                                                      "device": {"num_threads": 2}})
+    try:
+        with open(path, "rb") as f:
+            got = tomllib.load(f)
+    finally:
+        os.unlink(path)
+    assert got["spec"]["method"] == "none" and got["device"]["num_threads"] == 2
+    want["spec"]["method"] = "none"
+    want.setdefault("device", {})["num_threads"] = 2
+    assert got == want

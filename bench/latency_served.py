@@ -1,0 +1,119 @@
+"""`latency.py`'s served systems: our own server over HTTP, as a user runs it, next to
+llama.cpp's `llama-server` (latency_llamacpp.py) in the same run.
+
+- `ours-served`: `python -m server --config CONFIG` with the config as shipped (the default
+  config: what `make serve` serves, speculation included).
+- `ours-served-nospec`: the same config with `spec.method = "none"`.
+
+Each request goes to `/v1/completions` with the prompt's token ids, greedy, not streamed, with
+`return_token_ids` (our output ids, for the `same` column). tok/s is generated tokens over the
+client's wall time of the request (prefill included, as for every system); TTFT is the server's
+`timings[0].ttft_s`; the acceptance length comes from vLLM's `spec_decode_stats`; peak memory
+is the server process's VmHWM. Start-up (process start to /health 200) is `load_s`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+import urllib.request
+
+from latency_common import RequestResult, SystemResult
+from latency_llamacpp import _free_port, _peak_rss_mb, _post
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def write_config(path: str, overrides: dict[str, dict]) -> str:
+    """A copy of the TOML config at `path` with `overrides` ({section: {key: value}}) applied;
+    returns the new file's path (a temporary file)."""
+    with open(path, "rb") as f:
+        config = tomllib.load(f)
+    for section, values in overrides.items():
+        config.setdefault(section, {}).update(values)
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    fd, out = tempfile.mkstemp(suffix=".toml", prefix="specdec-bench-")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines))
+    return out
+
+
+def run_served(name: str, args, config_path: str, prompt_ids, prompts) -> SystemResult:
+    overrides: dict[str, dict] = {}
+    if name == "ours-served-nospec":
+        overrides["spec"] = {"method": "none"}
+    if args.threads:
+        overrides["device"] = {"num_threads": args.threads}
+    config = write_config(config_path, overrides)
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server", "--config", config, "--host", "127.0.0.1",
+           "--port", str(port)]
+    start = time.perf_counter()
+    server = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"our server exited {server.returncode}: "
+                                   f"{server.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        result = SystemResult(name, time.perf_counter() - start,
+                              {"command": cmd, "config": config_path, "overrides": overrides})
+
+        def generate(ids: list[int], max_tokens: int) -> RequestResult:
+            t0 = time.perf_counter()
+            out = _post(base + "/v1/completions", {
+                "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+                "return_token_ids": True, "stream": False,
+                "ignore_eos": bool(args.ignore_eos)})
+            wall = time.perf_counter() - t0
+            choice = out["choices"][0]
+            usage = out.get("usage", {})
+            stats = usage.get("spec_decode_stats") or {}
+            timing = (usage.get("timings") or [{}])[0]
+            return RequestResult("", len(ids), list(choice.get("token_ids") or []), wall,
+                                 timing.get("ttft_s"), int(stats.get("num_drafts", 0)),
+                                 int(stats.get("num_draft_tokens", 0)),
+                                 int(stats.get("num_accepted_tokens", 0)))
+
+        generate(prompt_ids[0], args.warmup_tokens)
+        for prompt, ids in zip(prompts, prompt_ids):
+            request = generate(ids, args.max_tokens)
+            request.prompt_id = prompt.prompt_id
+            result.requests.append(request)
+        result.settings["peak_rss_mb"] = _peak_rss_mb(server.pid)
+        return result
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        os.unlink(config)

@@ -232,6 +232,7 @@ class Engine:
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
                              accepted_tokens=0, forced_tokens=0)
         self.accepted_per_pos = [0] * max(self.k_max, 1)
+        self._forced_now: set[str] = set()  # this step's requests whose drafts are forced
         self.startup["load_s"] = round(time.perf_counter() - started, 3)
         self.startup["calibration"] = "off"
         if self.k_max and spec.adaptive:
@@ -410,13 +411,16 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         decodes = [r for r in self.scheduler.running if not r.is_prefill]
         self.controller.choose(decodes)
+        self._forced_now.clear()
+        forced = self._forced_drafts(decodes)
         output = self.scheduler.schedule()
         if not output.scheduled:
             return []
         now = time.monotonic()
         wanted = [(s.request, s.num_lookahead_tokens) for s in output.scheduled
                   if s.num_lookahead_tokens > 0]
-        proposals = self._propose(wanted) if wanted and self.drafter is not None else {}
+        proposals = (self._propose(wanted, forced) if wanted and self.drafter is not None
+                     else {})
 
         seqs: list[SeqSlice] = []
         sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
@@ -452,19 +456,39 @@ class Engine:
         new_tokens, num_accepted = self._accept(sampled, logits, errors)
         return self._update(output, new_tokens, num_accepted, now, errors)
 
-    def _propose(self, wanted: list[tuple[Request, int]]) -> dict[str, Proposal]:
+    def _forced_drafts(self, decodes: list[Request]) -> dict[str, list[int]]:
+        """Grammar-forced tokens per structured decode, computed before scheduling: they are
+        free drafts of probability 1 (no draft forward; the masked target almost always agrees),
+        so each such request gets look-ahead slots for them whatever k the controller picked
+        (its k models the drafter, which may be at 0)."""
+        forced: dict[str, list[int]] = {}
+        if self.drafter is None:
+            return forced
+        for req in decodes:
+            matcher = self.tracked[req.request_id].matcher
+            if matcher is None:
+                continue
+            tokens = matcher.forced_tokens(self.controller.cap(req))
+            if tokens:
+                forced[req.request_id] = tokens
+                req.num_lookahead_tokens = max(req.num_lookahead_tokens, len(tokens))
+        return forced
+
+    def _propose(self, wanted: list[tuple[Request, int]],
+                 forced: dict[str, list[int]] | None = None) -> dict[str, Proposal]:
         """Drafts per request. Under a grammar: forced tokens first (free drafts of probability
         1; the drafter is skipped for that request this step), and every drafter's proposal is
         cut to its grammar-valid prefix."""
         proposals: dict[str, Proposal] = {}
         to_draft: list[tuple[Request, int]] = []
+        forced = forced or {}
         for req, k in wanted:
-            matcher = self.tracked[req.request_id].matcher
-            forced = matcher.forced_tokens(k) if matcher is not None else []
-            if forced:
-                proposals[req.request_id] = Proposal(forced, None)
-                self.tracked[req.request_id].num_forced_tokens += len(forced)
-                self.counters["forced_tokens"] += len(forced)
+            tokens = forced.get(req.request_id, [])[:k]
+            if tokens:
+                proposals[req.request_id] = Proposal(tokens, None)
+                self.tracked[req.request_id].num_forced_tokens += len(tokens)
+                self.counters["forced_tokens"] += len(tokens)
+                self._forced_now.add(req.request_id)
             else:
                 to_draft.append((req, k))
         if to_draft:
@@ -650,7 +674,8 @@ class Engine:
         self.counters["accepted_tokens"] += accepted
         for pos in range(accepted):
             self.accepted_per_pos[pos] += 1
-        self.controller.observe(req.request_id, num_draft, accepted)
+        if req.request_id not in self._forced_now:  # alpha models the drafter, not the grammar
+            self.controller.observe(req.request_id, num_draft, accepted)
 
     def _uncount_accepted(self, req: Request, kept: int, accepted: int) -> None:
         """Accepted drafts cut off by a stop never reach the output: take them back out of the
@@ -669,15 +694,18 @@ class Engine:
             tokens, status, reason = self._check_stop(tr, tokens)
             if rid in errors:
                 status, reason = RequestStatus.FINISHED_ERROR, errors[rid]
+            consumed = 0  # tokens the grammar advanced by this step
             if tr.matcher is not None and tokens and status != RequestStatus.FINISHED_ERROR:
-                # The grammar advances with verified tokens only, after stop trimming; a
-                # complete grammar ends the request (it wins over min_tokens and ignore_eos).
+                # The grammar advances with verified tokens only, after stop trimming (stop
+                # tokens above, stop strings below: what they cut is rolled back); a complete
+                # grammar ends the request (it wins over min_tokens and ignore_eos).
                 for j, token_id in enumerate(tokens):
                     if not tr.matcher.consume([token_id]):
                         tokens = tokens[:j]
                         status = RequestStatus.FINISHED_ERROR
                         reason = f"structured output: {tr.matcher.error}"
                         break
+                    consumed += 1
                     if tr.matcher.is_stopped:
                         if j + 1 < len(tokens) or status is None:
                             status, reason = RequestStatus.FINISHED_STOPPED, None
@@ -690,6 +718,8 @@ class Engine:
                 if delta.stop_string is not None:
                     tokens = tokens[:delta.num_tokens_used]
                     status, reason = RequestStatus.FINISHED_STOPPED, delta.stop_string
+            if consumed > len(tokens):  # a stop string cut tokens the grammar had taken
+                tr.matcher.rollback(consumed - len(tokens))
             if status is not None and (not isinstance(reason, str)
                                        or status == RequestStatus.FINISHED_ERROR):
                 delta_text += tr.detokenizer.flush()  # release text held back for stop strings

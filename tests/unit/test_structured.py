@@ -242,6 +242,72 @@ def test_min_tokens_yields_to_a_grammar_that_allows_only_eos(tiny_llama_dir, tin
         assert len(o.outputs[0].token_ids) < 20
 
 
+class CountingMatcher:
+    """Wraps a GrammarMatcher and counts the tokens it has net advanced by."""
+
+    def __init__(self, inner):
+        self.inner, self.advanced = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def consume(self, token_ids):
+        ok = self.inner.consume(token_ids)
+        self.advanced += len(token_ids) if ok else 0
+        return ok
+
+    def rollback(self, num_tokens):
+        self.inner.rollback(num_tokens)
+        self.advanced -= num_tokens
+
+
+def test_the_grammar_advances_only_by_the_tokens_left_after_a_stop_string(tiny_llama_dir):
+    # The choice is forced token by token, so one verify window carries the stop string and
+    # the tokens after it; the matcher must end where the output ends.
+    llm = make_llm(tiny_llama_dir, **spec_kw("ngram", k=8))
+    engine = llm.engine
+    so = StructuredOutput("choice", ["alpha beta gamma delta epsilon"], "structured_outputs.choice")
+    engine.add_request("r", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=32,
+                                                      stop=["gamma"], structured_output=so))
+    spy = CountingMatcher(engine.tracked["r"].matcher)
+    engine.tracked["r"].matcher = spy
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final = out.outputs[0]
+    assert final.finish_reason == "stop" and final.stop_reason == "gamma"
+    assert final.text == "alpha beta "
+    assert engine.stats().spec_num_forced_tokens > 0
+    assert spy.advanced == len(final.token_ids)
+
+
+def test_forced_tokens_are_drafted_even_when_the_controller_picks_k_0(tiny_llama_dir,
+                                                                      tiny_draft_dir,
+                                                                      reference):
+    llm = make_llm(tiny_llama_dir, **spec_kw("draft", tiny_draft_dir, 4))
+    engine = llm.engine
+    choose = engine.controller.choose
+
+    def choose_zero(decodes):
+        choose(decodes)
+        for req in decodes:
+            req.num_lookahead_tokens = 0
+    engine.controller.choose = choose_zero
+    observed = []
+    engine.controller.observe = lambda *a: observed.append(a)
+    params = SamplingParams(temperature=0.0, max_tokens=120, structured_output=GRAMMARS["json"])
+    batch = prompts(2, seed=51)
+    got = llm.generate(batch, params)
+    want = reference.generate(batch, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    stats = engine.stats()
+    # every draft was a forced one, and forced drafts do not move the drafter's alpha
+    assert stats.spec_num_forced_tokens == stats.spec_num_draft_tokens > 0
+    assert all(o.metrics.num_drafts > 0 for o in got)
+    assert observed == []
+
+
 # ---------------------------------------------------------------- the constrained distribution
 
 PROMPT = [5, 9, 13, 17]

@@ -55,7 +55,7 @@ class RequestMetrics:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    num_forced_tokens: int = 0  # grammar-forced drafts (probability 1, always accepted)
+    num_forced_tokens: int = 0  # accepted drafts the grammar forced (one-hot, no draft forward)
 
     @property
     def acceptance_length(self) -> float:
@@ -233,6 +233,7 @@ class Engine:
                              accepted_tokens=0, forced_tokens=0)
         self.accepted_per_pos = [0] * max(self.k_max, 1)
         self._forced_now: set[str] = set()  # this step's requests whose drafts are forced
+        self._forced_pos: dict[str, tuple[int, ...]] = {}  # this step's forced draft indices
         self.startup["load_s"] = round(time.perf_counter() - started, 3)
         self.startup["calibration"] = "off"
         if self.k_max and spec.adaptive:
@@ -412,6 +413,7 @@ class Engine:
         decodes = [r for r in self.scheduler.running if not r.is_prefill]
         self.controller.choose(decodes)
         self._forced_now.clear()
+        self._forced_pos.clear()
         forced = self._forced_drafts(decodes)
         output = self.scheduler.schedule()
         if not output.scheduled:
@@ -485,9 +487,7 @@ class Engine:
         for req, k in wanted:
             tokens = forced.get(req.request_id, [])[:k]
             if tokens:
-                proposals[req.request_id] = Proposal(tokens, None)
-                self.tracked[req.request_id].num_forced_tokens += len(tokens)
-                self.counters["forced_tokens"] += len(tokens)
+                proposals[req.request_id] = Proposal(tokens, None, tuple(range(len(tokens))))
                 self._forced_now.add(req.request_id)
             else:
                 to_draft.append((req, k))
@@ -502,8 +502,12 @@ class Engine:
                     valid = matcher.validate(prop.draft_token_ids)
                     if valid < len(prop.draft_token_ids):
                         probs = prop.draft_probs[:valid] if prop.draft_probs is not None else None
-                        prop = Proposal(prop.draft_token_ids[:valid], probs)
+                        prop = Proposal(prop.draft_token_ids[:valid], probs,
+                                        tuple(j for j in prop.forced if j < valid))
                 proposals[req.request_id] = prop
+        for rid, prop in proposals.items():
+            if prop.forced:
+                self._forced_pos[rid] = prop.forced
         return proposals
 
     def _grammar_rows(self, sampled, rows: list[RowState], errors: dict[str, str]):
@@ -629,6 +633,10 @@ class Engine:
             num_accepted[req.request_id] = accepted
             if drafts:
                 self._count_spec(req, len(drafts), accepted)
+                # forced tokens: the grammar-forced drafts that were accepted
+                num_forced = sum(j < accepted for j in self._forced_pos.get(req.request_id, ()))
+                self.tracked[req.request_id].num_forced_tokens += num_forced
+                self.counters["forced_tokens"] += num_forced
             logprobs = self.tracked[req.request_id].logprobs
             if logprobs is not None:
                 top_n = req.sampling_params.logprobs

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -317,7 +318,8 @@ DIST_PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=4,
 NUM_SAMPLES = 3000  # per engine; the attention of 3000 tiny requests dominates the cost
 
 
-def exact_distribution(target_dir: str, compiler) -> dict[tuple[int, ...], float]:
+def exact_distribution(target_dir: str, compiler, params: SamplingParams = DIST_PARAMS
+                       ) -> dict[tuple[int, ...], float]:
     """P(output token ids) under the masked, processed target, enumerated over the grammar's
     token tree with transformers' model (independent of our paged model and of speculation)."""
     from transformers import AutoModelForCausalLM
@@ -333,16 +335,16 @@ def exact_distribution(target_dir: str, compiler) -> dict[tuple[int, ...], float
                            ).logits[:, -1].float()
         bitmask = new_bitmask(len(frontier), logits.shape[1])
         for r, (prefix, _) in enumerate(frontier):
-            matcher = compiler.matcher(DIST_PARAMS.structured_output)
+            matcher = compiler.matcher(params.structured_output)
             assert matcher.consume(list(prefix))
             matcher.fill_bitmask(bitmask, r)
-        rows = [RowState(DIST_PARAMS, PROMPT, list(p), None) for p, _ in frontier]
+        rows = [RowState(params, PROMPT, list(p), None) for p, _ in frontier]
         probs = compute_probs(process_logits(apply_token_bitmask_(logits, bitmask), rows), rows)
         nxt = []
         for r, (prefix, mass) in enumerate(frontier):
             for t in probs[r].nonzero()[:, 0].tolist():
                 seq, p = prefix + (t,), mass * float(probs[r, t])
-                matcher = compiler.matcher(DIST_PARAMS.structured_output)
+                matcher = compiler.matcher(params.structured_output)
                 assert matcher.consume(list(seq))
                 (leaves.__setitem__(seq, leaves.get(seq, 0.0) + p) if matcher.is_stopped
                  else nxt.append((seq, p)))
@@ -350,10 +352,11 @@ def exact_distribution(target_dir: str, compiler) -> dict[tuple[int, ...], float
     return leaves
 
 
-def sample_counts(llm: LLM, keys: list[tuple[int, ...]]) -> torch.Tensor:
+def sample_counts(llm: LLM, keys: list[tuple[int, ...]], params: SamplingParams = DIST_PARAMS
+                  ) -> torch.Tensor:
     index = {k: i for i, k in enumerate(keys)}
     counts = torch.zeros(len(keys) + 1)
-    for o in llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, DIST_PARAMS):
+    for o in llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, params):
         counts[index.get(tuple(o.outputs[0].token_ids), len(keys))] += 1
     return counts
 
@@ -376,3 +379,35 @@ def test_constrained_distribution_is_the_same_with_and_without_speculation(
     stats = spec.engine.stats()
     rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
     assert 0.05 < rate < 0.95, f"acceptance {rate:.2f}: the test needs both outcomes"
+
+
+def test_forced_tokens_inside_a_draft_window_keep_the_distribution(tiny_llama_dir,
+                                                                   tiny_draft_dir):
+    # "xyz" is forced after the draft's first sampled token: the draft model appends it as
+    # one-hot drafts (no draft forward) and samples the last letter after it, in one window.
+    params = dataclasses.replace(DIST_PARAMS, temperature=1.0, top_p=1.0, max_tokens=8,
+                                 structured_output=StructuredOutput(
+        "regex", r"[a-c][a-c]xyz[a-c]"))
+    many = {"scheduler.max_num_seqs": 256, "scheduler.max_num_batched_tokens": 2048,
+            "model.max_model_len": 64, "device.seed": 2}
+    spec = make_llm(tiny_llama_dir, **many, **spec_kw("draft", tiny_draft_dir, 6))
+    exact = exact_distribution(tiny_llama_dir, spec.engine.grammar_compiler, params)
+    keys = sorted(exact)
+    probs = torch.tensor([exact[k] for k in keys] + [0.0])
+    assert math.isclose(float(probs.sum()), 1.0, abs_tol=1e-4) and len(keys) >= 27
+    propose, mid_window = spec.engine.drafter.propose, []
+
+    def spy(requests, matchers=None):
+        out = propose(requests, matchers)
+        mid_window.extend(p for p in out if p.forced and p.forced[0] > 0)
+        return out
+    spec.engine.drafter.propose = spy
+    counts = sample_counts(spec, keys, params)
+    assert mid_window and all(p.draft_probs is not None for p in mid_window)
+    assert counts[-1] == 0
+    p_value = chi_square_pvalue(counts, probs)
+    assert p_value > 1e-3, p_value
+    stats = spec.engine.stats()
+    assert stats.spec_num_forced_tokens > 0
+    rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
+    assert rate < 0.95, f"acceptance {rate:.2f}: the test needs rejections"

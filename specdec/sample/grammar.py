@@ -8,8 +8,10 @@ Glossary
 - bitmask: int32 [rows, ceil(vocab / 32)], bit t of row r set iff token t is allowed at row r
   (bit t lives in word t // 32, bit t % 32; llguidance's layout).
 - forced tokens: where the grammar allows exactly one continuation, llguidance's fast-forward
-  tokens (`compute_ff_tokens`); the masked target gives each probability 1, so proposed as
-  drafts they are always accepted.
+  tokens (`compute_ff_tokens`, the canonical tokenization of the forced bytes). Proposed as
+  one-hot drafts they cost no draft forward and are accepted unless the target prefers another
+  tokenization of the same bytes (which the mask still allows): rare, and exact either way,
+  since rejection sampling sees the one-hot draft distribution.
 
 The distribution speculation preserves is the masked, processed target distribution: the mask
 goes on the raw logits before the logits processors, for target rows and draft rows alike.

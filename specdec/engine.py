@@ -57,7 +57,7 @@ class RequestMetrics:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
-    num_forced_tokens: int = 0  # grammar-forced drafts (probability 1, always accepted)
+    num_forced_tokens: int = 0  # accepted drafts the grammar forced (one-hot, no draft forward)
 
     @property
     def acceptance_length(self) -> float:
@@ -278,6 +278,8 @@ class Engine:
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
                              accepted_tokens=0, forced_tokens=0)
         self.accepted_per_pos = [0] * max(self.k_max, 1)
+        self._forced_now: set[str] = set()  # this step's requests whose drafts are forced
+        self._forced_pos: dict[str, tuple[int, ...]] = {}  # this step's forced draft indices
         self.startup["load_s"] = round(time.perf_counter() - started, 3)
         self.startup["calibration"] = "off"
         if self.k_max and spec.adaptive:
@@ -498,13 +500,17 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         decodes = [r for r in self.scheduler.running if not r.is_prefill]
         self.controller.choose(decodes)
+        self._forced_now.clear()
+        self._forced_pos.clear()
+        forced = self._forced_drafts(decodes)
         output = self.scheduler.schedule()
         if not output.scheduled:
             return []
         now = time.monotonic()
         wanted = [(s.request, s.num_lookahead_tokens) for s in output.scheduled
                   if s.num_lookahead_tokens > 0]
-        proposals = self._propose(wanted) if wanted and self.drafter is not None else {}
+        proposals = (self._propose(wanted, forced) if wanted and self.drafter is not None
+                     else {})
 
         seqs: list[SeqSlice] = []
         sampled: list[tuple[Request, list[int], torch.Tensor | None]] = []
@@ -541,19 +547,37 @@ class Engine:
         new_tokens, num_accepted = self._accept(sampled, logits, errors)
         return self._update(output, new_tokens, num_accepted, now, errors)
 
-    def _propose(self, wanted: list[tuple[Request, int]]) -> dict[str, Proposal]:
+    def _forced_drafts(self, decodes: list[Request]) -> dict[str, list[int]]:
+        """Grammar-forced tokens per structured decode, computed before scheduling: they are
+        free drafts of probability 1 (no draft forward; the masked target almost always agrees),
+        so each such request gets look-ahead slots for them whatever k the controller picked
+        (its k models the drafter, which may be at 0)."""
+        forced: dict[str, list[int]] = {}
+        if self.drafter is None:
+            return forced
+        for req in decodes:
+            matcher = self.tracked[req.request_id].matcher
+            if matcher is None:
+                continue
+            tokens = matcher.forced_tokens(self.controller.cap(req))
+            if tokens:
+                forced[req.request_id] = tokens
+                req.num_lookahead_tokens = max(req.num_lookahead_tokens, len(tokens))
+        return forced
+
+    def _propose(self, wanted: list[tuple[Request, int]],
+                 forced: dict[str, list[int]] | None = None) -> dict[str, Proposal]:
         """Drafts per request. Under a grammar: forced tokens first (free drafts of probability
         1; the drafter is skipped for that request this step), and every drafter's proposal is
         cut to its grammar-valid prefix."""
         proposals: dict[str, Proposal] = {}
         to_draft: list[tuple[Request, int]] = []
+        forced = forced or {}
         for req, k in wanted:
-            matcher = self.tracked[req.request_id].matcher
-            forced = matcher.forced_tokens(k) if matcher is not None else []
-            if forced:
-                proposals[req.request_id] = Proposal(forced, None)
-                self.tracked[req.request_id].num_forced_tokens += len(forced)
-                self.counters["forced_tokens"] += len(forced)
+            tokens = forced.get(req.request_id, [])[:k]
+            if tokens:
+                proposals[req.request_id] = Proposal(tokens, None, tuple(range(len(tokens))))
+                self._forced_now.add(req.request_id)
             else:
                 to_draft.append((req, k))
         if to_draft:
@@ -567,8 +591,12 @@ class Engine:
                     valid = matcher.validate(prop.draft_token_ids)
                     if valid < len(prop.draft_token_ids):
                         probs = prop.draft_probs[:valid] if prop.draft_probs is not None else None
-                        prop = Proposal(prop.draft_token_ids[:valid], probs)
+                        prop = Proposal(prop.draft_token_ids[:valid], probs,
+                                        tuple(j for j in prop.forced if j < valid))
                 proposals[req.request_id] = prop
+        for rid, prop in proposals.items():
+            if prop.forced:
+                self._forced_pos[rid] = prop.forced
         return proposals
 
     def _grammar_rows(self, sampled, rows: list[RowState], errors: dict[str, str]):
@@ -699,6 +727,10 @@ class Engine:
             num_accepted[req.request_id] = accepted
             if drafts:
                 self._count_spec(req, len(drafts), accepted)
+                # forced tokens: the grammar-forced drafts that were accepted
+                num_forced = sum(j < accepted for j in self._forced_pos.get(req.request_id, ()))
+                self.tracked[req.request_id].num_forced_tokens += num_forced
+                self.counters["forced_tokens"] += num_forced
             logprobs = self.tracked[req.request_id].logprobs
             if logprobs is not None:
                 top_n = req.sampling_params.logprobs
@@ -745,7 +777,8 @@ class Engine:
         self.counters["accepted_tokens"] += accepted
         for pos in range(accepted):
             self.accepted_per_pos[pos] += 1
-        self.controller.observe(req.request_id, num_draft, accepted)
+        if req.request_id not in self._forced_now:  # alpha models the drafter, not the grammar
+            self.controller.observe(req.request_id, num_draft, accepted)
 
     def _uncount_accepted(self, req: Request, kept: int, accepted: int) -> None:
         """Accepted drafts cut off by a stop never reach the output: take them back out of the
@@ -764,15 +797,18 @@ class Engine:
             tokens, status, reason = self._check_stop(tr, tokens)
             if rid in errors:
                 status, reason = RequestStatus.FINISHED_ERROR, errors[rid]
+            consumed = 0  # tokens the grammar advanced by this step
             if tr.matcher is not None and tokens and status != RequestStatus.FINISHED_ERROR:
-                # The grammar advances with verified tokens only, after stop trimming; a
-                # complete grammar ends the request (it wins over min_tokens and ignore_eos).
+                # The grammar advances with verified tokens only, after stop trimming (stop
+                # tokens above, stop strings below: what they cut is rolled back); a complete
+                # grammar ends the request (it wins over min_tokens and ignore_eos).
                 for j, token_id in enumerate(tokens):
                     if not tr.matcher.consume([token_id]):
                         tokens = tokens[:j]
                         status = RequestStatus.FINISHED_ERROR
                         reason = f"structured output: {tr.matcher.error}"
                         break
+                    consumed += 1
                     if tr.matcher.is_stopped:
                         if j + 1 < len(tokens) or status is None:
                             status, reason = RequestStatus.FINISHED_STOPPED, None
@@ -785,6 +821,8 @@ class Engine:
                 if delta.stop_string is not None:
                     tokens = tokens[:delta.num_tokens_used]
                     status, reason = RequestStatus.FINISHED_STOPPED, delta.stop_string
+            if consumed > len(tokens):  # a stop string cut tokens the grammar had taken
+                tr.matcher.rollback(consumed - len(tokens))
             if status is not None and (not isinstance(reason, str)
                                        or status == RequestStatus.FINISHED_ERROR):
                 delta_text += tr.detokenizer.flush()  # release text held back for stop strings

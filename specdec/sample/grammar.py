@@ -8,8 +8,10 @@ Glossary
 - bitmask: int32 [rows, ceil(vocab / 32)], bit t of row r set iff token t is allowed at row r
   (bit t lives in word t // 32, bit t % 32; llguidance's layout).
 - forced tokens: where the grammar allows exactly one continuation, llguidance's fast-forward
-  tokens (`compute_ff_tokens`); the masked target gives each probability 1, so proposed as
-  drafts they are always accepted.
+  tokens (`compute_ff_tokens`, the canonical tokenization of the forced bytes). Proposed as
+  one-hot drafts they cost no draft forward and are accepted unless the target prefers another
+  tokenization of the same bytes (which the mask still allows): rare, and exact either way,
+  since rejection sampling sees the one-hot draft distribution.
 
 The distribution speculation preserves is the masked, processed target distribution: the mask
 goes on the raw logits before the logits processors, for target rows and draft rows alike.
@@ -56,13 +58,36 @@ def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
     return torch.cat([allowed, pad], dim=1)
 
 
+def limited_rows(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """bool [rows]: the rows of a CPU bitmask that disallow some token below vocab_size (bits
+    past vocab_size are ignored; a bitmask narrower than the vocabulary limits every row)."""
+    full, rem = divmod(vocab_size, 32)
+    if bitmask.shape[1] * 32 < vocab_size:
+        return torch.ones(bitmask.shape[0], dtype=torch.bool)
+    limited = (bitmask[:, :full] != -1).any(dim=1)
+    if rem:
+        low = (1 << rem) - 1
+        limited |= (bitmask[:, full] & low) != low
+    return limited
+
+
 def apply_token_bitmask_(logits: Tensor, bitmask: Tensor) -> Tensor:
     """logits [rows, vocab] (CPU or CUDA), bitmask int32 [rows, words] (CPU): disallowed
-    logits -> -inf, in place. The bitmask is copied to the logits' device and unpacked there."""
+    logits -> -inf, in place. Rows that allow every token are left alone (a free-text state
+    costs a scan of its words, not an unpack); the others' bitmask is copied to the logits'
+    device and unpacked there."""
     if logits.dim() != 2 or bitmask.shape[0] != logits.shape[0]:
         raise ValueError(f"bitmask rows ({bitmask.shape[0]}) must match logits "
                          f"{tuple(logits.shape)}")
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[1])
+    vocab = logits.shape[1]
+    limited = limited_rows(bitmask, vocab) if bitmask.device.type == "cpu" else None
+    if limited is not None and not limited.all():
+        index = limited.nonzero()[:, 0]
+        if index.numel():
+            rows = index.to(logits.device)
+            logits[rows] = apply_token_bitmask_(logits[rows], bitmask[index])
+        return logits
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab)
     return logits.masked_fill_(~allowed, float("-inf"))
 
 

@@ -37,6 +37,7 @@ class Proposal:
     # [len(draft_token_ids), vocab] processed; None: one-hot (n-gram), or a greedy request
     # (greedy verification compares tokens and never reads probs)
     draft_probs: torch.Tensor | None
+    forced: tuple[int, ...] = ()  # indices of the drafts the grammar forced (one-hot)
 
 
 class Drafter(Protocol):
@@ -153,21 +154,26 @@ class DraftModelDrafter:
             return self._propose_on_device(requests)
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
+        fed = [0] * len(requests)  # drafts already run through the draft model
+        forced: list[list[int]] = [[] for _ in requests]  # indices of forced drafts
         first_seqs, drafting = self._catch_up(requests)
-        max_k = max((requests[i][1] for i in drafting), default=0)
         if not drafting and first_seqs:
             self.runner.execute(first_seqs)  # catch-up chunks only; nothing to propose
-        for step in range(max_k):
-            active = [i for i in drafting if requests[i][1] > step]
+        step = 0
+        while True:
+            active = [i for i in drafting if len(drafts[i]) < requests[i][1]]
+            if not active:
+                break
             if step == 0:
                 seqs = first_seqs
             else:
-                seqs = []
-                for i in active:
-                    req = requests[i][0]
-                    start = req.num_tokens + step - 1
-                    seqs.append(SeqSlice([drafts[i][-1]], start, req.block_ids, 1))
+                # NOTE: a request whose grammar forced tokens after its last draft runs them
+                # all in this one forward (draft j sits at position num_tokens + j).
+                seqs = [SeqSlice(drafts[i][fed[i]:], requests[i][0].num_tokens + fed[i],
+                                 requests[i][0].block_ids, 1) for i in active]
             logits = self.runner.execute(seqs, observe=step > 0)  # [len(active), vocab]
+            for i in active:
+                fed[i] = len(drafts[i])
             masked = [r for r, i in enumerate(active) if matchers[i] is not None
                       and cut[i] is None]
             if masked:
@@ -181,7 +187,7 @@ class DraftModelDrafter:
                 dead = torch.isneginf(logits[index].amax(dim=-1)).tolist()
                 for m, r in enumerate(masked):
                     if dead[m]:  # nothing allowed (grammar complete or failed): stop here
-                        cut[active[r]] = step
+                        cut[active[r]] = len(drafts[active[r]])
                         logits[r] = 0.0
             rows = [RowState(requests[i][0].sampling_params, requests[i][0].prompt_token_ids,
                              requests[i][0].output_token_ids + drafts[i],
@@ -194,7 +200,7 @@ class DraftModelDrafter:
                 index = torch.tensor(masked, device=processed.device)
                 for m, d in enumerate(torch.isneginf(processed[index].amax(dim=-1)).tolist()):
                     if d and cut[active[masked[m]]] is None:
-                        cut[active[masked[m]]] = step
+                        cut[active[masked[m]]] = len(drafts[active[masked[m]]])
                     if d:
                         processed[masked[m]] = 0.0
             # Greedy rows propose the draft's argmax (what compute_probs makes one-hot) and
@@ -216,20 +222,43 @@ class DraftModelDrafter:
                 drafts[i].append(token_ids[row])
                 if matchers[i] is not None and cut[i] is None:
                     if not matchers[i].consume([token_ids[row]]):
-                        cut[i] = step
+                        cut[i] = len(drafts[i]) - 1
                         continue
                     consumed[i] += 1
                     if matchers[i].is_stopped:  # complete: nothing may follow this token
-                        cut[i] = step + 1
+                        cut[i] = len(drafts[i])
+                        continue
+                    self._force(i, requests, matchers, drafts, probs, consumed, forced,
+                                logits.device, logits.shape[1])
             for i in active:
                 req = requests[i][0]
-                req.draft_num_computed_tokens = req.num_tokens + step
+                req.draft_num_computed_tokens = req.num_tokens + fed[i]
+            step += 1
         out = []
-        for d, p, c in zip(drafts, probs, cut):
+        for d, p, c, f in zip(drafts, probs, cut, forced):
             if c is not None:
                 d, p = d[:c], p[:c]
-            out.append(Proposal(d, torch.stack(p) if p else None))
+            out.append(Proposal(d, torch.stack(p) if p else None,
+                                tuple(j for j in f if j < len(d))))
         return out
+
+    @staticmethod
+    def _force(i, requests, matchers, drafts, probs, consumed, forced, device, vocab) -> None:
+        """Append the tokens request i's grammar forces after its last draft (up to its k):
+        one-hot drafts, so no draft forward samples them; the next forward runs them at once.
+        Their draft probs are one-hot (the proposal is deterministic there), which keeps
+        rejection sampling exact."""
+        req, k = requests[i]
+        tokens = matchers[i].forced_tokens(k - len(drafts[i]))
+        if not tokens or not matchers[i].consume(tokens):
+            return
+        consumed[i] += len(tokens)
+        forced[i].extend(range(len(drafts[i]), len(drafts[i]) + len(tokens)))
+        drafts[i].extend(tokens)
+        if not req.sampling_params.greedy:
+            one_hot = torch.zeros(len(tokens), vocab, device=device)
+            one_hot[torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+            probs[i].extend(one_hot)
 
     def _propose_on_device(self, requests) -> list[Proposal]:
         """The draft loop without a host read per step: each step's tokens feed the next

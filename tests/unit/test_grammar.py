@@ -12,7 +12,8 @@ import torch
 from server import tools
 from specdec.core.request import StructuredOutput
 from specdec.sample.grammar import (GrammarCompiler, allowed_token_ids, apply_token_bitmask_,
-                                    apply_token_bitmask_reference, new_bitmask, unpack_bitmask)
+                                    apply_token_bitmask_reference, limited_rows, new_bitmask,
+                                    unpack_bitmask)
 from specdec.spec.drafters import NgramDrafter
 from specdec.core.request import Request, SamplingParams
 
@@ -41,6 +42,22 @@ def test_apply_bitmask_matches_loop_reference(vocab):
     assert torch.equal(got, want)
     allowed = unpack_bitmask(bitmask, vocab)
     assert torch.equal(allowed, ~torch.isneginf(want))
+
+
+@pytest.mark.parametrize("vocab", [32, 33, 100])
+def test_rows_that_allow_everything_are_left_alone(vocab):
+    words = (vocab + 31) // 32
+    bitmask = torch.full((4, words), -1, dtype=torch.int32)
+    if vocab % 32:
+        bitmask[:, -1] = (1 << (vocab % 32)) - 1  # bits past the vocabulary clear: still free
+    bitmask[2, 0] = 0x7FFFFFFE  # row 2 disallows tokens 0 and 31
+    logits = torch.randn(4, vocab)
+    assert limited_rows(bitmask, vocab).tolist() == [False, False, True, False]
+    got = apply_token_bitmask_(logits.clone(), bitmask)
+    assert torch.equal(got, apply_token_bitmask_reference(logits, bitmask))
+    assert torch.isneginf(got).sum() == 2
+    free = bitmask[[0, 1, 3]]
+    assert torch.equal(apply_token_bitmask_(logits[[0, 1, 3]].clone(), free), logits[[0, 1, 3]])
 
 
 def test_bitmask_narrower_than_vocab_disallows_the_rest():

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -242,6 +243,72 @@ def test_min_tokens_yields_to_a_grammar_that_allows_only_eos(tiny_llama_dir, tin
         assert len(o.outputs[0].token_ids) < 20
 
 
+class CountingMatcher:
+    """Wraps a GrammarMatcher and counts the tokens it has net advanced by."""
+
+    def __init__(self, inner):
+        self.inner, self.advanced = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def consume(self, token_ids):
+        ok = self.inner.consume(token_ids)
+        self.advanced += len(token_ids) if ok else 0
+        return ok
+
+    def rollback(self, num_tokens):
+        self.inner.rollback(num_tokens)
+        self.advanced -= num_tokens
+
+
+def test_the_grammar_advances_only_by_the_tokens_left_after_a_stop_string(tiny_llama_dir):
+    # The choice is forced token by token, so one verify window carries the stop string and
+    # the tokens after it; the matcher must end where the output ends.
+    llm = make_llm(tiny_llama_dir, **spec_kw("ngram", k=8))
+    engine = llm.engine
+    so = StructuredOutput("choice", ["alpha beta gamma delta epsilon"], "structured_outputs.choice")
+    engine.add_request("r", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=32,
+                                                      stop=["gamma"], structured_output=so))
+    spy = CountingMatcher(engine.tracked["r"].matcher)
+    engine.tracked["r"].matcher = spy
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final = out.outputs[0]
+    assert final.finish_reason == "stop" and final.stop_reason == "gamma"
+    assert final.text == "alpha beta "
+    assert engine.stats().spec_num_forced_tokens > 0
+    assert spy.advanced == len(final.token_ids)
+
+
+def test_forced_tokens_are_drafted_even_when_the_controller_picks_k_0(tiny_llama_dir,
+                                                                      tiny_draft_dir,
+                                                                      reference):
+    llm = make_llm(tiny_llama_dir, **spec_kw("draft", tiny_draft_dir, 4))
+    engine = llm.engine
+    choose = engine.controller.choose
+
+    def choose_zero(decodes):
+        choose(decodes)
+        for req in decodes:
+            req.num_lookahead_tokens = 0
+    engine.controller.choose = choose_zero
+    observed = []
+    engine.controller.observe = lambda *a: observed.append(a)
+    params = SamplingParams(temperature=0.0, max_tokens=120, structured_output=GRAMMARS["json"])
+    batch = prompts(2, seed=51)
+    got = llm.generate(batch, params)
+    want = reference.generate(batch, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    stats = engine.stats()
+    # every draft was a forced one, and forced drafts do not move the drafter's alpha
+    assert stats.spec_num_forced_tokens == stats.spec_num_draft_tokens > 0
+    assert all(o.metrics.num_drafts > 0 for o in got)
+    assert observed == []
+
+
 # ---------------------------------------------------------------- the constrained distribution
 
 PROMPT = [5, 9, 13, 17]
@@ -251,7 +318,8 @@ DIST_PARAMS = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=4,
 NUM_SAMPLES = 3000  # per engine; the attention of 3000 tiny requests dominates the cost
 
 
-def exact_distribution(target_dir: str, compiler) -> dict[tuple[int, ...], float]:
+def exact_distribution(target_dir: str, compiler, params: SamplingParams = DIST_PARAMS
+                       ) -> dict[tuple[int, ...], float]:
     """P(output token ids) under the masked, processed target, enumerated over the grammar's
     token tree with transformers' model (independent of our paged model and of speculation)."""
     from transformers import AutoModelForCausalLM
@@ -267,16 +335,16 @@ def exact_distribution(target_dir: str, compiler) -> dict[tuple[int, ...], float
                            ).logits[:, -1].float()
         bitmask = new_bitmask(len(frontier), logits.shape[1])
         for r, (prefix, _) in enumerate(frontier):
-            matcher = compiler.matcher(DIST_PARAMS.structured_output)
+            matcher = compiler.matcher(params.structured_output)
             assert matcher.consume(list(prefix))
             matcher.fill_bitmask(bitmask, r)
-        rows = [RowState(DIST_PARAMS, PROMPT, list(p), None) for p, _ in frontier]
+        rows = [RowState(params, PROMPT, list(p), None) for p, _ in frontier]
         probs = compute_probs(process_logits(apply_token_bitmask_(logits, bitmask), rows), rows)
         nxt = []
         for r, (prefix, mass) in enumerate(frontier):
             for t in probs[r].nonzero()[:, 0].tolist():
                 seq, p = prefix + (t,), mass * float(probs[r, t])
-                matcher = compiler.matcher(DIST_PARAMS.structured_output)
+                matcher = compiler.matcher(params.structured_output)
                 assert matcher.consume(list(seq))
                 (leaves.__setitem__(seq, leaves.get(seq, 0.0) + p) if matcher.is_stopped
                  else nxt.append((seq, p)))
@@ -284,10 +352,11 @@ def exact_distribution(target_dir: str, compiler) -> dict[tuple[int, ...], float
     return leaves
 
 
-def sample_counts(llm: LLM, keys: list[tuple[int, ...]]) -> torch.Tensor:
+def sample_counts(llm: LLM, keys: list[tuple[int, ...]], params: SamplingParams = DIST_PARAMS
+                  ) -> torch.Tensor:
     index = {k: i for i, k in enumerate(keys)}
     counts = torch.zeros(len(keys) + 1)
-    for o in llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, DIST_PARAMS):
+    for o in llm.generate([{"prompt_token_ids": PROMPT}] * NUM_SAMPLES, params):
         counts[index.get(tuple(o.outputs[0].token_ids), len(keys))] += 1
     return counts
 
@@ -310,3 +379,35 @@ def test_constrained_distribution_is_the_same_with_and_without_speculation(
     stats = spec.engine.stats()
     rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
     assert 0.05 < rate < 0.95, f"acceptance {rate:.2f}: the test needs both outcomes"
+
+
+def test_forced_tokens_inside_a_draft_window_keep_the_distribution(tiny_llama_dir,
+                                                                   tiny_draft_dir):
+    # "xyz" is forced after the draft's first sampled token: the draft model appends it as
+    # one-hot drafts (no draft forward) and samples the last letter after it, in one window.
+    params = dataclasses.replace(DIST_PARAMS, temperature=1.0, top_p=1.0, max_tokens=8,
+                                 structured_output=StructuredOutput(
+        "regex", r"[a-c][a-c]xyz[a-c]"))
+    many = {"scheduler.max_num_seqs": 256, "scheduler.max_num_batched_tokens": 2048,
+            "model.max_model_len": 64, "device.seed": 2}
+    spec = make_llm(tiny_llama_dir, **many, **spec_kw("draft", tiny_draft_dir, 6))
+    exact = exact_distribution(tiny_llama_dir, spec.engine.grammar_compiler, params)
+    keys = sorted(exact)
+    probs = torch.tensor([exact[k] for k in keys] + [0.0])
+    assert math.isclose(float(probs.sum()), 1.0, abs_tol=1e-4) and len(keys) >= 27
+    propose, mid_window = spec.engine.drafter.propose, []
+
+    def spy(requests, matchers=None):
+        out = propose(requests, matchers)
+        mid_window.extend(p for p in out if p.forced and p.forced[0] > 0)
+        return out
+    spec.engine.drafter.propose = spy
+    counts = sample_counts(spec, keys, params)
+    assert mid_window and all(p.draft_probs is not None for p in mid_window)
+    assert counts[-1] == 0
+    p_value = chi_square_pvalue(counts, probs)
+    assert p_value > 1e-3, p_value
+    stats = spec.engine.stats()
+    assert stats.spec_num_forced_tokens > 0
+    rate = stats.spec_num_accepted_tokens / stats.spec_num_draft_tokens
+    assert rate < 0.95, f"acceptance {rate:.2f}: the test needs rejections"

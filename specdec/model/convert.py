@@ -149,9 +149,9 @@ class GGUFTensor:
 
 
 def _read_gguf(gguf_path: str):
-    from gguf import GGUFReader
+    from specdec.model.gguf_reader import open_gguf
 
-    reader = GGUFReader(gguf_path)
+    reader = open_gguf(gguf_path)  # NOTE: metadata arrays skipped (seconds per open)
     arch = str(reader.fields["general.architecture"].contents())
     if arch not in _ARCHITECTURE_CLASSES:
         raise ValueError(f"GGUF architecture {arch!r} is not supported "

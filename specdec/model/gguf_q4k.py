@@ -75,7 +75,9 @@ def q4k_groups(gguf_path: str) -> tuple[dict[str, tuple[Tensor, Tensor, Tensor]]
     which stay int8."""
     import gguf
 
-    reader = gguf.GGUFReader(gguf_path)
+    from specdec.model.gguf_reader import open_gguf
+
+    reader = open_gguf(gguf_path)
     groups, int8_names = {}, set()
     for tensor in reader.tensors:
         name = hf_linear_name(tensor.name)
@@ -110,11 +112,13 @@ class GGUFGroups:
     def __init__(self, gguf_path: str, high_bits: str = "int8") -> None:
         import gguf
 
+        from specdec.model.gguf_reader import open_gguf
+
         if high_bits not in HIGH_BITS:
             raise ValueError(f"high_bits must be one of {HIGH_BITS}, got {high_bits!r}")
         self.high_bits = high_bits
         self._q4k = gguf.GGMLQuantizationType.Q4_K
-        self.reader = gguf.GGUFReader(gguf_path)
+        self.reader = open_gguf(gguf_path)
         self.tensors = {t.name: t for t in self.reader.tensors}
         arch = str(self.reader.fields["general.architecture"].contents())
         self._heads = None

@@ -303,3 +303,31 @@ def test_written_tensors_are_mapped_only_when_64_byte_aligned(tmp_path):
     # An unaligned range is never mapped.
     assert f.view(f.data_start + 8, 64, torch.Size([64]), torch.int8, MAP_ALIGNMENT) is None
     assert f.view(f.data_start + 8, 64, torch.Size([64]), torch.int8) is not None
+
+
+def test_weights_gguf_reader_equals_the_stock_reader(tmp_path, tiny_tokenizer_dir):
+    """open_gguf skips metadata arrays (the tokenizer's 151k strings took ~12 s per open) but
+    gives the stock reader's scalar fields, tensor infos and tensor bytes, and ends the
+    metadata at the same offset (else every tensor would be misread)."""
+    import gguf
+    import numpy as np
+
+    from specdec.model.gguf_reader import open_gguf
+
+    path = str(tmp_path / "tiny.gguf")
+    write_tiny_gguf(path, tiny_tokenizer_dir)
+    stock, fast = gguf.GGUFReader(path), open_gguf(path)
+    assert list(fast.fields) == list(stock.fields)
+    arrays = 0
+    for name, field in stock.fields.items():
+        if field.types and field.types[0] == gguf.GGUFValueType.ARRAY:
+            arrays += 1
+            assert fast.fields[name].types[:2] == field.types[:2], name
+            assert int(fast.fields[name].parts[4][0]) == len(field.data), name  # the count (after key, type, item type)
+        else:
+            assert fast.fields[name].contents() == field.contents(), name
+    assert arrays >= 2  # the tokenizer's vocabulary and merges were really skipped
+    assert [t.name for t in fast.tensors] == [t.name for t in stock.tensors]
+    for a, b in zip(fast.tensors, stock.tensors):
+        assert a.tensor_type == b.tensor_type and list(a.shape) == list(b.shape), a.name
+        assert a.data_offset == b.data_offset and np.array_equal(a.data, b.data), a.name

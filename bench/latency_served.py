@@ -6,7 +6,9 @@ llama.cpp's `llama-server` (latency_llamacpp.py) in the same run.
 - `ours-served-nospec`: the same config with `spec.method = "none"`.
 
 Each request goes to `/v1/completions` with the prompt's token ids, greedy, not streamed, with
-`return_token_ids` (our output ids, for the `same` column). tok/s is generated tokens over the
+`return_token_ids` (our output ids, for the `same` column) and `repetition_penalty: 1.0`: the
+server otherwise applies the model's generation_config.json default (1.1 for Qwen2.5, as vLLM
+does), which neither the in-process systems nor llama.cpp use. tok/s is generated tokens over the
 client's wall time of the request (prefill included, as for every system); TTFT is the server's
 `timings[0].ttft_s`; the acceptance length comes from vLLM's `spec_decode_stats`; peak memory
 is the server process's VmHWM. Start-up (process start to /health 200) is `load_s`.
@@ -91,6 +93,7 @@ def run_served(name: str, args, config_path: str, prompt_ids, prompts) -> System
             t0 = time.perf_counter()
             out = _post(base + "/v1/completions", {
                 "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+                "repetition_penalty": 1.0,  # else generation_config.json's 1.1 applies
                 "return_token_ids": True, "stream": False,
                 "ignore_eos": bool(args.ignore_eos)})
             wall = time.perf_counter() - t0

@@ -334,9 +334,17 @@ def fetch(name: str, root: str | None = None) -> str:
     root = root or models_dir()
     dest = os.path.join(root, name)
     if is_complete(dest) and check_entry(name, dest, full=True):
-        _write_generation_config(dest, name)  # caches fetched before it was written
-        print(f"{name}: already there at {dest}")
-        return dest
+        from specdec.model import store
+
+        if store.gguf_source(dest) is not None:
+            _write_generation_config(dest, name)  # caches fetched before it was written
+            print(f"{name}: already there at {dest}")
+            return dest
+        # NOTE: an entry from before entries kept their GGUF: an int4 load would requantize
+        # its bfloat16 copy instead of taking the GGUF's own 4-bit groups. Fetch it again
+        # (a local copy of the GGUF is reused when its sha256 matches).
+        print(f"{name}: {dest} keeps no GGUF (an older entry); fetching it again",
+              file=sys.stderr)
     os.makedirs(root, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=root)
     try:

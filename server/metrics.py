@@ -93,6 +93,7 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         prefixes = ("specdec",) + ((extra_prefix,) if extra_prefix else ())
+        self.prefixes = prefixes
         self._engine = _EngineStatsCollector(model_name, prefixes)
         self.registry.register(self._engine)
         labels = ["model_name"]

@@ -59,6 +59,7 @@ def test_fetch_refreshes_an_already_fetched_cache(tmp_path, monkeypatch, capsys)
     dest.mkdir()
     (dest / fetch.COMPLETE_MARKER).write_text("tiny-test\n")
     (dest / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (dest / "model.gguf").write_bytes(b"")  # an entry that keeps its GGUF (else: re-fetched)
     assert fetch.fetch("tiny-test", str(tmp_path)) == str(dest)
     assert json.loads((dest / "generation_config.json").read_text())["eos_token_id"] == [2, 0]
     assert "published generation_config.json" in capsys.readouterr().out

@@ -131,6 +131,27 @@ def wait_for_health(server: subprocess.Popen, base: str, what: str) -> None:
         time.sleep(0.5)
 
 
+def run_prompts(server: subprocess.Popen, result: SystemResult, generate, args, prompt_ids,
+                prompts) -> SystemResult:
+    """One warm-up request, then every prompt in order; the server's peak memory at the end."""
+    generate(prompt_ids[0], args.warmup_tokens)
+    for prompt, ids in zip(prompts, prompt_ids):
+        request = generate(ids, args.max_tokens)
+        request.prompt_id = prompt.prompt_id
+        result.requests.append(request)
+    result.settings["peak_rss_mb"] = _peak_rss_mb(server.pid)
+    return result
+
+
+def stop_server(server: subprocess.Popen, timeout_s: float) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def _peak_rss_mb(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -180,17 +201,6 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
                                  steps if name == "llamacpp-draft" else 0,
                                  int(timings.get("draft_n", 0) or 0), accepted)
 
-        generate(prompt_ids[0], args.warmup_tokens)
-        for prompt, ids in zip(prompts, prompt_ids):
-            request = generate(ids, args.max_tokens)
-            request.prompt_id = prompt.prompt_id
-            result.requests.append(request)
-        result.settings["peak_rss_mb"] = _peak_rss_mb(server.pid)
-        return result
+        return run_prompts(server, result, generate, args, prompt_ids, prompts)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server, 20)

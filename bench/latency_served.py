@@ -24,7 +24,7 @@ import time
 import tomllib
 
 from latency_common import RequestResult, SystemResult
-from latency_llamacpp import _free_port, _peak_rss_mb, _post, wait_for_health
+from latency_llamacpp import _free_port, _post, run_prompts, stop_server, wait_for_health
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,17 +95,7 @@ def run_served(name: str, args, config_path: str, prompt_ids, prompts) -> System
                                  int(stats.get("num_draft_tokens", 0)),
                                  int(stats.get("num_accepted_tokens", 0)))
 
-        generate(prompt_ids[0], args.warmup_tokens)
-        for prompt, ids in zip(prompts, prompt_ids):
-            request = generate(ids, args.max_tokens)
-            request.prompt_id = prompt.prompt_id
-            result.requests.append(request)
-        result.settings["peak_rss_mb"] = _peak_rss_mb(server.pid)
-        return result
+        return run_prompts(server, result, generate, args, prompt_ids, prompts)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, 60)
         os.unlink(config)

@@ -361,9 +361,7 @@ class OpenAIServer:
                 return None
             if woke:
                 break
-        if collector.error is not None:
-            raise collector.error
-        return collector.take()
+        return collector.take()  # raises the engine's failure, if any
 
     async def _complete(self, request, gen: GenerationRequest, collector, state
                         ) -> web.StreamResponse | None:

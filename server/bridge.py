@@ -142,8 +142,15 @@ class OutputCollector:
         return True
 
     def take(self) -> list[ChoiceDelta | None]:
-        """Everything merged since the last take, per choice (None where nothing is new)."""
+        """Everything merged since the last take, per choice (None where nothing is new).
+
+        Raises the engine's failure instead, if there is one. The check is under the lock:
+        a fail() between a separate check and this take would find the collector already
+        signalled, this take would clear that signal, and the waiter would sleep forever.
+        """
         with self._lock:
+            if self.error is not None:
+                raise self.error
             self._event.clear()
             self._signalled = False
             out = [slot.pending for slot in self._slots]

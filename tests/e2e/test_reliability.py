@@ -94,6 +94,28 @@ def test_engine_fault_fails_every_request_then_serve_exits_1(tiny_llama_dir):
             server.stop()
 
 
+def test_a_fault_racing_a_wakeup_still_reaches_the_waiter():
+    """The engine thread fails a collector after the handler woke for a delta but before it
+    took it: the failure was signalled by that same wake-up, so take() must raise it (CI hung
+    on this interleaving once: the stream waited until the shutdown timeout cut it)."""
+    from types import SimpleNamespace
+
+    from server.bridge import EngineDeadError, OutputCollector
+
+    async def run():
+        collector = OutputCollector(asyncio.get_running_loop(), ["r-0"])
+        completion = SimpleNamespace(token_ids_delta=[5], text_delta="x", logprobs_delta=None,
+                                     finish_reason=None, stop_reason=None)
+        collector.put(SimpleNamespace(request_id="r-0", outputs=[completion],
+                                      prompt_token_ids=[1, 2], finished=False))
+        assert await collector.wait(GUARD_S)
+        collector.fail(EngineDeadError("engine failed: simulated"))  # the racing engine thread
+        with pytest.raises(EngineDeadError):
+            collector.take()
+
+    asyncio.run(run())
+
+
 def test_engine_fault_while_draining_still_exits_1(tiny_llama_dir):
     server = LiveServer(make_config(tiny_llama_dir, spec={"method": "none"})).start()
     try:

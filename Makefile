@@ -23,7 +23,7 @@ endif
 	touch $@
 
 fetch: venv
-	$(BIN)/specdec fetch qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+	$(BIN)/specdec fetch --config $(CONFIG)
 
 # exec: the server replaces the recipe's shell, so a SIGTERM to make's child is the server's
 # (make forwards its own SIGTERM to it too) and make exits with the server's status.

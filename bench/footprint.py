@@ -9,7 +9,10 @@ of code prompts through bench/serve.py's load generator, then read its peak resi
     python bench/footprint.py --systems ours --config configs/qwen2.5-coder-1.5b+0.5b.toml
 
 `ours` twice measures a first start (no calibration cache yet when run on a fresh cache dir)
-and a second one. llama.cpp runs the same GGUF files the models were converted from
+and a second one. Before the first, `specdec fetch --config` runs as `make serve` runs it (it
+packs the quantized weights the start reads; `--no-prepare` skips it, so the first start
+quantizes), and its time is reported as `prepare_s`. Our disk figure counts the model entries
+and the packed weights the config reads. llama.cpp runs the same GGUF files the models were converted from
 (--target-gguf / --draft-gguf), with the same number of slots and context per slot.
 """
 
@@ -81,6 +84,7 @@ def our_command(args, port: int) -> tuple[list[str], list[str]]:
     models = [resolve_model_path(config.model.path)]
     if config.spec.draft_model:
         models.append(resolve_model_path(config.spec.draft_model))
+    models += packed_files(config)
     cmd = [sys.executable, "-m", "server", "--config", os.path.join(REPO_ROOT, args.config),
            "--host", "127.0.0.1", "--port", str(port),
            "--scheduler.max_num_seqs", str(args.num_seqs),
@@ -88,6 +92,35 @@ def our_command(args, port: int) -> tuple[list[str], list[str]]:
     if args.threads:
         cmd += ["--device.num_threads", str(args.threads)]
     return cmd, models
+
+
+def packed_files(config) -> list[str]:
+    """The packed-weight cache files this config's start reads (those that exist)."""
+    from specdec.engine import weight_loads
+    from specdec.fetch import resolve_model_path
+    from specdec.model import quant_cache
+    from specdec.model.weights import parse_dtype
+
+    files = []
+    for load in weight_loads(config).values():
+        if load is None or load["quantization"] is None:
+            continue
+        key = quant_cache.cache_key(resolve_model_path(load["path"]),
+                                    parse_dtype(load["dtype"]), load["quantization"],
+                                    load["high_bits"])
+        path = os.path.join(quant_cache.cache_dir(), f"{key}.safetensors")
+        if key is not None and os.path.isfile(path):
+            files.append(path)
+    return files
+
+
+def prepare(args) -> float:
+    """Run `specdec fetch --config` (what `make serve` runs first); returns its seconds."""
+    start = time.perf_counter()
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-m", "specdec.fetch", "--config",
+                    os.path.join(REPO_ROOT, args.config)], check=True, cwd=REPO_ROOT, env=env)
+    return time.perf_counter() - start
 
 
 def llamacpp_command(args, port: int) -> tuple[list[str], list[str]]:
@@ -177,6 +210,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--target-gguf", default=None)
     p.add_argument("--draft-gguf", default=None)
     p.add_argument("--start-timeout", type=float, default=600.0)
+    p.add_argument("--no-prepare", action="store_true",
+                   help="do not run `specdec fetch --config` before our first start")
     p.add_argument("--log-dir", default=None, help="server logs (default: $TMPDIR/specdec-footprint-logs)")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/...)")
     args = p.parse_args(argv)
@@ -200,14 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     from latency_common import machine_info
 
     rows = []
+    prepare_s = None
+    if "ours" in args.systems and not args.no_prepare:
+        print("[footprint] specdec fetch --config ...", file=sys.stderr, flush=True)
+        prepare_s = prepare(args)
+        print(f"[footprint] prepared in {prepare_s:.1f} s", file=sys.stderr, flush=True)
     for system in args.systems:
         print(f"[footprint] {system} ...", file=sys.stderr, flush=True)
         rows.append(measure(system, args))
         print(report(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(report(rows))
+    if prepare_s is not None:
+        print(f"specdec fetch --config before the first start: {prepare_s:.1f} s")
     out = {"benchmark": "footprint", "args": vars(args),
            "machine": machine_info(args.threads or os.cpu_count(), "cpu"),
-           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "systems": rows}
+           "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prepare_s": prepare_s,
+           "systems": rows}
     path = args.output or os.path.join(RESULTS_DIR, "footprint.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -146,6 +146,22 @@ def memory_usage() -> dict:
     return usage
 
 
+def weight_loads(config: Config) -> dict[str, dict | None]:
+    """The load_model() arguments (but the device) of the target and of the draft model
+    (None without one): `specdec fetch --config` packs the same quantized weights ahead."""
+    spec = config.spec
+    draft = None
+    if spec.enabled and spec.method == "draft":
+        # NOTE: high_bits="int4": an int4 draft from a GGUF keeps even its Q6_K / Q8_0
+        # modules (the 0.5B's output) at 4 bits: a cheaper step; it moves acceptance only.
+        draft = {"path": spec.draft_model, "dtype": spec.draft_dtype or config.model.dtype,
+                 "quantization": spec.draft_quantization, "high_bits": "int4"}
+    return {"target": {"path": config.model.path, "dtype": config.model.dtype,
+                       "quantization": config.model.quantization,
+                       "high_bits": config.model.gguf_high_bits},
+            "draft": draft}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,9 +202,8 @@ class Engine:
             self.parallel = start_tensor_parallel(config, self.device)
             target = self.parallel.model  # rank 0's shard
         else:
-            target = load_model(target_path, config.model.dtype, str(self.device),
-                                config.model.quantization,
-                                high_bits=config.model.gguf_high_bits)
+            target = load_model(**{**weight_loads(config)["target"], "path": target_path},
+                                device=str(self.device))
         self.startup["target_s"] = round(time.perf_counter() - started, 3)
         self.vocab_size = target.vocab_size
         self.model_name = config.server.served_model_name or os.path.basename(
@@ -196,10 +211,7 @@ class Engine:
         spec = config.spec
         draft = None
         if spec.enabled and spec.method == "draft":
-            # NOTE: high_bits="int4": an int4 draft from a GGUF keeps even its Q6_K / Q8_0
-            # modules (the 0.5B's output) at 4 bits: a cheaper step; it moves acceptance only.
-            draft = load_model(spec.draft_model, spec.draft_dtype or config.model.dtype,
-                               str(self.device), spec.draft_quantization, high_bits="int4")
+            draft = load_model(device=str(self.device), **weight_loads(config)["draft"])
             if draft.vocab_size != target.vocab_size:
                 self._pad_vocabularies(target, draft)
             if spec.draft_vocab_size is not None:

@@ -148,6 +148,25 @@ def _shell(cls_name: str, attrs: dict) -> nn.Module:
     return module
 
 
+def has_entry(key: str) -> bool:
+    """True if the entry `key` is there and matches its hash (a damaged one is deleted)."""
+    path = os.path.join(cache_dir(), f"{key}.safetensors")
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path + ".xxh3") as f:
+            if store.hash_matches(path, f.read().strip()):
+                return True
+    except OSError:
+        pass
+    for stale in (path, path + ".xxh3"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+    return False
+
+
 def load(model: nn.Module, key: str, source_path: str) -> bool:
     """Fill `model` (built, weights not loaded) from the cache entry `key`: quantized modules
     rebuilt from their buffers, the other parameters (embedding, norms) read from the source

@@ -187,6 +187,25 @@ def load_model(path: str, dtype: str | torch.dtype = "float32", device: str = "c
     return model
 
 
+def pack_quantized(path: str, dtype: str | torch.dtype = "float32",
+                   quantization: str | None = None, high_bits: str = "int8") -> str:
+    """Build the cache entry of packed weights that load_model() with these arguments reads,
+    so that the first start does not quantize. Returns "cached" (it was there and matches
+    its hash), "packed" (built now), "unquantized" or "uncacheable" (nothing to build: no
+    quantization, or a source without a manifest)."""
+    if quantization is None:
+        return "unquantized"
+    path = resolve_model_path(path, verify=True)
+    key = quant_cache.cache_key(path, parse_dtype(dtype), quantization, high_bits)
+    if key is None:
+        return "uncacheable"
+    if quant_cache.has_entry(key):
+        return "cached"
+    model = load_model(path, dtype, "cpu", quantization, high_bits=high_bits)  # saves the entry
+    del model
+    return "packed" if quant_cache.has_entry(key) else "uncacheable"
+
+
 def load_tokenizer(path: str):
     """transformers AutoTokenizer of the same directory (or fetch name)."""
     from transformers import AutoTokenizer

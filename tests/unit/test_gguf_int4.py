@@ -200,3 +200,44 @@ def test_engine_passes_gguf_high_bits_to_the_target(q4k_entry):
     assert isinstance(engine.target_runner.model.lm_head, quant.Int8Linear)
     with pytest.raises(ConfigError, match="model.gguf_high_bits must be"):
         Config().replace(**{"model.gguf_high_bits": "int6"})
+
+
+def test_fetch_with_a_config_packs_what_its_first_start_reads(q4k_entry, tmp_path, capsys):
+    """`specdec fetch --config` (what `make serve` runs first) packs the int4 weights of the
+    config's target and draft; the first start then reads both from the cache, a second fetch
+    rebuilds nothing, and a damaged entry is rebuilt by the next fetch, never served."""
+    from specdec.core.config import load
+    from specdec.engine import Engine
+    from specdec.model import quant_cache
+
+    config = tmp_path / "serve.toml"
+    config.write_text('[model]\npath = "tiny-test"\ndtype = "bfloat16"\nmax_model_len = 64\n'
+                      'quantization = "int4"\ngguf_high_bits = "int4"\n'
+                      '[spec]\nmethod = "draft"\ndraft_model = "tiny-test"\n'
+                      'draft_dtype = "float32"\ndraft_quantization = "int4"\n'
+                      'num_speculative_tokens = 2\n[device]\ndevice = "cpu"\n')
+    assert fetch.main(["--config", str(config)]) == 0
+    assert capsys.readouterr().out.count("tiny-test: int4 weights packed") == 2
+
+    def entries():
+        folder = quant_cache.cache_dir()
+        return {f: os.stat(os.path.join(folder, f)).st_mtime_ns for f in os.listdir(folder)
+                if f.endswith(".safetensors")}
+    packed = entries()
+    assert len(packed) == 2  # bfloat16 target and float32 draft: two keys
+    engine = Engine(load(str(config)))
+    assert engine.target_runner.model.quantized_from == "cache"
+    assert engine.startup["draft_quantized_from"] == "cache"
+    assert entries() == packed
+
+    assert fetch.main(["--config", str(config)]) == 0
+    assert capsys.readouterr().out.count("tiny-test: int4 weights cached") == 2
+    assert entries() == packed
+    damaged = os.path.join(quant_cache.cache_dir(), sorted(packed)[0])
+    with open(damaged, "r+b") as f:
+        f.seek(os.path.getsize(damaged) - 10)
+        f.write(b"\x00\x01")
+    assert fetch.main(["--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("weights packed") == 1 and out.count("weights cached") == 1
+    assert set(entries()) == set(packed)

@@ -510,6 +510,8 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        if self.lora is not None and self.lora.failed:
+            return self._fail_unreadable_adapters()
         decodes = [r for r in self.scheduler.running if not r.is_prefill]
         self.controller.choose(decodes)
         self._forced_now.clear()
@@ -872,6 +874,23 @@ class Engine:
             if not tokens and status is None:
                 continue
             outputs.append(self._make_output(tr, tokens, delta_text, status, reason))
+        return outputs
+
+    def _fail_unreadable_adapters(self) -> list[RequestOutput]:
+        """The waiting requests of an adapter whose directory could not be read again (its
+        host copy was evicted, then the files went away or broke) finish with finish_reason
+        "error" naming it; every other request goes on (the step after this one)."""
+        failed = self.lora.take_failed()
+        outputs = []
+        for req in [r for r in self.scheduler.waiting if r.lora_int_id in failed]:
+            tr = self.tracked.pop(req.request_id)
+            req.finished_time = time.monotonic()
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ERROR)
+            self.controller.forget(req.request_id)
+            logger.error("request %s: %s", req.request_id, failed[req.lora_int_id])
+            outputs.append(self._make_output(tr, [], tr.detokenizer.flush(),
+                                             RequestStatus.FINISHED_ERROR,
+                                             str(failed[req.lora_int_id])))
         return outputs
 
     def _check_stop(self, tr: _Tracked, tokens: list[int]):

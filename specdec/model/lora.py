@@ -324,6 +324,7 @@ class LoRAManager:
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident; LRU: oldest first
         self.slot_owner: list[int | None] = [None] * max_loras
         self._loading: dict[int, Future] = {}  # lora_id -> a load_adapter on the worker thread
+        self.failed: dict[int, BaseException] = {}  # lora_id -> why its re-read failed
         self._loader: ThreadPoolExecutor | None = None
 
     def add(self, name: str, path: str, adapter: LoRAAdapter | None = None) -> LoRARequest:
@@ -371,9 +372,13 @@ class LoRAManager:
         """Whether activate() can take `lora_id` without reading its directory. If not, starts
         reading it on a worker thread and says False until that is done (engine thread only;
         the result is moved into the host cache here, on the caller's thread). A failed read
-        says True: activate() then reads again and raises the LoRAError."""
+        (the directory was removed or damaged since it was registered) keeps saying False
+        and is kept in `failed`: the engine finishes that adapter's waiting requests with the
+        error (take_failed) instead of raising inside a step."""
         if lora_id in self.slot_of or lora_id in self.host:
             return True
+        if lora_id in self.failed:  # until the engine has failed its requests
+            return False
         future = self._loading.get(lora_id)
         if future is None:
             if self._loader is None:
@@ -385,9 +390,17 @@ class LoRAManager:
         if not future.done():
             return False
         del self._loading[lora_id]
-        if future.exception() is None:
-            self._cache(lora_id, future.result())
+        if future.exception() is not None:
+            self.failed[lora_id] = future.exception()
+            return False
+        self._cache(lora_id, future.result())
         return True
+
+    def take_failed(self) -> dict[int, BaseException]:
+        """The adapters whose re-read failed since the last call (lora_int_id -> error); a
+        later request on one of them reads its directory again."""
+        failed, self.failed = self.failed, {}
+        return failed
 
     def _host_adapter(self, lora_id: int) -> LoRAAdapter:
         adapter = self.host.get(lora_id)

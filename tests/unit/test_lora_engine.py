@@ -286,6 +286,42 @@ def test_evicted_adapter_is_read_off_the_engine_thread(tiny_llama_dir, adapters,
     assert len(threads) == 1 and a1 in engine.lora.slot_of
 
 
+def test_an_adapter_that_cannot_be_read_again_fails_its_requests_only(
+        tiny_llama_dir, adapters, plain, tmp_path):
+    """a1's host copy is evicted, then its directory goes away: its waiting requests finish
+    with finish_reason "error" naming the adapter and the file, the base request runs to its
+    own tokens, no KV block leaks, and once the directory is back a1 is read again."""
+    import shutil
+
+    moved = str(tmp_path / "a1-elsewhere")
+    shutil.copytree(adapters["a1"], moved)
+    llm = make_llm(tiny_llama_dir, {**adapters, "a1": moved},
+                   **{"lora.max_loras": 1, "lora.max_cpu_loras": 1})
+    engine = llm.engine
+    a1 = engine.lora.registry["a1"].lora_int_id
+    assert a1 not in engine.lora.host and a1 not in engine.lora.slot_of
+    free = engine.scheduler.block_pool.num_free_blocks
+    shutil.rmtree(moved)
+    engine.add_request("a1-req", PROMPTS[1], GREEDY, lora_request="a1")
+    engine.add_request("a1-again", PROMPTS[3], GREEDY, lora_request="a1")
+    engine.add_request("base-req", PROMPTS[0], GREEDY)
+    done = {}
+    for _ in range(500):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0]
+    assert done["base-req"].token_ids == plain[0] and done["base-req"].finish_reason == "length"
+    for rid in ("a1-req", "a1-again"):
+        assert done[rid].finish_reason == "error" and done[rid].token_ids == []
+        assert "'a1'" in done[rid].stop_reason and "does not exist" in done[rid].stop_reason
+    assert engine.scheduler.block_pool.num_free_blocks == free
+    shutil.copytree(adapters["a1"], moved)
+    out = llm.generate([{"prompt_token_ids": PROMPTS[1]}], GREEDY, lora_request="a1")
+    assert out[0].outputs[0].token_ids == plain[1]
+
+
 def test_scheduler_skips_requests_whose_adapter_is_loading():
     """Bookkeeping only: a request whose adapter is not ready keeps its place in the queue while
     the requests behind it are admitted; it is admitted once ready."""

@@ -42,6 +42,11 @@ if [ -d "$WHEELS" ]; then
   "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl \
     || echo "warning: installing $WHEELS failed"
 fi
+# The server and the GGUF reader import these; there is no fallback in the code.
+if ! "$PY" -c "import orjson, structlog, gguf" 2>/dev/null; then
+  echo "orjson, structlog or gguf is missing: run bash bench/gpu_wheels.sh here and carry .gpu_wheels"
+  exit 2
+fi
 echo "== nvidia-smi"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
 echo "== preflight (limit 120 s)"

@@ -91,7 +91,7 @@ def describe_engine(engine) -> dict:
 async def serve(config: Config, *, install_signals: bool = True,
                 stop_event: asyncio.Event | None = None, started=None, engine=None) -> int:
     """Run until `stop_event` is set (SIGTERM/SIGINT set it when install_signals)."""
-    from server.app import OpenAIServer
+    from server.app import OpenAIServer, attach_stdlib_logs
 
     server = OpenAIServer(config)
     log = server.log
@@ -110,6 +110,7 @@ async def serve(config: Config, *, install_signals: bool = True,
     port = site._server.sockets[0].getsockname()[1]
     url = f"http://{config.server.host}:{port}"
     log.info("listening", url=url, status="loading")
+    detach_logs = attach_stdlib_logs(log)
     try:
         if engine is None:
             from specdec.engine import Engine
@@ -155,6 +156,7 @@ async def serve(config: Config, *, install_signals: bool = True,
     finally:
         await runner.cleanup()
         server.close()
+        detach_logs()
 
 
 def main(argv: list[str] | None = None) -> int:

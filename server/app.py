@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 
+import structlog
 from aiohttp import web
 
 import specdec
@@ -29,47 +30,52 @@ from server.ui import add_ui_routes
 DISCONNECT_POLL_S = 0.5
 RETRY_AFTER_S = "1"
 
-try:
-    import structlog
-except ImportError:  # NOTE: the GPU machine may lack structlog; stdlib logging is the fallback.
-    structlog = None
-
-
-class _StdlibLogger:
-    def __init__(self):
-        self._log = logging.getLogger("specdec.server")
-        if not self._log.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self._log.addHandler(handler)
-            self._log.setLevel(logging.INFO)
-            self._log.propagate = False
-
-    def _emit(self, level: str, event: str, **kw) -> None:
-        record = {"event": event, "level": level,
-                  "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **kw}
-        getattr(self._log, level)(dumps(record).decode())
-
-    def info(self, event: str, **kw) -> None:
-        self._emit("info", event, **kw)
-
-    def warning(self, event: str, **kw) -> None:
-        self._emit("warning", event, **kw)
-
-    def error(self, event: str, **kw) -> None:
-        self._emit("error", event, **kw)
-
 
 def make_logger():
-    """A JSON-lines logger: structlog when installed (no global configure), else stdlib."""
-    if structlog is None:
-        return _StdlibLogger()
+    """The server's JSON-lines logger on stderr (structlog, no global configure)."""
     return structlog.wrap_logger(
         structlog.PrintLogger(sys.stderr),
         processors=[structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     structlog.processors.JSONRenderer(
                         serializer=lambda obj, **kw: dumps(obj).decode())])
+
+
+class JSONLinesHandler(logging.Handler):
+    """Stdlib records of the `specdec` loggers (the engine's start-up facts, warnings, errors
+    with tracebacks) as JSON lines of the server's log: one format for a log shipper to parse.
+    serve() attaches it for its own lifetime (attach_stdlib_logs)."""
+
+    def __init__(self, log, level: int = logging.INFO):
+        super().__init__(level)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = {"logger": record.name}
+            if record.exc_info:
+                fields["traceback"] = logging.Formatter().formatException(record.exc_info)
+            level = {"DEBUG": "debug", "INFO": "info", "WARNING": "warning"}.get(
+                record.levelname, "error")
+            getattr(self.log, level)(record.getMessage(), **fields)
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
+
+
+def attach_stdlib_logs(log):
+    """Route the `specdec` stdlib loggers into `log`; returns the function that undoes it."""
+    logger = logging.getLogger("specdec")
+    handler = JSONLinesHandler(log)
+    old_level, old_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not a second, plain-text copy through the root logger
+
+    def detach():
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+    return detach
 
 
 def json_response(body, status: int = 200, headers: dict | None = None) -> web.Response:

@@ -17,27 +17,21 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import orjson
+
 from server import structured as structured_outputs
 from server import tools
 
 from specdec.core.request import MAX_LOGPROBS, SamplingParams, StructuredOutput
 
-try:
-    import orjson
 
-    def dumps(obj) -> bytes:
-        return orjson.dumps(obj)
+def dumps(obj) -> bytes:
+    return orjson.dumps(obj)
 
-    def loads(data: bytes):
-        return orjson.loads(data)
-except ImportError:  # NOTE: the GPU machine may lack orjson; stdlib json is the fallback.
-    import json
 
-    def dumps(obj) -> bytes:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+def loads(data: bytes):
+    return orjson.loads(data)
 
-    def loads(data: bytes):
-        return json.loads(data)
 
 MAX_N = 16
 MAX_PROMPTS = 64

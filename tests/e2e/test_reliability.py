@@ -185,12 +185,47 @@ def test_engine_fault_exits_the_process_nonzero_with_logged_ids(tmp_path, tiny_l
     assert status == 500
     request_id = headers["X-Request-ID"]
     _generic_500(loads(body)["error"], request_id)
-    log = [loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    lines = log_path.read_text().splitlines()
+    log = [loads(line) for line in lines if line.startswith("{")]
+    # the engine's stdlib records are JSON lines too, and not also printed as plain text
+    assert not [line for line in lines if "max_model_len =" in line and line[0] != "{"]
+    engine_lines = [entry for entry in log if entry.get("logger") == "specdec.engine"]
+    assert any(entry["event"].startswith("max_model_len = 512") for entry in engine_lines)
     dead = next(entry for entry in log if entry["event"] == "engine_dead")
     assert dead["request_ids"] == [f"{request_id}-0"]
     assert "simulated device fault" in dead["traceback"]
     assert "Traceback" in dead["traceback"]
     assert log[-1]["event"] == "exiting" and log[-1]["exit_code"] == 1
+
+
+def test_stdlib_records_become_json_lines_while_serve_runs():
+    import io
+    import logging
+
+    import structlog
+
+    from server.app import attach_stdlib_logs
+
+    before = list(logging.getLogger("specdec").handlers)  # a module's live server's, if any
+    out = io.StringIO()
+    log = structlog.wrap_logger(structlog.PrintLogger(out), processors=[
+        structlog.processors.add_log_level, structlog.processors.JSONRenderer()])
+    detach = attach_stdlib_logs(log)
+    try:
+        logging.getLogger("specdec.engine").info("calibration: %s", "cached")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logging.getLogger("specdec.server").exception("stream error %s", "r-1")
+    finally:
+        detach()
+    logging.getLogger("specdec.engine").warning("after detach")  # not ours any more
+    info, error = [loads(line) for line in out.getvalue().splitlines()]
+    assert info == {"event": "calibration: cached", "logger": "specdec.engine",
+                    "level": "info"}
+    assert error["event"] == "stream error r-1" and error["level"] == "error"
+    assert "ValueError: boom" in error["traceback"]
+    assert logging.getLogger("specdec").handlers == before
 
 
 def test_health_live_is_200_unless_the_engine_died():
@@ -426,11 +461,7 @@ def test_tokenization_runs_off_the_loop_and_engine_thread(spec_server, route):
     _wait_for(lambda: not spec_server.app.engine.has_unfinished_requests(), "all aborted")
 
 
-def test_deeply_nested_json_on_the_stdlib_fallback_is_a_400(spec_server, monkeypatch):
-    import json
-
-    from server import protocol
-    monkeypatch.setattr(protocol, "loads", json.loads)  # the parser used without orjson
+def test_deeply_nested_json_is_a_400(spec_server):
     status, _, payload = http("POST", spec_server.base_url + COMPLETIONS,
                               raw=b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}")
     assert status == 400, payload

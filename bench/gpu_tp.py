@@ -71,36 +71,49 @@ def run(args, path: str) -> list[dict]:
     runners = {1: ModelRunner(single, blocks, 16, use_kernels),
                2: ModelRunner(driver.model, blocks, 16, use_kernels, parallel=driver)}
     rows = []
+    # "graphs": the decode steps replayed from CUDA graphs on both (every TP rank captured
+    # the same buckets; the all-reduces and the gather inside them), checked against eager TP=1
+    phases = ["eager"] + (["graphs"] if device.type == "cuda" and not args.no_graphs else [])
+    eager_tp1 = {}
     try:
-        for batch in (1, 8):
-            per = blocks // 8
-            seqs = [SeqSlice([(7 * i + b) % 500 for i in range(args.prompt_len)], 0,
-                             list(range(b * per, (b + 1) * per)), 1) for b in range(batch)]
-            result = {"batch": batch}
-            logits = {}
-            for tp, runner in runners.items():
-                out = [runner.execute(seqs)]
-                comm0 = driver.comm_stats() if tp == 2 else None
-                sync()
-                t0 = time.perf_counter()
-                for step in range(args.steps):
-                    tokens = out[-1].argmax(-1).tolist()
-                    out.append(runner.execute([SeqSlice([t], args.prompt_len + step, s.block_ids, 1)
-                                               for t, s in zip(tokens, seqs)]))
-                sync()
-                result[f"tp{tp}_step_ms"] = round(1e3 * (time.perf_counter() - t0) / args.steps, 3)
-                logits[tp] = torch.stack(out)  # [steps + 1, batch, vocab]
-                if tp == 2:
-                    comm = driver.comm_stats()
-                    n = comm["steps"] - comm0["steps"]
-                    result["tp2_broadcast_ms"] = round(
-                        1e3 * (comm["broadcast_s"] - comm0["broadcast_s"]) / n, 3)
-                    result["tp2_collectives_ms"] = round(
-                        1e3 * (comm["forward_comm_s"] - comm0["forward_comm_s"]) / n, 3)
-            result["max_abs_diff"] = float((logits[2] - logits[1]).abs().max())
-            result["argmax_agree"] = bool(torch.equal(logits[2].argmax(-1), logits[1].argmax(-1)))
-            rows.append(result)
-            print(json.dumps(result), flush=True)
+        for phase in phases:
+            if phase == "graphs":
+                for runner in runners.values():
+                    runner.capture_graphs([1], 8, 2048)
+            for batch in (1, 8):
+                per = blocks // 8
+                seqs = [SeqSlice([(7 * i + b) % 500 for i in range(args.prompt_len)], 0,
+                                 list(range(b * per, (b + 1) * per)), 1) for b in range(batch)]
+                result = {"batch": batch, "phase": phase}
+                logits = {}
+                for tp, runner in runners.items():
+                    out = [runner.execute(seqs)]
+                    comm0 = driver.comm_stats() if tp == 2 else None
+                    sync()
+                    t0 = time.perf_counter()
+                    for step in range(args.steps):
+                        tokens = out[-1].argmax(-1).tolist()
+                        out.append(runner.execute([
+                            SeqSlice([t], args.prompt_len + step, s.block_ids, 1)
+                            for t, s in zip(tokens, seqs)]))
+                    sync()
+                    result[f"tp{tp}_step_ms"] = round(
+                        1e3 * (time.perf_counter() - t0) / args.steps, 3)
+                    logits[tp] = torch.stack(out)  # [steps + 1, batch, vocab]
+                    if tp == 2:
+                        comm = driver.comm_stats()
+                        n = comm["steps"] - comm0["steps"]
+                        result["tp2_broadcast_ms"] = round(
+                            1e3 * (comm["broadcast_s"] - comm0["broadcast_s"]) / n, 3)
+                        result["tp2_collectives_ms"] = round(
+                            1e3 * (comm["forward_comm_s"] - comm0["forward_comm_s"]) / n, 3)
+                if phase == "eager":
+                    eager_tp1[batch] = logits[1]
+                ref = eager_tp1[batch]
+                result["max_abs_diff"] = float((logits[2] - ref).abs().max())
+                result["argmax_agree"] = bool(torch.equal(logits[2].argmax(-1), ref.argmax(-1)))
+                rows.append(result)
+                print(json.dumps(result), flush=True)
     finally:
         driver.close()
     return rows
@@ -114,6 +127,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--no-graphs", action="store_true",
+                        help="CUDA: skip the CUDA-graph phase (eager only)")
     parser.add_argument("--out")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="specdec_tp_") as tmp:

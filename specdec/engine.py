@@ -259,9 +259,9 @@ class Engine:
             self.k_max, spec.adaptive, self.target_runner.cost,
             self.draft_runner.cost if self.draft_runner else None, self.max_model_len)
         self.cuda_graphs = False
-        # NOTE: eager under tensor parallelism: capturing the target would need every worker to
-        # capture the same graphs in step (NCCL can capture the all-reduce); not done yet.
-        if self.device.type == "cuda" and dev.cuda_graphs and self.parallel is None:
+        # NOTE: under tensor parallelism the workers capture the target's graphs in step with
+        # rank 0 (ModelRunner.capture_graphs; NCCL captures the all-reduces).
+        if self.device.type == "cuda" and dev.cuda_graphs:
             # The verify window is [last, d1..dk] for any k the controller may pick.
             max_seqs = config.scheduler.max_num_seqs
             pool = torch.cuda.graph_pool_handle()  # one pool for every runner and bucket

@@ -207,10 +207,11 @@ class ModelRunner:
     def _forward(self, batch) -> Tensor:
         """The TP ranks together, a captured graph when one fits the batch, else the eager
         model."""
+        from specdec.kernels.graphs import pick_graphs
+        graphs = pick_graphs(self.graph_runners, batch)  # can_run checks LoRA fits
         if self.parallel is not None:
-            return self.parallel.forward(batch, self.kv_caches)
-        graphs = self.graph_runners.get(batch.query_lens[0])
-        if graphs is not None and graphs.can_run(batch):  # can_run checks LoRA fits
+            return self.parallel.forward(batch, self.kv_caches, graphs)
+        if graphs is not None:
             return graphs.run(batch)
         return self.model(batch, self.kv_caches)
 
@@ -224,6 +225,9 @@ class ModelRunner:
         if not self.use_kernels:  # NOTE: the torch reference reads CPU lists: eager only
             return False
         max_blocks = -(-max_model_len // self.block_size)
+        if self.parallel is not None:  # the workers capture the same graphs alongside
+            self.parallel.capture_graphs(sorted(query_lens, reverse=True), max_num_seqs,
+                                         max_blocks)
         for q in sorted(query_lens, reverse=True):  # NOTE: largest first into the shared pool
             runner = CudaGraphRunner(model, self.kv_caches, q, max_num_seqs, max_blocks, debug,
                                      lora=self.lora.slots if self.lora is not None else None,

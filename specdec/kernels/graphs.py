@@ -6,6 +6,9 @@ to max_num_seqs), largest first, all into one memory pool shared by every runner
 batches are padded in front to a captured length by the ModelRunner (runner.pad_windows). A replay copies the batch into static buffers
 (sliced views of one set of max-size tensors) and pads the bucket: padding sequences have
 seq_len 0 and slots -1, so the kernels skip their KV writes and write zeros for their rows.
+Under tensor parallelism every rank captures the same query lengths and buckets in the same
+order (the workers on rank 0's OP_CAPTURE message), so each graph holds its rank's part of the
+all-reduces and of the logits gather, and a replay on one rank meets the same replay on all.
 
 Glossary
 - bucket: the padded number of sequences a graph was captured for.
@@ -172,6 +175,8 @@ class CudaGraphRunner:
         bucket = self.stage(batch)
         self.graphs[bucket].replay()
         logits = self.outputs[bucket]  # [bucket * query_len, vocab]
+        if logits is None:  # a tensor-parallel worker: the gathered logits are rank 0's
+            return None
         return logits.index_select(0, batch.logits_indices.to(logits.device))
 
     def stage(self, batch: ForwardBatch) -> int:
@@ -204,6 +209,16 @@ class CudaGraphRunner:
         return tuple(t.data_ptr() for t in (
             self.input_ids, self.positions, self.slot_mapping, self.block_tables,
             self.seq_lens, self.query_start_loc, self.logits_indices, *caches, *lora))
+
+
+def pick_graphs(graph_runners: dict, batch: ForwardBatch) -> "CudaGraphRunner | None":
+    """The captured runner (by query_len) that replays `batch`, or None: run it eagerly.
+    Under tensor parallelism every rank decides by this rule over the same broadcast batch,
+    so either all of them replay (their all-reduces captured in step) or none does."""
+    if not graph_runners or not batch.query_lens:
+        return None
+    graphs = graph_runners.get(batch.query_lens[0])
+    return graphs if graphs is not None and graphs.can_run(batch) else None
 
 
 def lora_fits(graph_lora, batch_lora) -> bool:

@@ -42,7 +42,7 @@ logger = logging.getLogger("specdec.parallel")
 
 # Header entries (int64): op, num_tokens, num_seqs, max_blocks, num_logits, use_kernels, a, b.
 HEADER_LEN = 8
-OP_FORWARD, OP_ALLOCATE, OP_SHUTDOWN = 1, 2, 3
+OP_FORWARD, OP_ALLOCATE, OP_SHUTDOWN, OP_CAPTURE = 1, 2, 3, 4
 IDLE_TIMEOUT = timedelta(days=365)  # the meta group: a worker waits on it while the server idles
 LOAD_TIMEOUT = timedelta(minutes=30)  # the first message waits for every rank's weights
 PARENT_POLL_S = 0.2
@@ -175,9 +175,35 @@ def worker_main(args: WorkerArgs, parent_pid: int) -> None:
     dist.destroy_process_group()
 
 
+def capture_header(query_lens: list[int], max_num_seqs: int,
+                   max_blocks_per_seq: int) -> tuple[Tensor, Tensor]:
+    """OP_CAPTURE: (header [8], payload = the query lengths in capture order) int64."""
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[:4] = torch.tensor([OP_CAPTURE, max_num_seqs, max_blocks_per_seq, len(query_lens)])
+    return header, torch.tensor(query_lens, dtype=torch.int64)
+
+
+def _capture(model, kv_caches, query_lens: list[int], max_num_seqs: int,
+             max_blocks_per_seq: int) -> dict:
+    """A worker's CUDA graphs: the same query lengths, buckets and order as rank 0's."""
+    from specdec.kernels.graphs import CudaGraphRunner
+
+    runners, pool = {}, None
+    for q in query_lens:
+        runner = CudaGraphRunner(model, kv_caches, q, max_num_seqs, max_blocks_per_seq,
+                                 pool=pool)
+        runner.capture()
+        pool = runner.pool
+        runners[q] = runner
+    return runners
+
+
 @torch.inference_mode()
 def _serve_steps(model, device: torch.device) -> None:
+    from specdec.kernels.graphs import pick_graphs
+
     kv_caches = None
+    graph_runners: dict = {}  # query_len -> CudaGraphRunner (CUDA, once OP_CAPTURE came)
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     while True:
         dist.broadcast(header, src=0)
@@ -187,9 +213,20 @@ def _serve_steps(model, device: torch.device) -> None:
         if op == OP_ALLOCATE:
             kv_caches = model.make_kv_caches(int(header[1]), int(header[2]))
             continue
+        if op == OP_CAPTURE:
+            query_lens = torch.empty(int(header[3]), dtype=torch.int64)
+            dist.broadcast(query_lens, src=0)
+            graph_runners = _capture(model, kv_caches, query_lens.tolist(), int(header[1]),
+                                     int(header[2]))
+            continue
         payload = torch.empty(payload_len(header), dtype=torch.int64)
         dist.broadcast(payload, src=0)
-        model(unpack_batch(header, payload, device), kv_caches)
+        batch = unpack_batch(header, payload, device)
+        graphs = pick_graphs(graph_runners, batch)  # the rule rank 0 follows: same choice
+        if graphs is not None:
+            graphs.run(batch)
+        else:
+            model(batch, kv_caches)
 
 
 class TensorParallelDriver:
@@ -294,13 +331,26 @@ class TensorParallelDriver:
         with self._lock:
             self._broadcast(header, timeout=LOAD_TIMEOUT)
 
-    def forward(self, batch, kv_caches) -> Tensor:
-        """Send the step's input to every worker, run rank 0's shard; the gathered logits."""
+    def capture_graphs(self, query_lens: list[int], max_num_seqs: int,
+                       max_blocks_per_seq: int) -> None:
+        """Every worker captures CUDA graphs of these query lengths (in this order), while
+        rank 0 captures the same ones (ModelRunner.capture_graphs): the warm-up forwards and
+        the captures meet in their collectives."""
+        header, payload = capture_header(query_lens, max_num_seqs, max_blocks_per_seq)
+        with self._lock:
+            self._broadcast(header, payload)
+
+    def forward(self, batch, kv_caches, graphs=None) -> Tensor:
+        """Send the step's input to every worker, run rank 0's shard (a replay of `graphs`,
+        the runner pick_graphs chose, as every worker chooses it too); the gathered logits.
+        NOTE: `tp.comm_s` times eager collectives only; a replay's run inside the graph."""
         header, payload = pack_batch(batch)
         with self._lock:
             self._broadcast(header, payload)
             self.steps += 1
             try:
+                if graphs is not None:
+                    return graphs.run(batch)
                 return self.model(batch, kv_caches)
             except BaseException:
                 self._failed = True  # the group is unusable now: close() kills the workers

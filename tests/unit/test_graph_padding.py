@@ -78,3 +78,26 @@ def test_spec_exact_with_padding(tiny_llama_dir, noisy_draft_dir):
     assert sum(padded["draft"]) > 0, "no draft step mixed 1- and 2-token catch-ups"
     # Ragged verify windows: requests near max_tokens get fewer draft slots.
     assert sum(padded["target"]) > 0, "the verify windows were never ragged"
+
+
+def test_pick_graphs_is_one_rule_for_every_rank():
+    """rank 0 and the TP workers choose replay or eager by pick_graphs over the same batch:
+    the runner of the batch's query length when it can run it, else None (eager)."""
+    from types import SimpleNamespace
+
+    from specdec.kernels.graphs import pick_graphs
+
+    class Fake:
+        def __init__(self, q, fits):
+            self.query_len, self.fits = q, fits
+
+        def can_run(self, batch):
+            return self.fits and all(q == self.query_len for q in batch.query_lens)
+
+    runners = {1: Fake(1, True), 3: Fake(3, False)}
+    assert pick_graphs(runners, SimpleNamespace(query_lens=[1, 1])) is runners[1]
+    assert pick_graphs(runners, SimpleNamespace(query_lens=[3, 3])) is None  # cannot run
+    assert pick_graphs(runners, SimpleNamespace(query_lens=[2])) is None  # none captured
+    assert pick_graphs(runners, SimpleNamespace(query_lens=[1, 2])) is None  # ragged
+    assert pick_graphs({}, SimpleNamespace(query_lens=[1])) is None
+    assert pick_graphs(runners, SimpleNamespace(query_lens=[])) is None

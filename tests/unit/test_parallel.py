@@ -8,6 +8,8 @@ shard layout follows the rules the module states; bad sizes are named.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -173,3 +175,22 @@ def test_a_model_that_does_not_split_fails_before_any_process_starts(tiny_llama_
     with pytest.raises(ValueError, match="tensor_parallel_size.*num_key_value_heads=2.*got 3"):
         start_tensor_parallel(config, torch.device("cpu"))
     assert multiprocessing.active_children() == before
+
+
+def test_gpu_tp_bench_runs_on_the_cpu(tmp_path):
+    """bench/gpu_tp.py (bench/gpu_check.sh's TP section) is tested here before a multi-GPU
+    machine sees it: TP=2 over gloo against TP=1, tiny random weights, float32."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_tp.py", "--device", "cpu", "--shape",
+                           "tiny", "--dtype", "float32", "--steps", "2", "--prompt-len", "8",
+                           "--out", str(out)], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["batch"], r["phase"]) for r in rows] == [(1, "eager"), (8, "eager")]
+    assert all(r["argmax_agree"] and r["max_abs_diff"] < 1e-5 for r in rows)

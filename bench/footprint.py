@@ -114,13 +114,17 @@ def packed_files(config) -> list[str]:
     return files
 
 
-def prepare(args) -> float:
-    """Run `specdec fetch --config` (what `make serve` runs first); returns its seconds."""
+def prepare(args) -> tuple[float, float]:
+    """Run `specdec fetch --config` (what `make serve` runs first); returns its seconds and
+    its peak resident memory in MB (the first child this process waits for)."""
+    import resource
+
     start = time.perf_counter()
     env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-m", "specdec.fetch", "--config",
                     os.path.join(REPO_ROOT, args.config)], check=True, cwd=REPO_ROOT, env=env)
-    return time.perf_counter() - start
+    return (time.perf_counter() - start,
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
 def llamacpp_command(args, port: int) -> tuple[list[str], list[str]]:
@@ -235,21 +239,22 @@ def main(argv: list[str] | None = None) -> int:
     from latency_common import machine_info
 
     rows = []
-    prepare_s = None
+    prepare_s = prepare_peak_mb = None
     if "ours" in args.systems and not args.no_prepare:
         print("[footprint] specdec fetch --config ...", file=sys.stderr, flush=True)
-        prepare_s = prepare(args)
-        print(f"[footprint] prepared in {prepare_s:.1f} s", file=sys.stderr, flush=True)
+        prepare_s, prepare_peak_mb = prepare(args)
     for system in args.systems:
         print(f"[footprint] {system} ...", file=sys.stderr, flush=True)
         rows.append(measure(system, args))
         print(report(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(report(rows))
     if prepare_s is not None:
-        print(f"specdec fetch --config before the first start: {prepare_s:.1f} s")
+        print(f"specdec fetch --config before the first start: {prepare_s:.1f} s, "
+              f"peak RSS {prepare_peak_mb:.0f} MB")
     out = {"benchmark": "footprint", "args": vars(args),
            "machine": machine_info(args.threads or os.cpu_count(), "cpu"),
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "prepare_s": prepare_s,
+           "prepare_peak_rss_mb": prepare_peak_mb,
            "systems": rows}
     path = args.output or os.path.join(RESULTS_DIR, "footprint.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -17,7 +17,8 @@ def default_openmp_wait_policy() -> bool:
     the server (the loader's executor thread keeps its own team, the engine thread another)
     spins 100 iterations, by accident of its threads. On 2 busy cores a spinning worker holds
     the core the q4 kernel's helper needs: a 1.5B decode step took 135-760 ms instead of 48-69
-    ms (docs/BENCHMARKS.md, "Server path at batch 1"). Passive: the same regime either way.
+    ms (docs/BENCHMARKS.md, "Server path at batch 1"). Passive: the same regime either way,
+    at the cost of 5-15 % on an idle machine, where the spinning worker is ready sooner.
     """
     if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
         return False

@@ -112,24 +112,31 @@ async def serve(config: Config, *, install_signals: bool = True,
     url = f"http://{config.server.host}:{port}"
     log.info("listening", url=url, status="loading")
     detach_logs = attach_stdlib_logs(log)
+    engine_thread = None
     try:
         if engine is None:
+            from server.bridge import EngineThread
             from specdec.engine import Engine
             # NOTE: deferred: the calibration (when none is cached) and the grammar tokenizer
-            # run between requests once /health is 200 (Engine.run_idle_work).
-            load_task = loop.run_in_executor(None, Engine.from_config, config, True)
+            # run between requests once /health is 200 (Engine.run_idle_work). The thread that
+            # loads the engine then steps it (bridge.EngineThread: one OpenMP team).
+            engine_thread = EngineThread()
+            load_task = asyncio.wrap_future(engine_thread.submit(Engine.from_config, config,
+                                                                 True))
             stop_task = asyncio.ensure_future(stop_event.wait())
             await asyncio.wait([load_task, stop_task], return_when=asyncio.FIRST_COMPLETED)
             if not load_task.done():
+                engine_thread.finish()  # the load runs out on its daemon thread
                 log.info("stopped_while_loading")
                 return 0
             stop_task.cancel()
             try:
                 engine = load_task.result()
             except Exception as exc:
+                engine_thread.finish()
                 log.error("engine_load_failed", error=f"{type(exc).__name__}: {exc}")
                 return 1
-        server.attach(engine)
+        server.attach(engine, engine_thread)
         log.info("ready", url=url, api_key_required=bool(config.server.api_key),
                  process_ready_s=server.startup_s, **describe_engine(engine))
         if started is not None:

@@ -136,8 +136,9 @@ class OpenAIServer:
         parity.register(self)  # /tokenize /detokenize /ping /infill, CORS
 
     # ------------------------------------------------------------------ lifecycle
-    def attach(self, engine) -> None:
-        """Start the engine thread; called on the event loop once the engine has loaded."""
+    def attach(self, engine, thread=None) -> None:
+        """Start the engine's step loop on `thread` (bridge.EngineThread: the one that loaded
+        it; None: a new thread); called on the event loop once the engine has loaded."""
         self.engine = engine
         self.model_name = engine.model_name
         self.model_names = parity.model_names(engine.model_name,
@@ -151,7 +152,7 @@ class OpenAIServer:
         self._loop = asyncio.get_running_loop()
         self.bridge = AsyncEngine(engine, max_in_flight=capacity, on_death=self._engine_died,
                                   on_idle_work_done=self._startup_work_done)
-        self.bridge.start()
+        self.bridge.start(thread)
 
     def _startup_work_done(self) -> None:
         """Engine thread: the deferred start-up work is done (a background calibration)."""

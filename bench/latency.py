@@ -37,19 +37,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.append(REPO_ROOT)
-
-# NOTE: before torch loads: the in-process systems (ours*, the offline API) and the served ones
-# (a child process, which inherits it) run in the OpenMP wait policy that `specdec` and
-# `python -m server` set, so served against offline compares the serving path, not two spin
-# regimes (specdec/cli.py). llama-server gets the caller's environment (latency_llamacpp.py).
-from specdec.cli import default_openmp_wait_policy  # noqa: E402
-
-OMP_WAIT_POLICY_SET_HERE = default_openmp_wait_policy()
-
-import torch  # noqa: E402
 
 from latency_common import (RequestResult, SystemResult,  # noqa: E402
                             encode_prompts, eos_token_ids, machine_info, memory_mb,
@@ -327,8 +319,6 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args, parser = parse_args(argv)
-    if OMP_WAIT_POLICY_SET_HERE:  # llama.cpp (OpenMP too) runs as the user has it
-        args.llamacpp_env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     pair = PAIRS[args.pair]
     draft_name = args.draft or pair.draft
     default_systems = [s for s in ALL_SYSTEMS if draft_name or s not in DRAFT_SYSTEMS]

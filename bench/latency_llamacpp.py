@@ -178,9 +178,7 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
                 "--spec-draft-n-max", str(args.llamacpp_k),
                 "-td", str(threads), "-tbd", str(threads)]
     start = time.perf_counter()
-    # llamacpp_env: the caller's environment, without the OpenMP policy latency.py set for ours
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env=getattr(args, "llamacpp_env", None))
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_for_health(server, base, "llama-server")

@@ -22,7 +22,6 @@ import sys
 
 from aiohttp import web
 
-from specdec.cli import default_openmp_wait_policy
 from specdec.core.config import Config, ConfigError, from_dict, load, parse_overrides
 
 ENGINE_DEAD_GRACE_S = 5.0  # after an engine fault: time for handlers to send their errors
@@ -168,7 +167,6 @@ async def serve(config: Config, *, install_signals: bool = True,
 
 
 def main(argv: list[str] | None = None) -> int:
-    default_openmp_wait_policy()  # before torch loads (serve() imports it)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = build_config(argv)

@@ -84,7 +84,8 @@ def machine_info(threads: int, device: str) -> dict:
     import transformers
     info = {"cpu_model": cpu_model, "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "torch_threads": threads, "device": device}
+            "platform": platform.platform(), "torch_threads": threads, "device": device,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

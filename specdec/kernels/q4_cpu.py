@@ -37,6 +37,16 @@ GROUP_SIZE = 32
 TILE_COLUMNS = 16
 HUGEPAGE_BYTES = 2 << 20  # x86-64 transparent huge page
 
+# Which threads split a call's tiles. NOTE: measured on the quiet 2-core dev VM, a 1.5B int4
+# decode (4 code prompts x 64 tokens, offline): with OpenMP's default wait policy (workers
+# spin after each op) the static at::parallel_for split ran 17.3-18.6 tok/s against 14.7 for
+# the kernel's own helper threads (TilePool), whose helper competes for the cores with the
+# spinning OpenMP worker. With OMP_WAIT_POLICY=passive (a machine shared with other jobs:
+# spinning then costs 2-3x) OpenMP workers sleep, and TilePool's barrier-free split, which a
+# late helper cannot hold up, was the faster: 13.0 against 11.9 tok/s with one busy process
+# beside it. So the split follows the policy the process runs under.
+DYNAMIC_SPLIT = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
+
 _SOURCE = Path(__file__).with_name("q4_cpu.cpp")
 _log = logging.getLogger(__name__)
 
@@ -160,11 +170,14 @@ def load_kernel(use_simd: bool = True):
 
 def q4_linear(kernel, x: Tensor, packed: Tensor, scale_zero: Tensor,
               use_simd: bool = True, isa: str | None = None,
-              split_dynamic: bool = True) -> Tensor:
+              split_dynamic: bool | None = None) -> Tensor:
     """x [M, K] -> y [M, N] float32 with the compiled kernel: the best inner loop compiled in
     (use_simd=True), the plain C++ one (use_simd=False), or the one `isa` names (one of ISAS
-    that `kernel.q4_isas()` lists; for tests and benchmarks). split_dynamic=False splits the
-    tiles statically across threads (the earlier behaviour; for benchmarks)."""
+    that `kernel.q4_isas()` lists; for tests and benchmarks). split_dynamic: the kernel's
+    helper threads take blocks of tiles (True) or at::parallel_for splits them statically
+    (False); None: DYNAMIC_SPLIT, from the process's OpenMP wait policy."""
+    if split_dynamic is None:
+        split_dynamic = DYNAMIC_SPLIT
     if isa is None:
         code = -1 if use_simd else _ISA_CODES["scalar"]
     elif isa not in _ISA_CODES:

@@ -22,7 +22,7 @@ import torch
 
 import specdec
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2  # 2: the server steps on the thread that loaded it (one OpenMP team)
 
 
 def cache_dir() -> str:
@@ -66,10 +66,16 @@ def model_id(path: str) -> dict:
 def calibration_key(device: torch.device, models: dict[str, dict],
                     token_counts: dict[str, list[int]], block_size: int) -> dict:
     """models: role ("target", "draft") -> {"path", "dtype", "quantization"}."""
+    from specdec.kernels import q4_cpu
     from specdec.model import quant
 
     return {
         "version": CALIBRATION_VERSION, "specdec": specdec.__version__,
+        # NOTE: OpenMP's wait policy moves a CPU step by up to 40 % (spinning workers against
+        # sleeping ones, specdec/kernels/q4_cpu.py DYNAMIC_SPLIT): costs measured under one
+        # policy mislead the controller under another.
+        "openmp": {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
+        "q4_dynamic_split": q4_cpu.DYNAMIC_SPLIT,
         "quant_format": getattr(quant, "FORMAT_VERSION", None),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": machine_id(device), "block_size": block_size,

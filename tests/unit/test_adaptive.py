@@ -39,9 +39,30 @@ def test_cheap_verify_and_good_acceptance_speculate_deeply():
 
 def test_expensive_verify_tokens_mean_no_speculation():
     ctl = controller(cost(0.010, 0.050))  # each extra token costs 5x the fixed part
+    ctl.observe("earlier", 5, 3)  # past the first-windows probe (below)
     reqs = decoding(1)
     ctl.choose(reqs)
     assert reqs[0].num_lookahead_tokens == 0
+
+
+def test_a_fresh_engine_probes_where_good_acceptance_would_pay():
+    """Verify tokens cost enough that the fixed 0.7 prior plans k = 0, while the acceptance
+    code reaches (PROBE_ALPHA) would pay: until any window is verified, a lone request
+    drafts conservatively; a crowd does not; once windows are seen, planning decides."""
+    ctl = controller(cost(0.010, 0.050))
+    alone = decoding(1)
+    ctl.choose(alone)
+    assert 0 < alone[0].num_lookahead_tokens <= ctl.conservative_k
+    crowd = decoding(8)
+    ctl.choose(crowd)
+    assert [r.num_lookahead_tokens for r in crowd] == [0] * 8
+    ctl.observe("r0", 2, 0)  # the probe's window was rejected: plan on what was seen
+    ctl.choose(alone)
+    assert alone[0].num_lookahead_tokens == 0
+    hopeless = controller(cost(0.010, 0.500))  # not even alpha 0.9 pays: no probe
+    ctl_reqs = decoding(1)
+    hopeless.choose(ctl_reqs)
+    assert ctl_reqs[0].num_lookahead_tokens == 0
 
 
 def test_load_turns_speculation_down():
@@ -108,16 +129,67 @@ def test_catch_up_is_paid_only_where_enough_tokens_are_left():
     assert followed.num_lookahead_tokens > 0
 
 
-def test_catch_up_is_amortized_over_a_short_horizon_only():
-    # 400 missed tokens at 20 ms each: 8 s. Over the ~100 steps a 600-token request has left
-    # it would look cheap; under load k may fall to 0 right after, so only 8 steps count.
+def test_catch_up_is_amortized_over_a_short_horizon_under_load():
+    # 400 missed tokens at 2 ms each: 0.8 s per request. Over the ~100 steps a 600-token
+    # request has left it would look cheap; with a crowd k may fall to 0 right after, so
+    # only CATCH_UP_HORIZON steps count, and none of 8 fresh requests pays it, while the
+    # same 8 requests, followed, do speculate.
+    ctl = controller(cost(0.100, 0.001), cost(0.005, 0.002))
+    crowd = []
+    for i in range(8):
+        for _ in range(5):
+            ctl.observe(f"r{i}", 5, 5)
+        req = Request(f"r{i}", list(range(3, 403)), SamplingParams(max_tokens=600,
+                                                                   temperature=0.0))
+        req.output_token_ids = [7]
+        crowd.append(req)
+    ctl.choose(crowd)
+    assert [r.num_lookahead_tokens for r in crowd] == [0] * 8
+    for req in crowd:
+        req.draft_num_computed_tokens = req.num_tokens - 1  # followed: nothing to catch up
+    ctl.choose(crowd)
+    assert all(r.num_lookahead_tokens > 0 for r in crowd)
+
+
+def test_a_lone_request_pays_its_prompt_catch_up_over_a_longer_horizon():
+    # The same 8 s catch-up for one request at batch 1 spread over CATCH_UP_HORIZON_FEW
+    # steps: worth it (plain decode of 600 tokens takes 60 s). A 60-token chat prompt at the
+    # fixed 0.7 prior was never worth it over 8 steps: k stayed 0 for the whole request.
+    from specdec.spec import adaptive
+
     ctl = controller(cost(0.100, 0.001), cost(0.005, 0.020))
     for _ in range(5):
         ctl.observe("r", 5, 5)
     req = Request("r", list(range(3, 403)), SamplingParams(max_tokens=600, temperature=0.0))
     req.output_token_ids = [7]
     ctl.choose([req])
-    assert req.num_lookahead_tokens == 0
-    req.draft_num_computed_tokens = req.num_tokens - 1  # followed: nothing to catch up
-    ctl.choose([req])
     assert req.num_lookahead_tokens > 0
+    lone = controller(cost(0.100, 0.001), cost(0.005, 0.020))
+    for _ in range(5):
+        lone.observe("r", 5, 5)
+    old = adaptive.CATCH_UP_HORIZON_FEW
+    try:
+        adaptive.CATCH_UP_HORIZON_FEW = adaptive.CATCH_UP_HORIZON  # the old rule
+        lone.choose([req])
+        assert req.num_lookahead_tokens == 0
+    finally:
+        adaptive.CATCH_UP_HORIZON_FEW = old
+
+
+def test_a_new_request_starts_from_the_acceptance_seen_lately():
+    """A draft that has been accepted ~90 % of the time gives the next request that prior,
+    not the fixed one; a poor stretch never lowers a new request's prior below it."""
+    from specdec.spec.adaptive import PRIOR_ACCEPT
+
+    ctl = controller(cost(0.010, 0.001))
+    assert ctl.prior() == PRIOR_ACCEPT
+    for _ in range(30):
+        ctl.observe("old", 5, 5)
+        ctl.observe("old", 5, 4)
+    assert ctl.prior() > 0.85
+    fresh = decoding(1)
+    ctl.choose(fresh)
+    assert abs(ctl.stats[fresh[0].request_id].alpha - ctl.prior()) < 1e-9
+    for _ in range(200):
+        ctl.observe("bad", 5, 0)
+    assert ctl.prior() == PRIOR_ACCEPT

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from specdec.kernels.graphs import pick_graphs
 from specdec.model.llama import ForwardBatch, LlamaForCausalLM
 
 
@@ -207,7 +208,6 @@ class ModelRunner:
     def _forward(self, batch) -> Tensor:
         """The TP ranks together, a captured graph when one fits the batch, else the eager
         model."""
-        from specdec.kernels.graphs import pick_graphs
         graphs = pick_graphs(self.graph_runners, batch)  # can_run checks LoRA fits
         if self.parallel is not None:
             return self.parallel.forward(batch, self.kv_caches, graphs)
@@ -220,21 +220,18 @@ class ModelRunner:
         """Capture CUDA graphs for uniform batches of each query length; False if unsupported.
         Ragged batches are then padded to the next captured length (`pad_windows`). `pool`: a
         graph memory pool shared with other runners (torch.cuda.graph_pool_handle())."""
-        from specdec.kernels.graphs import CudaGraphRunner
-        model = self.model
+        from specdec.kernels.graphs import capture_runners
         if not self.use_kernels:  # NOTE: the torch reference reads CPU lists: eager only
             return False
         max_blocks = -(-max_model_len // self.block_size)
+        lengths = sorted(query_lens, reverse=True)  # NOTE: largest first into the shared pool
         if self.parallel is not None:  # the workers capture the same graphs alongside
-            self.parallel.capture_graphs(sorted(query_lens, reverse=True), max_num_seqs,
-                                         max_blocks)
-        for q in sorted(query_lens, reverse=True):  # NOTE: largest first into the shared pool
-            runner = CudaGraphRunner(model, self.kv_caches, q, max_num_seqs, max_blocks, debug,
+            self.parallel.capture_graphs(lengths, max_num_seqs, max_blocks)
+        runners, _ = capture_runners(self.model, self.kv_caches, lengths, max_num_seqs,
+                                     max_blocks, debug,
                                      lora=self.lora.slots if self.lora is not None else None,
                                      pool=pool)
-            runner.capture()
-            pool = runner.pool
-            self.graph_runners[q] = runner
+        self.graph_runners.update(runners)
         self.pad_lengths = tuple(sorted(self.graph_runners))
         return True
 

@@ -211,6 +211,22 @@ class CudaGraphRunner:
             self.seq_lens, self.query_start_loc, self.logits_indices, *caches, *lora))
 
 
+def capture_runners(model, kv_caches, query_lens: list[int], max_num_seqs: int,
+                    max_blocks_per_seq: int, debug: bool = False, lora=None,
+                    pool=None) -> tuple[dict, object]:
+    """Capture one CudaGraphRunner per query length, in the given order, into one memory pool
+    (`pool`, or a new one); returns ({query_len: runner}, the pool). Every tensor-parallel rank
+    calls it with the same lengths in the same order."""
+    runners = {}
+    for q in query_lens:
+        runner = CudaGraphRunner(model, kv_caches, q, max_num_seqs, max_blocks_per_seq, debug,
+                                 lora=lora, pool=pool)
+        runner.capture()
+        pool = runner.pool
+        runners[q] = runner
+    return runners, pool
+
+
 def pick_graphs(graph_runners: dict, batch: ForwardBatch) -> "CudaGraphRunner | None":
     """The captured runner (by query_len) that replays `batch`, or None: run it eagerly.
     Under tensor parallelism every rank decides by this rule over the same broadcast batch,

@@ -183,24 +183,9 @@ def capture_header(query_lens: list[int], max_num_seqs: int,
     return header, torch.tensor(query_lens, dtype=torch.int64)
 
 
-def _capture(model, kv_caches, query_lens: list[int], max_num_seqs: int,
-             max_blocks_per_seq: int) -> dict:
-    """A worker's CUDA graphs: the same query lengths, buckets and order as rank 0's."""
-    from specdec.kernels.graphs import CudaGraphRunner
-
-    runners, pool = {}, None
-    for q in query_lens:
-        runner = CudaGraphRunner(model, kv_caches, q, max_num_seqs, max_blocks_per_seq,
-                                 pool=pool)
-        runner.capture()
-        pool = runner.pool
-        runners[q] = runner
-    return runners
-
-
 @torch.inference_mode()
 def _serve_steps(model, device: torch.device) -> None:
-    from specdec.kernels.graphs import pick_graphs
+    from specdec.kernels.graphs import capture_runners, pick_graphs
 
     kv_caches = None
     graph_runners: dict = {}  # query_len -> CudaGraphRunner (CUDA, once OP_CAPTURE came)
@@ -216,8 +201,9 @@ def _serve_steps(model, device: torch.device) -> None:
         if op == OP_CAPTURE:
             query_lens = torch.empty(int(header[3]), dtype=torch.int64)
             dist.broadcast(query_lens, src=0)
-            graph_runners = _capture(model, kv_caches, query_lens.tolist(), int(header[1]),
-                                     int(header[2]))
+            # the same lengths, buckets and order as rank 0's (ModelRunner.capture_graphs)
+            graph_runners, _ = capture_runners(model, kv_caches, query_lens.tolist(),
+                                               int(header[1]), int(header[2]))
             continue
         payload = torch.empty(payload_len(header), dtype=torch.int64)
         dist.broadcast(payload, src=0)

@@ -98,10 +98,9 @@ def _evict_superseded(slot: str, keep: str) -> None:
         try:
             if _metadata(path).get("slot") != slot:
                 continue
-            os.remove(path)
-            os.remove(path + ".xxh3")
         except (OSError, ValueError):
-            pass
+            continue
+        _remove(path)
 
 
 def save(model: nn.Module, key: str, slot: str | None = None) -> str | None:
@@ -148,6 +147,15 @@ def _shell(cls_name: str, attrs: dict) -> nn.Module:
     return module
 
 
+def _remove(path: str) -> None:
+    """Delete an entry's file and its hash, whichever exist."""
+    for stale in (path, path + ".xxh3"):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+
+
 def has_entry(key: str) -> bool:
     """True if the entry `key` is there and matches its hash (a damaged one is deleted)."""
     path = os.path.join(cache_dir(), f"{key}.safetensors")
@@ -155,15 +163,11 @@ def has_entry(key: str) -> bool:
         return False
     try:
         with open(path + ".xxh3") as f:
-            if store.hash_matches(path, f.read().strip()):
+            if store.hash_matches(path, f.read().strip()):  # re-read only if it changed
                 return True
     except OSError:
         pass
-    for stale in (path, path + ".xxh3"):
-        try:
-            os.remove(stale)
-        except OSError:
-            pass
+    _remove(path)
     return False
 
 
@@ -174,23 +178,14 @@ def load(model: nn.Module, key: str, source_path: str) -> bool:
     deleted and the caller quantizes)."""
     from specdec.model.weights import iter_source_weights
 
-    path = os.path.join(cache_dir(), f"{key}.safetensors")
-    if not os.path.isfile(path):
+    if not has_entry(key):
         return False
+    path = os.path.join(cache_dir(), f"{key}.safetensors")
     try:
-        with open(path + ".xxh3") as f:
-            expected = f.read().strip()
-        if not store.hash_matches(path, expected):  # re-read only if the file changed
-            raise ValueError("hash mismatch")
         reader = SafetensorsFile(path)
-        metadata = _metadata(path)
-        modules = json.loads(metadata["modules"])
+        modules = json.loads(_metadata(path)["modules"])
     except (OSError, ValueError, KeyError):
-        for stale in (path, path + ".xxh3"):
-            try:
-                os.remove(stale)
-            except OSError:
-                pass
+        _remove(path)
         return False
     for name, spec in modules.items():
         parent_name, _, child = name.rpartition(".")

@@ -59,7 +59,9 @@ def build(label: str, source: str, build_root: Path):
     build_dir.mkdir(parents=True, exist_ok=True)
     path = build_dir / f"{name}.cpp"
     path.write_text(source)
-    return cpp_extension.load(name=name, sources=[str(path)], build_directory=str(build_dir),
+    # NOTE: the module also registers the decoder stack (decoder_cpu.cpp), built as it is
+    return cpp_extension.load(name=name, sources=[str(path), str(q4_cpu._SOURCES[1])],
+                              build_directory=str(build_dir),
                               extra_cflags=["-O3", "-march=native", "-fopenmp"],
                               extra_ldflags=["-fopenmp"], verbose=False)
 
@@ -88,7 +90,7 @@ def main() -> None:
     parser.add_argument("--build-dir", default=str(Path.home() / ".cache/specdec/ext-ab"))
     parser.add_argument("--out", default=str(ROOT / "bench/results/kernels-cpu-ab.json"))
     args = parser.parse_args()
-    current = q4_cpu._SOURCE.read_text()
+    current = q4_cpu._SOURCES[0].read_text()
     sources = {"current": current}
     for path in args.sources:
         sources[Path(path).stem] = Path(path).read_text()

@@ -506,10 +506,13 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   return y;
 }
 
+void register_decoder(pybind11::module_& m);  // decoder_cpu.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "4-bit weight x int8 activation matmul (CPU)",
         py::arg("x"), py::arg("packed"), py::arg("scale_zero"), py::arg("isa"),
         py::arg("split_dynamic") = true);
   m.def("q4_has_vnni", &q4_has_vnni, "whether the AVX512-VNNI path was compiled");
   m.def("q4_isas", &q4_isas, "the inner loops compiled in, best first");
+  register_decoder(m);
 }

@@ -47,7 +47,8 @@ HUGEPAGE_BYTES = 2 << 20  # x86-64 transparent huge page
 # beside it. So the split follows the policy the process runs under.
 DYNAMIC_SPLIT = os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
 
-_SOURCE = Path(__file__).with_name("q4_cpu.cpp")
+_SOURCES = (Path(__file__).with_name("q4_cpu.cpp"),  # the matmul and the module
+            Path(__file__).with_name("decoder_cpu.cpp"))  # the decoder stack around it
 _log = logging.getLogger(__name__)
 
 
@@ -125,7 +126,7 @@ def q4_reference(x: Tensor, codes: Tensor, scales: Tensor, zero_eff: Tensor) -> 
 
 
 def _extension_name() -> str:
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in _SOURCES))
     digest.update(torch.__version__.encode())
     # NOTE: built with -march=native, so the build is only valid on this CPU model.
     try:
@@ -156,7 +157,7 @@ def load_kernel(use_simd: bool = True):
         build_dir = Path(root) / name
         build_dir.mkdir(parents=True, exist_ok=True)
         module = cpp_extension.load(
-            name=name, sources=[str(_SOURCE)], build_directory=str(build_dir),
+            name=name, sources=[str(source) for source in _SOURCES], build_directory=str(build_dir),
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
             verbose=False)
     except Exception as error:  # no compiler, no ninja, a build error: keep torch's kernel

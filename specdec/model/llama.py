@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from specdec.kernels import ops
+from specdec.kernels import decoder_cpu, ops
 
 
 @dataclass(slots=True)
@@ -277,6 +277,7 @@ class LlamaForCausalLM(nn.Module):
                              persistent=False)  # [table_len, head_dim // 2]
         self.register_buffer("rope_sin", (freqs.sin() * scaling).to(dtype).to(self.device),
                              persistent=False)
+        self._decoder = None  # (kv_caches, CpuDecoder) once built; False: the layer loop
 
     # ------------------------------------------------------------------ forward
 
@@ -288,10 +289,16 @@ class LlamaForCausalLM(nn.Module):
             hidden = self.tp.embed(self.embed_tokens.weight, batch.input_ids)
         else:
             hidden = self._embed(batch.input_ids)  # [num_tokens, hidden_size]
-        cos = self.rope_cos[batch.positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
-        sin = self.rope_sin[batch.positions].unsqueeze(1)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, batch, kv_cache)
+        decoder = self._cpu_decoder(batch, kv_caches)
+        if decoder is not None:  # int4 on the CPU, a decode or verify step: one C++ call
+            hidden = decoder.forward(hidden, batch.positions, batch.slot_mapping,
+                                     batch.block_tables, batch.seq_lens,
+                                     batch.query_start_loc).to(self.dtype)
+        else:
+            cos = self.rope_cos[batch.positions].unsqueeze(1)  # [num_tokens, 1, head_dim // 2]
+            sin = self.rope_sin[batch.positions].unsqueeze(1)
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden = layer(hidden, cos, sin, batch, kv_cache)
         hidden = hidden.index_select(0, batch.logits_indices)  # [num_logits, hidden_size]
         # [num_logits, lm_head rows]: num_real_tokens, or fewer for a pruned draft head
         logits = self.lm_head(self.norm(hidden, batch.use_kernels)).float()
@@ -303,6 +310,19 @@ class LlamaForCausalLM(nn.Module):
             logits = torch.nn.functional.pad(logits, (0, self.vocab_size - logits.shape[1]),
                                              value=float("-inf"))  # never sampled
         return logits  # [num_logits, vocab_size]
+
+    def _cpu_decoder(self, batch: ForwardBatch, kv_caches: list[tuple[Tensor, Tensor]]):
+        """The fused CPU stack (specdec.kernels.decoder_cpu) for this batch, or None: the
+        layer loop. Built on the first step it could take, for these caches; False once it
+        cannot run this model."""
+        if self._decoder is False or not decoder_cpu.takes(batch):
+            return None
+        if self._decoder is None or self._decoder[0] is not kv_caches:
+            built = decoder_cpu.build(self, kv_caches)
+            self._decoder = False if built is None else (kv_caches, built)
+            if built is None:
+                return None
+        return self._decoder[1]
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         if self.num_real_tokens == self.vocab_size:

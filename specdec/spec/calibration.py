@@ -22,7 +22,9 @@ import torch
 
 import specdec
 
-CALIBRATION_VERSION = 2  # 2: the server steps on the thread that loaded it (one OpenMP team)
+# 2: the server steps on the thread that loaded it (one OpenMP team); 3: int4 decode and verify
+# steps on the CPU run the fused decoder stack (specdec/kernels/decoder_cpu.py)
+CALIBRATION_VERSION = 3
 
 
 def cache_dir() -> str:
@@ -66,7 +68,7 @@ def model_id(path: str) -> dict:
 def calibration_key(device: torch.device, models: dict[str, dict],
                     token_counts: dict[str, list[int]], block_size: int) -> dict:
     """models: role ("target", "draft") -> {"path", "dtype", "quantization"}."""
-    from specdec.kernels import q4_cpu
+    from specdec.kernels import decoder_cpu, q4_cpu
     from specdec.model import quant
 
     return {
@@ -76,6 +78,7 @@ def calibration_key(device: torch.device, models: dict[str, dict],
         # policy mislead the controller under another.
         "openmp": {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "q4_dynamic_split": q4_cpu.DYNAMIC_SPLIT,
+        "cpu_decoder": decoder_cpu.enabled(),
         "quant_format": getattr(quant, "FORMAT_VERSION", None),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": machine_id(device), "block_size": block_size,

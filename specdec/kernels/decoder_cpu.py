@@ -1,0 +1,76 @@
+"""The decoder stack of an int4 model in one C++ call, for the CPU's decode and verify steps
+(decoder_cpu.cpp, built into the q4 kernel's extension).
+
+A 0.5B draft step on the 2-core dev VM spent about half its time outside the weights: ~50
+torch ops and ~15 Python calls a layer around the four q4 matmuls (RMSNorm 40 us, SDPA's math
+path 90-180 us at batch 1). `CpuDecoder` runs a whole step's layers as loops around the same
+q4 kernel. It takes windows of up to `MAX_ROWS` rows per sequence (decodes and verify windows);
+prefill chunks, LoRA batches, tensor-parallel shards and models with a projection that is not
+a q4 `Int4Linear` keep the layer loop, which is also the plain reference the tests compare it
+against. `SPECDEC_CPU_DECODER=reference` forces the layer loop (for before/after runs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from specdec.kernels import q4_cpu
+
+MAX_ROWS = 16  # longest window per sequence: past it the layer loop's SDPA is the faster
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def enabled() -> bool:
+    return os.environ.get("SPECDEC_CPU_DECODER", "").strip().lower() != "reference"
+
+
+def takes(batch) -> bool:
+    """Whether a batch (a ForwardBatch) is one the fused stack runs: no adapters, short windows."""
+    return (batch.lora is None and bool(batch.query_lens)
+            and max(batch.query_lens) <= MAX_ROWS)
+
+
+def build(model, kv_caches: list[tuple[Tensor, Tensor]]):
+    """A CpuDecoder over `model`'s layers (a LlamaForCausalLM) and its KV caches, or None where
+    it cannot run them: no compiled kernel, not on the CPU, a tensor-parallel shard, or a
+    projection that is not a q4 Int4Linear (int8 or bfloat16 layers)."""
+    kernel = q4_cpu.load_kernel()
+    if (kernel is None or not enabled() or model.device.type != "cpu"
+            or getattr(model, "tp", None) is not None):
+        return None
+    layers = list(model.layers)
+    if not all(getattr(getattr(layer, name), "use_q4_kernel", False)
+               for layer in layers for name in PROJECTIONS):
+        return None
+    decoder = new_decoder(model)
+    if decoder is None:
+        return None
+    for layer, kv_cache in zip(layers, kv_caches, strict=True):
+        add_layer(decoder, layer, kv_cache)
+    return decoder
+
+
+def new_decoder(model):
+    """An empty CpuDecoder for `model`'s attention shape, or None where its kernel cannot
+    compute that attention."""
+    first = model.layers[0]
+    if abs(first.scale - first.head_dim ** -0.5) > 1e-12:  # the kernel scales by 1/sqrt(d)
+        return None
+    return q4_cpu.load_kernel().CpuDecoder(first.num_heads, first.num_kv_heads, first.head_dim,
+                                           first.input_layernorm.eps, model.rope_cos,
+                                           model.rope_sin, q4_cpu.DYNAMIC_SPLIT)
+
+
+def add_layer(decoder, layer, kv_cache: tuple[Tensor, Tensor]) -> None:
+    """Appends one DecoderLayer (its q4 projections, norms and KV cache) to `decoder`."""
+    none = torch.empty(0)
+    projections = []
+    for name in PROJECTIONS:
+        proj = getattr(layer, name)
+        projections.append([proj.q4_packed, proj.q4_scale_zero,
+                            none if proj.bias is None else proj.bias])
+    decoder.add_layer(layer.input_layernorm.weight.detach(),
+                      layer.post_attention_layernorm.weight.detach(), *projections, *kv_cache)

@@ -1,0 +1,159 @@
+"""The fused CPU decoder stack (specdec/kernels/decoder_cpu.cpp) against the model's own layer
+loop, its plain reference.
+
+- Layer by layer, fed the same input: the same hidden states and the same cache writes, for
+  prefills, decodes, ragged verify windows and several sequences over non-contiguous block
+  tables. Within what rounding allows, which is not 1e-5 here: the q4 kernel quantizes each
+  projection's input to int8 per group of 32, and a one-ulp difference in an RMSNorm or
+  attention sum (summed in another order) can move one code by one step, which shifts every
+  output of that projection by ~1e-3 of its scale. Measured on the tiny models, float32: max
+  0.7 %, mean 0.05 % of the values' scale (most rows see no such step: 3e-5); bfloat16, where
+  the layer loop also rounds its activations to bfloat16 between ops: max 7 %, mean 2 %.
+  A wrong mask, rotary angle, cache slot or bias moves the values by tens of percent.
+- The whole model: the stack runs for decode and verify steps and its logits stay close.
+- The layer loop wherever the stack cannot run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from specdec.kernels import decoder_cpu, q4_cpu
+from specdec.model.weights import load_model
+from tests.conftest import PagedSequences
+
+pytestmark = pytest.mark.skipif(q4_cpu.load_kernel() is None,
+                                reason="the q4 CPU kernel does not build here")
+
+# (max, mean) absolute difference over the reference's largest magnitude
+LAYER_TOLERANCE = {"float32": (2e-2, 1e-3), "bfloat16": (1.5e-1, 4e-2)}
+MODELS = ["tiny_llama_dir", "tiny_qwen2_dir", "tiny_draft_dir"]
+
+
+def _close(got, want, tolerance) -> bool:
+    diff = (got.float() - want.float()).abs()
+    scale = max(want.float().abs().max().item(), 1e-6)
+    return diff.max().item() <= tolerance[0] * scale and diff.mean().item() <= tolerance[1] * scale
+
+
+def _steps():
+    """(seq, tokens) windows per step: a prefill each (the first one longer than MAX_ROWS, so
+    it takes the layer loop on both sides), decodes, ragged verify windows, one sequence alone."""
+    g = torch.Generator().manual_seed(0)
+
+    def toks(n):
+        return torch.randint(3, 380, (n,), generator=g).tolist()
+
+    return [
+        [("a", toks(decoder_cpu.MAX_ROWS + 9)), ("b", toks(7))],
+        [("a", toks(1)), ("b", toks(1))],
+        [("a", toks(5)), ("b", toks(3))],
+        [("b", toks(decoder_cpu.MAX_ROWS))],
+        [("a", toks(1)), ("b", toks(4))],
+    ]
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_layer_matches_the_layer_loop(model, dtype, request):
+    model = load_model(request.getfixturevalue(model), dtype, quantization="int4")
+    loop_caches, fused_caches = model.make_kv_caches(16, 8), model.make_kv_caches(16, 8)
+    decoders = []
+    for layer, kv_cache in zip(model.layers, fused_caches):
+        decoder = decoder_cpu.new_decoder(model)
+        decoder_cpu.add_layer(decoder, layer, kv_cache)
+        decoders.append(decoder)
+    seqs = PagedSequences(16, 8, seed=3)
+    tolerance = LAYER_TOLERANCE[dtype]
+    for step, windows in enumerate(_steps()):
+        batch = seqs.batch(windows)
+        with torch.no_grad():
+            hidden = model._embed(batch.input_ids)
+        cos = model.rope_cos[batch.positions].unsqueeze(1)
+        sin = model.rope_sin[batch.positions].unsqueeze(1)
+        for i, layer in enumerate(model.layers):
+            with torch.no_grad():
+                got = decoders[i].forward(hidden, batch.positions, batch.slot_mapping,
+                                          batch.block_tables, batch.seq_lens,
+                                          batch.query_start_loc)
+                hidden = layer(hidden, cos, sin, batch, loop_caches[i])
+            assert got.dtype == torch.float32 and got.shape == hidden.shape
+            assert _close(got, hidden, tolerance), (dtype, step, i)
+            written = batch.slot_mapping
+            for fused, loop in zip(fused_caches[i], loop_caches[i]):
+                assert fused.dtype == loop.dtype
+                assert _close(fused.flatten(0, 1)[written], loop.flatten(0, 1)[written],
+                              tolerance), (dtype, step, i)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_model_uses_the_stack_for_decode_and_verify_steps(model, request):
+    fused = load_model(request.getfixturevalue(model), "float32", quantization="int4")
+    loop = load_model(request.getfixturevalue(model), "float32", quantization="int4")
+    loop._decoder = False
+    fused_caches, loop_caches = fused.make_kv_caches(16, 8), loop.make_kv_caches(16, 8)
+    fused_seqs, loop_seqs = PagedSequences(16, 8, seed=3), PagedSequences(16, 8, seed=3)
+    for step, windows in enumerate(_steps()):
+        want = loop(loop_seqs.batch(windows), loop_caches)
+        got = fused(fused_seqs.batch(windows), fused_caches)
+        if step == 0:  # a prefill longer than MAX_ROWS: the layer loop on both sides
+            assert fused._decoder is None and torch.equal(got, want)
+            continue
+        assert isinstance(fused._decoder, tuple)
+        diff = (got - want).abs()
+        scale = want.abs().max().item()
+        assert diff.mean().item() <= 1e-2 * scale and diff.max().item() <= 1e-1 * scale, step
+
+
+def test_a_window_row_equals_a_one_row_step(tiny_qwen2_dir):
+    """Speculation's premise: a verify row sees what a plain decode of it would."""
+    model = load_model(tiny_qwen2_dir, "float32", quantization="int4")
+    prompt, window = list(range(10, 40)), [41, 42, 43, 44, 45]
+    one_caches, win_caches = model.make_kv_caches(16, 8), model.make_kv_caches(16, 8)
+    one, win = PagedSequences(16, 8, seed=1), PagedSequences(16, 8, seed=2)
+    model(one.batch([("s", prompt)]), one_caches)
+    model(win.batch([("s", prompt)]), win_caches)
+    rows = torch.cat([model(one.batch([("s", [t])]), one_caches) for t in window])
+    together = model(win.batch([("s", window)]), win_caches)
+    assert isinstance(model._decoder, tuple)
+    assert (rows - together).abs().max().item() <= 1e-5 * rows.abs().max().item()
+    assert torch.equal(rows.argmax(-1), together.argmax(-1))
+
+
+def test_layer_loop_where_the_stack_cannot_run(tiny_llama_dir, monkeypatch):
+    seqs = PagedSequences(16, 8)
+    decode = seqs.batch([("a", [5, 6, 7])])
+    plain = load_model(tiny_llama_dir, "float32")  # not quantized: no q4 projection
+    plain(decode, plain.make_kv_caches(16, 8))
+    assert plain._decoder is False
+    int8 = load_model(tiny_llama_dir, "float32", quantization="int8")
+    int8(decode, int8.make_kv_caches(16, 8))
+    assert int8._decoder is False
+    int4 = load_model(tiny_llama_dir, "float32", quantization="int4")
+    long = PagedSequences(16, 8).batch([("a", list(range(3, 3 + decoder_cpu.MAX_ROWS + 1)))])
+    assert not decoder_cpu.takes(long)
+    int4(long, int4.make_kv_caches(16, 8))
+    assert int4._decoder is None  # a prefill chunk: the loop, the stack still to be built
+    decode.lora = object()  # a batch with adapters
+    assert not decoder_cpu.takes(decode)
+    monkeypatch.setenv("SPECDEC_CPU_DECODER", "reference")
+    forced = load_model(tiny_llama_dir, "float32", quantization="int4")
+    forced(PagedSequences(16, 8).batch([("a", [5, 6, 7])]), forced.make_kv_caches(16, 8))
+    assert forced._decoder is False
+
+
+def test_stack_rejects_a_batch_past_its_cache(tiny_draft_dir):
+    model = load_model(tiny_draft_dir, "float32", quantization="int4")
+    caches = model.make_kv_caches(4, 8)
+    batch = PagedSequences(4, 8).batch([("a", [5, 6, 7])])
+    model(batch, caches)
+    decoder = model._decoder[1]
+    hidden = torch.zeros(3, model.hidden_size)
+    bad_slots = batch.slot_mapping + 4 * 8
+    with pytest.raises(RuntimeError, match="slot .* is past the cache"):
+        decoder.forward(hidden, batch.positions, bad_slots, batch.block_tables, batch.seq_lens,
+                        batch.query_start_loc)
+    with pytest.raises(RuntimeError, match="past the rotary table"):
+        decoder.forward(hidden, batch.positions + 10_000, batch.slot_mapping,
+                        batch.block_tables, batch.seq_lens, batch.query_start_loc)

@@ -453,3 +453,26 @@ def test_served_config_copy_applies_overrides_and_round_trips():
     want["spec"]["method"] = "none"
     want.setdefault("device", {})["num_threads"] = 2
     assert got == want
+
+
+@pytest.mark.parametrize("lines, timeout_s, want", [
+    (['{"event": "request_done"}', '{"event": "startup_work_done", "calibration": "cached"}'],
+     30.0, "cached"),
+    (['{"event": "request_done"}'], 0.5, "not done"),
+])
+def test_served_bench_waits_for_the_startup_work(lines, timeout_s, want):
+    """latency_served reads the server's stderr until `startup_work_done` (the background
+    calibration), so served rows measure the steady state; a server that never says it times
+    out to "not done". The fake server prints its log lines, then idles."""
+    import subprocess
+
+    import latency_served
+
+    script = ("import sys, time\n" + "".join(f"print({line!r}, file=sys.stderr, flush=True)\n"
+                                             for line in lines) + "time.sleep(30)\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        assert latency_served._wait_for_startup_work(server, timeout_s) == want
+    finally:
+        server.kill()
+        server.wait()

@@ -157,3 +157,27 @@ def test_stack_rejects_a_batch_past_its_cache(tiny_draft_dir):
     with pytest.raises(RuntimeError, match="past the rotary table"):
         decoder.forward(hidden, batch.positions + 10_000, batch.slot_mapping,
                         batch.block_tables, batch.seq_lens, batch.query_start_loc)
+
+
+def test_the_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path, monkeypatch):
+    """bench/decoder_cpu.py end to end, so it works before anyone times with it."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(__import__("os").environ, SPECDEC_TINY_TARGET=tiny_llama_dir,
+               SPECDEC_TINY_DRAFT=tiny_draft_dir, SPECDEC_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "decoder.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "bench/decoder_cpu.py"), "--config",
+         str(root / "configs/tiny-random-pair.toml"), "--model.quantization", "int4",
+         "--spec.draft_quantization", "int4", "--rounds", "1", "--rows", "1,3",
+         "--context", "40", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert {(r["model"], r["rows"]) for r in results} == {
+        ("target", 1), ("target", 3), ("draft", 1), ("draft", 3)}
+    assert all(r["stack_ms"] > 0 and r["loop_ms"] > 0 and r["q4_only_ms"] > 0 for r in results)

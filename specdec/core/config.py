@@ -124,6 +124,15 @@ class SpecConfig:
     # The draft's lm_head keeps only token ids below this (None: all): a cheaper draft step;
     # the draft never proposes the others, and verification keeps the output exact.
     draft_vocab_size: int | None = None
+    # Prompt lookup beside the draft model (method "draft"; ignored otherwise: "ngram" is
+    # prompt lookup alone, and a config's method may be switched on the command line). A
+    # request whose last `prompt_lookup_min` tokens occurred before proposes what followed
+    # them, with no draft forward; otherwise a match of ngram_min..ngram_max tokens that
+    # agrees with the draft token just sampled proposes the rest of its continuation. Exact
+    # (one-hot drafts). The device draft loop then reads each step's tokens back (free on a
+    # CPU, a sync on a GPU).
+    prompt_lookup: bool = False
+    prompt_lookup_min: int = 4
 
     def __post_init__(self) -> None:
         _check(self.draft_vocab_size is None or self.draft_vocab_size > 0,
@@ -142,6 +151,8 @@ class SpecConfig:
                self.num_speculative_tokens, "in [0, 16]")
         _check(1 <= self.ngram_min <= self.ngram_max, "spec.ngram_min", self.ngram_min,
                f"in [1, ngram_max={self.ngram_max}]")
+        _check(1 <= self.prompt_lookup_min <= 64, "spec.prompt_lookup_min",
+               self.prompt_lookup_min, "in [1, 64]")
 
     @property
     def enabled(self) -> bool:

@@ -8,6 +8,12 @@
   temperature, top-k/p, penalties), which is what rejection sampling needs.
 - `NgramDrafter` (prompt lookup): match the last n tokens against prompt + output so far and
   propose what followed the latest earlier match. No model; its distribution is one-hot.
+- Both at once (`spec.prompt_lookup`, a draft model's drafter with a `lookup`): a request whose
+  last `lookup_min` tokens occurred before proposes what followed them with no draft forward;
+  otherwise the model drafts, and when a shorter match's next token equals the draft token just
+  sampled, the rest of what followed that match becomes the proposal's tail and drafting stops.
+  Prompt-lookup drafts are one-hot (deterministic given the tokens before them), so rejection
+  sampling stays exact; the draft model catches up on them in its next first forward.
 
 Draft KV bookkeeping: `request.draft_num_computed_tokens` counts positions whose draft KV is
 valid. After a verify that kept `num_computed_tokens` target positions, the engine lowers it to
@@ -38,6 +44,9 @@ class Proposal:
     # (greedy verification compares tokens and never reads probs)
     draft_probs: torch.Tensor | None
     forced: tuple[int, ...] = ()  # indices of the drafts the grammar forced (one-hot)
+    # How many leading drafts the draft model sampled; the rest came from prompt lookup
+    # (one-hot). None: all of them came from this proposal's one drafter.
+    num_model: int | None = None
 
 
 class Drafter(Protocol):
@@ -90,10 +99,16 @@ class DraftModelDrafter:
 
     has_model = True
 
-    def __init__(self, runner: ModelRunner, max_num_batched_tokens: int | None = None):
+    def __init__(self, runner: ModelRunner, max_num_batched_tokens: int | None = None,
+                 lookup: NgramDrafter | None = None, lookup_min: int = 4):
         self.runner = runner
         # Most tokens one draft forward may take (the step's token budget); None: no limit.
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Prompt lookup beside the model (see the module docstring): `lookup` finds the matches
+        # that extend a draft token, `first` (n >= lookup_min) the ones that replace the model.
+        self.lookup = lookup
+        self.first = (NgramDrafter(lookup_min, max(lookup_min, lookup.ngram_max))
+                      if lookup is not None else None)
 
     def _catch_up(self, requests: list[tuple[Request, int]]) -> tuple[list[SeqSlice], list[int]]:
         """The first forward's windows: each request's unseen tokens up to its last one.
@@ -139,6 +154,25 @@ class DraftModelDrafter:
         if not requests:
             return []
         matchers = matchers or [None] * len(requests)
+        if self.first is None:
+            return self._propose_model(requests, matchers)
+        out: list[Proposal | None] = [None] * len(requests)
+        for i, (req, k) in enumerate(requests):
+            # NOTE: a seeded sampled request keeps model drafts: which random stream decides
+            # a position depends on how it was drafted (see pins_lookahead).
+            if matchers[i] is None and not pins_lookahead(req):
+                tokens = self.first.lookup(req.all_token_ids, k)
+                if tokens:
+                    out[i] = Proposal(tokens, None, num_model=0)
+        rest = [i for i, prop in enumerate(out) if prop is None]
+        if rest:
+            drafted = self._propose_model([requests[i] for i in rest], [matchers[i] for i in rest])
+            for i, prop in zip(rest, drafted):
+                out[i] = prop
+        return out
+
+    def _propose_model(self, requests: list[tuple[Request, int]],
+                       matchers: list[GrammarMatcher | None]) -> list[Proposal]:
         consumed = [0] * len(requests)  # draft tokens fed to each matcher, rolled back below
         cut = [None] * len(requests)  # first draft index the grammar could not extend
         try:
@@ -277,8 +311,14 @@ class DraftModelDrafter:
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         previous = None  # [len(previous active)] token ids of the last step, on the device
         previous_active: list[int] = []
+        # Prompt lookup's tail per request (ends its drafting), and its model drafts so far
+        # (read back each step: only with a lookup, where the host needs the tokens anyway).
+        tails: dict[int, list[int]] = {}
+        drafted: dict[int, list[int]] = {i: [] for i in drafting}
         for step in range(max_k):
-            active = [i for i in drafting if requests[i][1] > step]
+            active = [i for i in drafting if requests[i][1] > step and i not in tails]
+            if not active:
+                break
             if step == 0:
                 seqs, input_ids = first_seqs, None
             else:
@@ -312,6 +352,9 @@ class DraftModelDrafter:
             for i in active:
                 req = requests[i][0]
                 req.draft_num_computed_tokens = req.num_tokens + step
+            if self.lookup is not None:
+                self._extend(requests, active, token_ids.tolist(), drafted, tails, probs,
+                             logits.shape[1], device)
         host = grid.t().tolist() if max_k else []  # the round's one read: [drafting][max_k]
         out = []
         for i, (_, k) in enumerate(requests):
@@ -319,8 +362,34 @@ class DraftModelDrafter:
                 out.append(Proposal([], None))
                 continue
             p = probs[i]
-            out.append(Proposal(host[column[i]][:k], torch.stack(p) if p else None))
+            if self.lookup is None:
+                out.append(Proposal(host[column[i]][:k], torch.stack(p) if p else None))
+                continue
+            tokens = drafted[i] + tails.get(i, [])
+            out.append(Proposal(tokens, torch.stack(p) if p else None,
+                                num_model=len(drafted[i])))
         return out
+
+    def _extend(self, requests, active: list[int], token_ids: list[int],
+                drafted: dict[int, list[int]], tails: dict[int, list[int]],
+                probs: list[list[torch.Tensor]], vocab: int, device) -> None:
+        """After a draft step: each active request whose newest draft token is also what
+        prompt lookup predicts there takes the rest of the lookup's continuation as its tail
+        (one-hot draft probs for sampled requests) and stops drafting."""
+        for i, token in zip(active, token_ids):
+            req, k = requests[i]
+            before = drafted[i]
+            drafted[i] = before + [token]
+            if len(drafted[i]) >= k or pins_lookahead(req):
+                continue
+            follow = self.lookup.lookup(req.all_token_ids + before, k - len(before))
+            if len(follow) < 2 or follow[0] != token:
+                continue
+            tails[i] = follow[1:]
+            if not req.sampling_params.greedy:
+                one_hot = torch.zeros(len(tails[i]), vocab, device=device)
+                one_hot[torch.arange(len(tails[i])), torch.tensor(tails[i])] = 1.0
+                probs[i].extend(one_hot)
 
 
 def _reads_token_values(params) -> bool:

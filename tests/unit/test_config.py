@@ -25,6 +25,15 @@ def test_default_pair_is_the_qwen_coder_pair():
     config = load(os.path.join(ROOT, "configs", "qwen2.5-coder-1.5b+0.5b.toml"))
     assert config.model.path == "qwen2.5-coder-1.5b-instruct"
     assert config.spec.draft_model == "qwen2.5-coder-0.5b-instruct"
+    assert config.spec.prompt_lookup
+
+
+@pytest.mark.parametrize("method", ["none", "ngram"])
+def test_every_shipped_config_takes_another_spec_method(method):
+    """A config's method switched from the command line (the benchmarks' no-spec runs) loads:
+    options of the other methods, such as prompt_lookup, are ignored, not refused."""
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.toml"))):
+        assert load(path, {"spec.method": method}).spec.method == method
 
 
 @pytest.mark.parametrize("data, message", [
@@ -36,6 +45,8 @@ def test_default_pair_is_the_qwen_coder_pair():
     ({"cache": {"block_size": 7}}, "cache.block_size"),
     ({"scheduler": {"max_num_seqs": "many"}}, "scheduler.max_num_seqs"),
     ({"server": {"port": 70000}}, "server.port"),
+    ({"spec": {"method": "draft", "draft_model": "d", "prompt_lookup_min": 0}},
+     r"spec.prompt_lookup_min.*\[1, 64\]"),
 ])
 def test_bad_config_names_the_key(data, message):
     with pytest.raises(ConfigError, match=message):

@@ -191,6 +191,17 @@ def test_the_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_p
     assert all(r["stack_ms"] > 0 and r["loop_ms"] > 0 and r["q4_only_ms"] > 0 for r in results)
 
 
+def test_the_lookup_ab_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path):
+    """bench/lookup_ab.py end to end on the tiny int4 pair: every mode ran, and counted."""
+    rows = _run_bench_on_tiny_pair(
+        "lookup_ab.py", ["--num-prompts", "2", "--max-tokens", "8", "--fixed-k", "3",
+                         "--modes", "4:2,2:1"],
+        (tiny_llama_dir, tiny_draft_dir), tmp_path)["modes"]
+    assert [r["mode"] for r in rows] == ["off", "4:2", "2:1"]
+    assert all(r["tokens"] == rows[0]["tokens"] > 0 and r["verify_calls"] > 0 for r in rows)
+    assert rows[0]["lookup_tokens"] == 0 and rows[0]["same_as_off"] == 2
+
+
 def test_the_adaptive_ab_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path):
     """bench/adaptive_ab.py end to end on the tiny int4 pair (its tokenizer is the models')."""
     rows = _run_bench_on_tiny_pair(

@@ -6,6 +6,8 @@ k = 0 path. The sampled distribution is in test_spec_distribution.py."""
 from __future__ import annotations
 
 import random
+from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -170,6 +172,73 @@ def test_greedy_exact_ngram(tiny_llama_dir, reference):
     out = llm.generate(batch, GREEDY)
     assert_same_greedy(alone + out, expected[:1] + expected)
     assert llm.engine.stats().spec_num_accepted_tokens > 0
+
+
+def repeating_prompts(n: int, seed: int) -> list[dict]:
+    """Prompts that repeat a segment, so prompt lookup finds matches."""
+    rng = random.Random(seed)
+    batch = []
+    for _ in range(n):
+        segment = [rng.randrange(3, 384) for _ in range(rng.randint(5, 12))]
+        batch.append({"prompt_token_ids": segment + [rng.randrange(3, 384)] + segment
+                      + segment[:3]})
+    return batch
+
+
+def test_greedy_exact_with_prompt_lookup(tiny_llama_dir, noisy_draft_dir):
+    """The draft model with prompt lookup beside it (spec.prompt_lookup): proposals from
+    lookup alone (no draft forward), model drafts ending in a lookup tail, and plain model
+    drafts all happen, at batch 1 and in a mixed batch, and the output is the no-spec output.
+    (Greedy verification keeps any proposal exact; what this guards is the plumbing: a
+    mutation planted to confirm, a tail 3 tokens longer than the look-ahead slots granted,
+    fails it.)"""
+    batch = repeating_prompts(6, seed=3)
+    expected = make_llm(tiny_llama_dir).generate(batch, GREEDY)
+    llm = spec_llm(tiny_llama_dir, noisy_draft_dir, 4, **{
+        "spec.prompt_lookup": True, "spec.prompt_lookup_min": 3, "spec.ngram_min": 1})
+    kinds = Counter()
+    propose = llm.engine.drafter.propose
+
+    def counting_propose(requests, matchers=None):
+        proposals = propose(requests, matchers)
+        for prop in proposals:
+            if prop.num_model == 0:
+                kinds["lookup"] += 1
+            elif prop.num_model is not None and prop.num_model < len(prop.draft_token_ids):
+                kinds["tail"] += 1
+            elif prop.draft_token_ids:
+                kinds["model"] += 1
+        return proposals
+
+    llm.engine.drafter.propose = counting_propose
+    alone = llm.generate(batch[:1], GREEDY)
+    mixed = llm.generate(batch, GREEDY)
+    assert_same_greedy(alone + mixed, expected[:1] + expected)
+    assert min(kinds["lookup"], kinds["tail"], kinds["model"]) > 0, kinds
+    stats = llm.engine.stats()
+    assert 0 < stats.spec_num_lookup_tokens < stats.spec_num_accepted_tokens
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_prompt_lookup_drafts_stay_out_of_the_acceptance_estimate(tiny_llama_dir,
+                                                                   tiny_draft_dir):
+    """The controller's alpha models the draft model: of a proposal whose tail came from
+    prompt lookup only the model's drafts are observed, and a lookup-only one not at all;
+    accepted lookup drafts are counted apart."""
+    engine = spec_llm(tiny_llama_dir, tiny_draft_dir, 4, **{"spec.prompt_lookup": True}).engine
+    seen = []
+    engine.controller.observe = lambda rid, n, accepted: seen.append((rid, n, accepted))
+    req = SimpleNamespace(request_id="r", num_drafts=0, num_draft_tokens=0,
+                          num_accepted_tokens=0)
+    engine._model_drafts["r"] = 2  # 2 model drafts, then a 3-token lookup tail
+    engine._count_spec(req, 5, 4)
+    engine._model_drafts["r"] = 0  # lookup alone
+    engine._count_spec(req, 3, 1)
+    del engine._model_drafts["r"]  # the model's drafts only
+    engine._count_spec(req, 4, 1)
+    assert seen == [("r", 2, 2), ("r", 4, 1)]
+    assert engine.counters["lookup_tokens"] == 2 + 1
+    assert (req.num_draft_tokens, req.num_accepted_tokens) == (12, 6)
 
 
 def test_rollback_logits_equal_fresh_run(tiny_llama_dir, tiny_draft_dir, reference):

@@ -23,8 +23,9 @@ import torch
 import specdec
 
 # 2: the server steps on the thread that loaded it (one OpenMP team); 3: int4 decode and verify
-# steps on the CPU run the fused decoder stack (specdec/kernels/decoder_cpu.py)
-CALIBRATION_VERSION = 3
+# steps on the CPU run the fused decoder stack (specdec/kernels/decoder_cpu.py); 4: so do its
+# prefill chunks (the catch-up costs the tables hold)
+CALIBRATION_VERSION = 4
 
 
 def cache_dir() -> str:

@@ -44,18 +44,18 @@ def _close(got, want, tolerance) -> bool:
 
 
 def _steps():
-    """(seq, tokens) windows per step: a prefill each (the first one longer than MAX_ROWS, so
-    it takes the layer loop on both sides), decodes, ragged verify windows, one sequence alone."""
+    """(seq, tokens) windows per step: a prefill each (25 and 7 tokens, through the stack like
+    every step here), decodes, ragged verify windows, 16 rows of one sequence alone."""
     g = torch.Generator().manual_seed(0)
 
     def toks(n):
         return torch.randint(3, 380, (n,), generator=g).tolist()
 
     return [
-        [("a", toks(decoder_cpu.MAX_ROWS + 9)), ("b", toks(7))],
+        [("a", toks(25)), ("b", toks(7))],
         [("a", toks(1)), ("b", toks(1))],
         [("a", toks(5)), ("b", toks(3))],
-        [("b", toks(decoder_cpu.MAX_ROWS))],
+        [("b", toks(16))],
         [("a", toks(1)), ("b", toks(4))],
     ]
 
@@ -103,10 +103,7 @@ def test_the_model_uses_the_stack_for_decode_and_verify_steps(model, request):
     for step, windows in enumerate(_steps()):
         want = loop(loop_seqs.batch(windows), loop_caches)
         got = fused(fused_seqs.batch(windows), fused_caches)
-        if step == 0:  # a prefill longer than MAX_ROWS: the layer loop on both sides
-            assert fused._decoder is None and torch.equal(got, want)
-            continue
-        assert isinstance(fused._decoder, tuple)
+        assert isinstance(fused._decoder, tuple)  # the prefills too
         diff = (got - want).abs()
         scale = want.abs().max().item()
         assert diff.mean().item() <= 1e-2 * scale and diff.max().item() <= 1e-1 * scale, step
@@ -137,10 +134,12 @@ def test_layer_loop_where_the_stack_cannot_run(tiny_llama_dir, monkeypatch):
     int8(decode, int8.make_kv_caches(16, 8))
     assert int8._decoder is False
     int4 = load_model(tiny_llama_dir, "float32", quantization="int4")
-    long = PagedSequences(16, 8).batch([("a", list(range(3, 3 + decoder_cpu.MAX_ROWS + 1)))])
-    assert not decoder_cpu.takes(long)
+    monkeypatch.setattr(decoder_cpu, "MAX_SCORES", 40 * 40)
+    long = PagedSequences(16, 8).batch([("a", list(range(3, 3 + 41)))])
+    assert not decoder_cpu.takes(long)  # 41 rows x 41 keys
     int4(long, int4.make_kv_caches(16, 8))
-    assert int4._decoder is None  # a prefill chunk: the loop, the stack still to be built
+    assert int4._decoder is None  # past the bound: the loop, the stack still to be built
+    assert decoder_cpu.takes(PagedSequences(16, 8).batch([("a", list(range(3, 3 + 40)))]))
     decode.lora = object()  # a batch with adapters
     assert not decoder_cpu.takes(decode)
     monkeypatch.setenv("SPECDEC_CPU_DECODER", "reference")

@@ -67,7 +67,9 @@ def test_mixed_batch_equals_peft(tiny_llama_dir, adapters, plain):
 
 
 @pytest.mark.parametrize("spec", [
-    {"spec.method": "ngram", "spec.num_speculative_tokens": 3},
+    # NOTE: fixed k everywhere: adaptive k plans from this machine's timings, and a noisy cost
+    # table once planned k = 0 for every step (no drafts: the assertion below failed in CI)
+    {"spec.method": "ngram", "spec.num_speculative_tokens": 3, "spec.adaptive": False},
     {"spec.method": "draft", "spec.num_speculative_tokens": 3, "spec.adaptive": False},
     {"spec.method": "draft", "spec.num_speculative_tokens": 2, "spec.adaptive": False},
 ], ids=["ngram", "draft-k3", "draft-k2"])

@@ -355,7 +355,8 @@ class DraftModelDrafter:
             if self.lookup is not None:
                 self._extend(requests, active, token_ids.tolist(), drafted, tails, probs,
                              logits.shape[1], device)
-        host = grid.t().tolist() if max_k else []  # the round's one read: [drafting][max_k]
+        # the round's one read, [drafting][max_k] (with a lookup `drafted` holds them already)
+        host = grid.t().tolist() if max_k and self.lookup is None else []
         out = []
         for i, (_, k) in enumerate(requests):
             if i not in column:

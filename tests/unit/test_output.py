@@ -1,9 +1,8 @@
 """Incremental detokenization with real tokenizers built offline (byte-level BPE like Qwen2 /
 SmolLM2, and a sentencepiece-style BPE with byte fallback like Llama 2), plus the SmolLM2 and
-Qwen2.5 tokenizers when their files are on this machine."""
+Qwen2.5 tokenizers themselves (fetched once, as every real-model test fetches its model)."""
 
 import json
-import os
 import random
 
 import pytest
@@ -18,7 +17,6 @@ CORPUS = ["Hello world! The quick brown fox jumps over the lazy dog.",
           "STOP here. The end.", "naïve café déjà vu"] * 3
 TEXT = "Hello 你好世界! The quick brown fox 🎉 jumps 🚀 over the lazy dog. 天气很好 👍 END"
 PROMPT = "Say something: 公园 "
-MODELS = "/root/.cache/specdec/models"  # filled by `specdec fetch`; used when present
 
 
 def byte_level_bpe():
@@ -50,11 +48,18 @@ def sentencepiece_style_bpe():
                                    unk_token="<unk>")
 
 
-TOKENIZERS = {"byte_level": byte_level_bpe, "sentencepiece": sentencepiece_style_bpe}
-for _name in ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"):
-    if os.path.isfile(os.path.join(MODELS, _name, "tokenizer.json")):
-        TOKENIZERS[_name] = lambda path=os.path.join(MODELS, _name): AutoTokenizer.from_pretrained(
-            path)
+def fetched(name: str):
+    """A real model's tokenizer, the model fetched into the model cache first if absent."""
+    from specdec.fetch import resolve_model_path
+    return AutoTokenizer.from_pretrained(resolve_model_path(name))
+
+
+# NOTE: the real tokenizers are always cases. They were once added only where their files
+# already were at collection time, so on a fresh machine (CI: the models are fetched by later
+# tests) their 10 cases silently did not exist.
+TOKENIZERS = {"byte_level": byte_level_bpe, "sentencepiece": sentencepiece_style_bpe,
+              "smollm2-135m-instruct": lambda: fetched("smollm2-135m-instruct"),
+              "qwen2.5-coder-0.5b-instruct": lambda: fetched("qwen2.5-coder-0.5b-instruct")}
 _CACHE = {}
 
 

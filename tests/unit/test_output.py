@@ -56,7 +56,7 @@ def fetched(name: str):
 
 # NOTE: the real tokenizers are always cases. They were once added only where their files
 # already were at collection time, so on a fresh machine (CI: the models are fetched by later
-# tests) their 10 cases silently did not exist.
+# tests) their cases, 10 each, silently did not exist.
 TOKENIZERS = {"byte_level": byte_level_bpe, "sentencepiece": sentencepiece_style_bpe,
               "smollm2-135m-instruct": lambda: fetched("smollm2-135m-instruct"),
               "qwen2.5-coder-0.5b-instruct": lambda: fetched("qwen2.5-coder-0.5b-instruct")}

@@ -13,8 +13,10 @@ Systems (all greedy, same prompts with the chat template applied, same dtype and
                  latency_llamacpp.py), over HTTP
     llamacpp-draft  the same with the draft GGUF (-md, --spec-draft-n-max --llamacpp-k)
 
-Each system loads, warms up on one prompt, then runs the prompts one at a time. tokens/s is
-generated tokens / wall time, summed over prompts. The `same` column checks greedy outputs
+Each system loads, warms up on one prompt, then runs the prompts one at a time; with
+--interleave every system is up at once and each prompt runs on all of them before the next
+(the order rotating), so a machine whose speed drifts over minutes slows them alike and their
+ratio holds. tokens/s is generated tokens / wall time, summed over prompts. The `same` column checks greedy outputs
 token for token: ours-* against ours, hf-* against hf, and ours against hf (float32 kernels
 may legitimately drift from transformers; our spec outputs must never drift from ours).
 
@@ -43,9 +45,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run as a script from a checkout without `pip install -e .`
     sys.path.append(REPO_ROOT)
 
-from latency_common import (RequestResult, SystemResult,  # noqa: E402
+from latency_common import (RequestResult, SystemResult, SystemRun,  # noqa: E402
                             encode_prompts, eos_token_ids, machine_info, memory_mb,
-                            reset_peak_rss, strip_eos, sync)
+                            reset_peak_rss, run_interleaved, run_to_end, strip_eos, sync)
 from latency_hf import run_hf  # noqa: E402
 from prompts import (CODE_HELDOUT_PROMPTS, load_code_prompts, load_json_prompts,  # noqa: E402
                      load_mtbench, take)
@@ -109,7 +111,7 @@ def our_config(name: str, args, pair: Pair | None, target_path: str, draft_path:
 
 
 def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: str | None,
-             prompt_ids, prompts, eos_ids: list[int]) -> SystemResult:
+             prompt_ids, prompts, eos_ids: list[int]) -> SystemRun:
     from specdec import LLM, SamplingParams
     from specdec.core import config as cfg
     max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 1
@@ -146,10 +148,12 @@ def run_ours(name: str, args, pair: Pair | None, target_path: str, draft_path: s
 
     generate(prompt_ids[0], args.warmup_tokens)
     forced.update(tokens=0, valid=0)
+    yield  # a generator, as every system: after the warm-up and after each prompt
     for prompt, ids in zip(prompts, prompt_ids):
         request = generate(ids, args.max_tokens, prompt.schema)
         request.prompt_id = prompt.prompt_id
         result.requests.append(request)
+        yield
     if args.dataset == "json":
         num_tokens = sum(len(r.token_ids) for r in result.requests)
         result.settings["forced_tokens"] = forced["tokens"]
@@ -250,9 +254,7 @@ def report(results: dict[str, SystemResult], eos_ids: list[int]) -> tuple[str, d
         rows[name] = summary
         ttft = summary["median_ttft_s"]
         same_text = "-" if same is None else f"{same['identical']}/{same['total']}"
-        # NOTE: llama.cpp: its server process's peak; ours: this process's VmHWM since a reset
-        summary["peak_rss_mb"] = (res.settings.get("peak_rss_mb")
-                                  or res.settings.get("memory", {}).get("peak_rss_mb"))
+        summary["peak_rss_mb"] = peak_mb(res)
         lines.append(f"{name:<12} {summary['tokens_per_s']:>8.2f} {fmt(summary['x_hf'], '.2f'):>6} "
                      f"{fmt(summary['x_ours'], '.2f'):>7} "
                      f"{fmt(summary['acceptance_length'], '.2f'):>7} "
@@ -263,14 +265,21 @@ def report(results: dict[str, SystemResult], eos_ids: list[int]) -> tuple[str, d
     return "\n".join(lines), rows
 
 
+def peak_mb(res: SystemResult) -> float | None:
+    """A server's peak: its own process's VmHWM. An in-process system's: this process's since
+    the reset before it, or None where it shared the process (--interleave)."""
+    if res.settings.get("peak_rss_mb") is not None:
+        return res.settings["peak_rss_mb"]
+    memory = res.settings.get("memory", {})
+    return memory.get("peak_rss_mb") if memory.get("peak_is_own") else None
+
+
 def memory_table(results: dict[str, SystemResult]) -> str:
     """Load time and peak resident memory per system (peak: since that system's start)."""
     lines = [f"{'system':<12} {'load s':>7} {'start s':>8} {'peak MB':>8} {'calibration':>12}"]
     for name, res in results.items():
         startup = res.settings.get("startup", {})
-        # NOTE: llama.cpp's is its server process's VmHWM, ours this process's since a reset
-        peak = (res.settings.get("memory", {}).get("peak_rss_mb")
-                or res.settings.get("peak_rss_mb"))
+        peak = peak_mb(res)
         lines.append(f"{name:<12} {res.load_s:>7.2f} "
                      f"{startup.get('start_s', float('nan')):>8.2f} "
                      f"{'-' if peak is None else format(peak, '.0f'):>8} "
@@ -306,6 +315,10 @@ def parse_args(argv: list[str] | None):
                    help="llama.cpp's --spec-draft-n-max for llamacpp-draft")
     p.add_argument("--systems", default=None,
                    help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
+    p.add_argument("--interleave", action="store_true",
+                   help="all systems up at once, each prompt on every system in turn (the "
+                        "ratio then survives the machine's drift; in-process systems share "
+                        "this process's memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-outputs", action="store_true", help="keep token ids in the JSON")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/...)")
@@ -359,27 +372,38 @@ def main(argv: list[str] | None = None) -> int:
     prompts = take(dataset, args.num_prompts)
     prompt_ids = encode_prompts(tokenizer, prompts)
 
+    def system_run(name: str) -> SystemRun:
+        if name.startswith("llamacpp"):
+            from latency_llamacpp import run_llamacpp
+            max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 16
+            return run_llamacpp(name, args, args.target or pair.target, draft_name,
+                                prompt_ids, prompts, max_len)
+        if name.startswith("ours-served"):
+            from latency_served import run_served
+            config_path = args.config or os.path.join(REPO_ROOT, pair.config)
+            return run_served(name, args, config_path, prompt_ids, prompts)
+        if name.startswith("hf"):
+            return run_hf(name, args, target_path, draft_path, prompt_ids, prompts, eos_ids,
+                          pad_id)
+        return run_ours(name, args, pair, target_path, draft_path, prompt_ids, prompts, eos_ids)
+
     results: dict[str, SystemResult] = {}
-    for name in systems:
+    if args.interleave:
+        def on_turn(name: str, i: int) -> None:
+            what = "load and warm-up" if i < 0 else f"prompt {i + 1}/{len(prompts)}"
+            print(f"[latency] {name}: {what}", file=sys.stderr, flush=True)
+
+        results = run_interleaved({name: system_run(name) for name in systems}, len(prompts),
+                                  on_turn)
+        for res in results.values():
+            # NOTE: the in-process systems share this process: its peak is theirs together
+            res.settings["memory"] = dict(memory_mb(), peak_is_own=False)
+    for name in systems if not args.interleave else ():
         print(f"[latency] {name}: {len(prompts)} prompts x {args.max_tokens} tokens ...",
               file=sys.stderr, flush=True)
         gc.collect()
         peak_is_own = reset_peak_rss()
-        if name.startswith("llamacpp"):
-            from latency_llamacpp import run_llamacpp
-            max_len = max(len(ids) for ids in prompt_ids) + args.max_tokens + 16
-            results[name] = run_llamacpp(name, args, args.target or pair.target, draft_name,
-                                         prompt_ids, prompts, max_len)
-        elif name.startswith("ours-served"):
-            from latency_served import run_served
-            config_path = args.config or os.path.join(REPO_ROOT, pair.config)
-            results[name] = run_served(name, args, config_path, prompt_ids, prompts)
-        elif name.startswith("hf"):
-            results[name] = run_hf(name, args, target_path, draft_path, prompt_ids, prompts,
-                                   eos_ids, pad_id)
-        else:
-            results[name] = run_ours(name, args, pair, target_path, draft_path, prompt_ids,
-                                     prompts, eos_ids)
+        results[name] = run_to_end(system_run(name))
         # NOTE: one process runs every system: the peak is this system's only after a reset.
         results[name].settings["memory"] = dict(memory_mb(), peak_is_own=peak_is_own)
         # NOTE: a table after every system, so a run cut off by a timeout keeps what it measured

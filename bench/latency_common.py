@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -69,6 +70,48 @@ class SystemResult:
             "acceptance_length": self.acceptance_length, "mean_k": self.mean_k,
             "num_drafts": self.num_drafts,
         }
+
+
+# A system's run: a generator that loads the system and warms it up, yields, then runs one
+# prompt per resumption (yielding after each) and returns its SystemResult after the last.
+SystemRun = Generator[None, None, SystemResult]
+
+
+def run_to_end(run: SystemRun) -> SystemResult:
+    """Runs one system's prompts in a row."""
+    while True:
+        try:
+            next(run)
+        except StopIteration as stop:
+            return stop.value
+
+
+def run_interleaved(runs: dict[str, SystemRun], num_prompts: int,
+                    on_turn=None) -> dict[str, SystemResult]:
+    """Every system loads and warms up in turn (each stays up, idle, while the others run),
+    then prompt i runs on every system before prompt i + 1, starting one system later each
+    time. A machine whose speed drifts during the run (the shared dev VM: +-20-30 % over
+    minutes) then slows every system alike, and their ratio holds; one after the other, it
+    did not. `on_turn(name, i)` is called before each turn (i = -1: load and warm-up)."""
+    names = list(runs)
+    results: dict[str, SystemResult] = {}
+    try:
+        for name in names:
+            if on_turn:
+                on_turn(name, -1)
+            next(runs[name])
+        for i in range(num_prompts):
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                if on_turn:
+                    on_turn(name, i)
+                next(runs[name])
+        for name in names:
+            results[name] = run_to_end(runs[name])
+    finally:
+        for run in runs.values():  # a failure anywhere stops every system (their servers)
+            run.close()
+    return results
 
 
 def machine_info(threads: int, device: str) -> dict:

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from latency_common import RequestResult, SystemResult, sync
+from latency_common import RequestResult, SystemResult, SystemRun, sync
 
 
 class _FirstTokenTimer:
@@ -40,7 +40,7 @@ def load_hf(path: str, dtype: str | None, device: str):
 
 
 def run_hf(name: str, args, target_path: str, draft_path: str | None, prompt_ids, prompts,
-           eos_ids: list[int], pad_id: int) -> SystemResult:
+           eos_ids: list[int], pad_id: int) -> SystemRun:
     start = time.perf_counter()
     model = load_hf(target_path, args.dtype, args.device)
     kwargs: dict = {}
@@ -79,10 +79,12 @@ def run_hf(name: str, args, target_path: str, draft_path: str | None, prompt_ids
         return RequestResult("", len(ids), out[0, len(ids):].tolist(), wall, ttft)
 
     generate(prompt_ids[0], args.warmup_tokens)
+    yield  # a generator, as every latency.py system: after the warm-up and after each prompt
     for prompt, ids in zip(prompts, prompt_ids):
         request = generate(ids, args.max_tokens)
         request.prompt_id = prompt.prompt_id
         result.requests.append(request)
+        yield
     del model, kwargs
     gc.collect()
     return result

@@ -30,7 +30,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from latency_common import RequestResult, SystemResult
+from latency_common import RequestResult, SystemResult, SystemRun
 
 SDIST = "llama-cpp-python==0.3.36"
 
@@ -132,13 +132,17 @@ def wait_for_health(server: subprocess.Popen, base: str, what: str) -> None:
 
 
 def run_prompts(server: subprocess.Popen, result: SystemResult, generate, args, prompt_ids,
-                prompts) -> SystemResult:
-    """One warm-up request, then every prompt in order; the server's peak memory at the end."""
+                prompts) -> SystemRun:
+    """One warm-up request, then every prompt in order; the server's peak memory at the end.
+    A generator (latency_common.run_to_end): it yields after the warm-up and after each prompt,
+    so latency.py can run the systems one after another or interleaved."""
     generate(prompt_ids[0], args.warmup_tokens)
+    yield
     for prompt, ids in zip(prompts, prompt_ids):
         request = generate(ids, args.max_tokens)
         request.prompt_id = prompt.prompt_id
         result.requests.append(request)
+        yield
     result.settings["peak_rss_mb"] = _peak_rss_mb(server.pid)
     return result
 
@@ -163,7 +167,7 @@ def _peak_rss_mb(pid: int) -> float | None:
 
 
 def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, prompts,
-                 max_len: int) -> SystemResult:
+                 max_len: int) -> SystemRun:
     binary = build_llama_server()
     target_gguf = ensure_gguf(target)
     port = _free_port()
@@ -189,7 +193,10 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
             t0 = time.perf_counter()
             out = _post(base + "/completion", {
                 "prompt": ids, "n_predict": max_tokens, "temperature": 0.0, "top_k": 1,
-                "cache_prompt": False, "return_tokens": True, "stream": False,
+                # NOTE: its default and best configuration: the common prefix of the last
+                # request (the chat template's system prompt) is reused, as our prefix cache
+                # (on as shipped) reuses it; the warm-up's prompt is the first prompt for both
+                "cache_prompt": True, "return_tokens": True, "stream": False,
                 "ignore_eos": bool(args.ignore_eos)})
             wall = time.perf_counter() - t0
             timings = out.get("timings", {})
@@ -201,6 +208,6 @@ def run_llamacpp(name: str, args, target: str, draft: str | None, prompt_ids, pr
                                  steps if name == "llamacpp-draft" else 0,
                                  int(timings.get("draft_n", 0) or 0), accepted)
 
-        return run_prompts(server, result, generate, args, prompt_ids, prompts)
+        return (yield from run_prompts(server, result, generate, args, prompt_ids, prompts))
     finally:
         stop_server(server, 20)

@@ -30,7 +30,7 @@ import threading
 import time
 import tomllib
 
-from latency_common import RequestResult, SystemResult
+from latency_common import RequestResult, SystemResult, SystemRun
 from latency_llamacpp import _free_port, _post, run_prompts, stop_server, wait_for_health
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,7 +89,7 @@ def write_config(path: str, overrides: dict[str, dict]) -> str:
     return out
 
 
-def run_served(name: str, args, config_path: str, prompt_ids, prompts) -> SystemResult:
+def run_served(name: str, args, config_path: str, prompt_ids, prompts) -> SystemRun:
     overrides: dict[str, dict] = {}
     if name == "ours-served-nospec":
         overrides["spec"] = {"method": "none"}
@@ -128,7 +128,7 @@ def run_served(name: str, args, config_path: str, prompt_ids, prompts) -> System
                                  int(stats.get("num_draft_tokens", 0)),
                                  int(stats.get("num_accepted_tokens", 0)))
 
-        return run_prompts(server, result, generate, args, prompt_ids, prompts)
+        return (yield from run_prompts(server, result, generate, args, prompt_ids, prompts))
     finally:
         stop_server(server, 60)
         os.unlink(config)

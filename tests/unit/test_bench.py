@@ -476,3 +476,82 @@ def test_served_bench_waits_for_the_startup_work(lines, timeout_s, want):
     finally:
         server.kill()
         server.wait()
+
+
+def _fake_run(name: str, num_prompts: int, log: list, fail_at: int | None = None):
+    """A latency.py system run: yields after its warm-up and after each prompt."""
+    from latency_common import RequestResult, SystemResult
+
+    result = SystemResult(name, 0.0, {})
+    try:
+        log.append((name, "warm-up"))
+        yield
+        for i in range(num_prompts):
+            if i == fail_at:
+                raise RuntimeError(f"{name} failed at prompt {i}")
+            log.append((name, i))
+            result.requests.append(RequestResult(str(i), 1, [i], 1.0))
+            yield
+        return result
+    finally:
+        log.append((name, "closed"))
+
+
+def test_interleaved_runs_rotate_the_systems_per_prompt():
+    """--interleave: every system warms up first, then prompt i runs on every system (the
+    order starting one system later each prompt), and each result holds its own requests."""
+    from latency_common import run_interleaved, run_to_end
+
+    log: list = []
+    runs = {n: _fake_run(n, 3, log) for n in ("a", "b", "c")}
+    turns: list = []
+    results = run_interleaved(runs, 3, lambda name, i: turns.append((name, i)))
+    assert turns == [("a", -1), ("b", -1), ("c", -1), ("a", 0), ("b", 0), ("c", 0),
+                     ("b", 1), ("c", 1), ("a", 1), ("c", 2), ("a", 2), ("b", 2)]
+    assert [e for e in log if e[1] != "closed"] == [
+        ("a", "warm-up"), ("b", "warm-up"), ("c", "warm-up"), ("a", 0), ("b", 0), ("c", 0),
+        ("b", 1), ("c", 1), ("a", 1), ("c", 2), ("a", 2), ("b", 2)]
+    assert {n: [r.prompt_id for r in res.requests] for n, res in results.items()} == {
+        n: ["0", "1", "2"] for n in "abc"}
+    assert sorted(e[0] for e in log if e[1] == "closed") == ["a", "b", "c"]
+    # one after the other: the same generator protocol, run to its end
+    log.clear()
+    assert [r.prompt_id for r in run_to_end(_fake_run("d", 2, log)).requests] == ["0", "1"]
+
+
+def test_a_failing_interleaved_system_stops_every_other():
+    """A system that raises mid-run stops the run, and every other system's run is closed
+    (its `finally`: the bench's servers are terminated, none is left behind)."""
+    from latency_common import run_interleaved
+
+    log: list = []
+    runs = {"a": _fake_run("a", 3, log), "b": _fake_run("b", 3, log, fail_at=1),
+            "c": _fake_run("c", 3, log)}
+    with pytest.raises(RuntimeError, match="b failed at prompt 1"):
+        run_interleaved(runs, 3)
+    assert sorted(e[0] for e in log if e[1] == "closed") == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_latency_bench_runs_our_systems_end_to_end(smollm2_dir, tmp_path, interleave):
+    """bench/latency.py on the real SmolLM2 (2 prompts x 6 tokens, our in-process systems),
+    one after the other and interleaved: every request is measured, and the n-gram run's
+    greedy tokens equal the plain run's."""
+    import json
+
+    import latency
+
+    out = tmp_path / "latency.json"
+    argv = ["--pair", "smollm2", "--systems", "ours,ours-ngram", "--num-prompts", "2",
+            "--max-tokens", "6", "--warmup-tokens", "2", "--output", str(out)]
+    assert latency.main(argv + (["--interleave"] if interleave else [])) == 0
+    data = json.loads(out.read_text())
+    for name in ("ours", "ours-ngram"):
+        summary = data["summary"][name]
+        assert summary["num_requests"] == 2 and summary["num_output_tokens"] > 0
+        assert summary["tokens_per_s"] > 0
+        # in one process the in-process systems' peaks are not their own when interleaved
+        assert (summary["peak_rss_mb"] is None) == interleave
+    assert data["summary"]["ours-ngram"]["same_as"] == {"reference": "ours", "identical": 2,
+                                                        "total": 2}
+    assert data["args"]["interleave"] is interleave

@@ -24,6 +24,10 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 
 namespace {
 
+// Windows of at most this many rows (verify steps; longer ones are prefill chunks) attend row by
+// row, so a verify row's attention is the decode step's to the bit (see attention()).
+constexpr int64_t kRowWiseRows = 16;
+
 inline float to_f(float v) { return v; }
 inline float to_f(at::BFloat16 v) { return static_cast<float>(v); }
 inline void from_f(float* p, float v) { *p = v; }
@@ -293,6 +297,26 @@ class CpuDecoder {
             for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * scale;
           }
         }
+      }
+      if (rows > 1 && rows <= kRowWiseRows) {
+        // A verify window: each row as the decode step of its position would run it, the same
+        // shapes ([kv_heads, group, D] x [kv_heads, D, its keys]) and so the same float sums.
+        // NOTE: one batched matmul over the window's rows, with the later keys masked, sums in
+        // another order; in bfloat16 activations that last bit can round a value the other way
+        // and flip a greedy near-tie, so spec and no-spec text differed (2 of 16 code prompts
+        // at k = 2, one at k = 4, on the int4 Qwen pair).
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t seen = row_keys[first + i];
+          auto q = queries.view({num_kv_heads_, rows, group, D}).select(1, i).contiguous();
+          auto k = keys.narrow(1, 0, seen), v = values.narrow(1, 0, seen);
+          auto mixed = at::bmm(at::softmax(at::bmm(q, k.transpose(1, 2)), -1), v);
+          const float* mp = mixed.data_ptr<float>();  // [kv_heads, group, D]
+          float* o = out + (first + i) * q_size;
+          for (int64_t h = 0; h < num_kv_heads_; ++h) {
+            std::copy_n(mp + h * group * D, group * D, o + h * group * D);
+          }
+        }
+        return;
       }
       auto scores = at::bmm(queries, keys.transpose(1, 2));  // [kv_heads, rows * group, n]
       float* sp = scores.data_ptr<float>();

@@ -398,16 +398,17 @@ def main(argv: list[str] | None = None) -> int:
         for res in results.values():
             # NOTE: the in-process systems share this process: its peak is theirs together
             res.settings["memory"] = dict(memory_mb(), peak_is_own=False)
-    for name in systems if not args.interleave else ():
-        print(f"[latency] {name}: {len(prompts)} prompts x {args.max_tokens} tokens ...",
-              file=sys.stderr, flush=True)
-        gc.collect()
-        peak_is_own = reset_peak_rss()
-        results[name] = run_to_end(system_run(name))
-        # NOTE: one process runs every system: the peak is this system's only after a reset.
-        results[name].settings["memory"] = dict(memory_mb(), peak_is_own=peak_is_own)
-        # NOTE: a table after every system, so a run cut off by a timeout keeps what it measured
-        print(report(results, eos_ids)[0], file=sys.stderr, flush=True)
+    else:
+        for name in systems:
+            print(f"[latency] {name}: {len(prompts)} prompts x {args.max_tokens} tokens ...",
+                  file=sys.stderr, flush=True)
+            gc.collect()
+            peak_is_own = reset_peak_rss()
+            results[name] = run_to_end(system_run(name))
+            # NOTE: one process runs every system: the peak is this system's only after a reset
+            results[name].settings["memory"] = dict(memory_mb(), peak_is_own=peak_is_own)
+            # NOTE: a table after every system, so a run cut off by a timeout keeps its numbers
+            print(report(results, eos_ids)[0], file=sys.stderr, flush=True)
     table, rows = report(results, eos_ids)
     print(table)
     for name, res in results.items():

@@ -24,8 +24,8 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
 
 namespace {
 
-// Windows of at most this many rows (verify steps; longer ones are prefill chunks) attend row by
-// row, so a verify row's attention is the decode step's to the bit (see attention()).
+// Windows of at most this many rows (decodes and verify steps; longer ones are prefill chunks)
+// attend row by row, so a verify row's attention is the decode step's to the bit.
 constexpr int64_t kRowWiseRows = 16;
 
 inline float to_f(float v) { return v; }
@@ -298,9 +298,10 @@ class CpuDecoder {
           }
         }
       }
-      if (rows > 1 && rows <= kRowWiseRows) {
-        // A verify window: each row as the decode step of its position would run it, the same
-        // shapes ([kv_heads, group, D] x [kv_heads, D, its keys]) and so the same float sums.
+      if (rows <= kRowWiseRows) {
+        // A decode or a verify window: each row as the decode step of its position runs it (one
+        // code path), the same shapes ([kv_heads, group, D] x [kv_heads, D, its keys]) and so
+        // the same float sums.
         // NOTE: one batched matmul over the window's rows, with the later keys masked, sums in
         // another order; in bfloat16 activations that last bit can round a value the other way
         // and flip a greedy near-tie, so spec and no-spec text differed (2 of 16 code prompts

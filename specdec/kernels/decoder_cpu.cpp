@@ -9,23 +9,41 @@
 //
 // Each row's arithmetic does not depend on the other rows of the step (the q4 kernel quantizes
 // activations per row; attention runs per row and head), so a verify window gives a row the
-// same values as a one-row decode of it.
+// same values as a one-row decode of it; and with the AVX-512 attention (decoder_rows_alone) a
+// whole prefill gives a row what a prefix-cached prompt's shorter tail window gives it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#define SPECDEC_DECODER_AVX512 1
+#include <immintrin.h>
+#else
+#define SPECDEC_DECODER_AVX512 0
+#endif
 
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
                         int64_t isa, bool split_dynamic);
 
+// Whether a head of this size takes the row-by-row AVX-512 attention for every window (else
+// prefill chunks of over kRowWiseRows rows attend as one batch).
+bool decoder_rows_alone(int64_t head_dim) {
+  return SPECDEC_DECODER_AVX512 &&
+         (head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128);
+}
+
 namespace {
 
-// Windows of at most this many rows (decodes and verify steps; longer ones are prefill chunks)
-// attend row by row, so a verify row's attention is the decode step's to the bit.
+// Without the AVX-512 attention (decoder_rows_alone): windows of at most this many rows
+// (decodes and verify steps; longer ones are prefill chunks) attend row by row through ATen,
+// so a verify row's attention is the decode step's to the bit.
 constexpr int64_t kRowWiseRows = 16;
 
 inline float to_f(float v) { return v; }
@@ -81,6 +99,167 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t half) {
     x[i + half] = x2 * cos[i] + x1 * sin[i];
   }
 }
+
+#if SPECDEC_DECODER_AVX512
+// exp(x), 16 lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by Cephes' expf polynomial,
+// times 2^n (vscalefps). Inputs are clamped to [-87.3, 88.7], where float32 exp is finite and
+// normal; within a few ulp of std::exp there.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.33654f)), _mm512_set1_ps(88.72283f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Lane i of the result: the sum of the 16 lanes of v[i] (a transposing add tree, 45 ops for
+// 16 sums where 16 separate horizontal sums take ~130).
+inline __m512 sum16(const __m512* v) {
+  __m512 t[8], w[4];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of 4 inputs
+    w[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_f32x4(w[2], w[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(x, y, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// out[b] = sum_j p[b][j] v_j for the GB queries of a block (gb <= GB of them real), the v rows
+// read once for the block: GB x NC accumulators stay in registers.
+template <int NC, int GB, typename C>
+void mix_values(const float* p, int64_t n, int gb, const C* vc, const int32_t* table,
+                int64_t block_size, int64_t kv_size, int64_t head, float* out) {
+  constexpr int64_t D = 16 * NC;
+  __m512 acc[GB][NC];
+  for (int b = 0; b < GB; ++b)
+    for (int c = 0; c < NC; ++c) acc[b][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t slot = static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size;
+    const C* v = vc + slot * kv_size + head * D;
+    __m512 row[NC];
+    for (int c = 0; c < NC; ++c) row[c] = load16(v + 16 * c);
+    for (int b = 0; b < GB; ++b) {
+      if (b >= gb) break;
+      const __m512 w = _mm512_set1_ps(p[b * n + j]);
+      for (int c = 0; c < NC; ++c) acc[b][c] = _mm512_fmadd_ps(w, row[c], acc[b][c]);
+    }
+  }
+  for (int b = 0; b < gb; ++b)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + b * D + 16 * c, acc[b][c]);
+}
+
+// One row's attention for one KV head, straight from the paged cache: q [group, D] (already
+// scaled) against the sequence's first n keys, out [group, D]; scores is scratch [group, n],
+// keys scratch [16, D]. NC = D / 16 vectors a head. Nothing in it depends on the other rows of
+// the step, so a verify row is its decode step to the bit.
+template <int NC, typename C>
+void attend_head(const float* q, int64_t group, const C* kc, const C* vc, const int32_t* table,
+                 int64_t block_size, int64_t kv_size, int64_t head, int64_t n, float* scores,
+                 float* keys, float* out) {
+  constexpr int64_t D = 16 * NC;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {  // 16 keys at a time, as float32 in `keys`
+    const int64_t count = std::min<int64_t>(16, n - j0);
+    for (int64_t jj = 0; jj < count; ++jj) {
+      const int64_t j = j0 + jj;
+      const int64_t slot =
+          static_cast<int64_t>(table[j / block_size]) * block_size + j % block_size;
+      const C* k = kc + slot * kv_size + head * D;
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(keys + jj * D + 16 * c, load16(k + 16 * c));
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << count) - 1u);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 qg[NC];
+      for (int c = 0; c < NC; ++c) qg[c] = _mm512_loadu_ps(q + g * D + 16 * c);
+      __m512 dots[16];
+      for (int64_t jj = 0; jj < 16; ++jj) {
+        if (jj >= count) {
+          dots[jj] = _mm512_setzero_ps();
+          continue;
+        }
+        __m512 acc = _mm512_mul_ps(qg[0], _mm512_loadu_ps(keys + jj * D));
+        for (int c = 1; c < NC; ++c)
+          acc = _mm512_fmadd_ps(qg[c], _mm512_loadu_ps(keys + jj * D + 16 * c), acc);
+        dots[jj] = acc;
+      }
+      _mm512_mask_storeu_ps(scores + g * n + j0, valid, sum16(dots));
+    }
+  }
+  const int64_t full = n / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - full)) - 1u);
+  for (int64_t g = 0; g < group; ++g) {  // softmax: exp(s - max), divided by the sum below
+    float* s = scores + g * n;
+    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < full; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + j));
+    if (tail) top = _mm512_mask_max_ps(top, tail, top, _mm512_maskz_loadu_ps(tail, s + full));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < full; j += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (tail) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + full), m));
+      _mm512_mask_storeu_ps(s + full, tail, e);
+      sum = _mm512_mask_add_ps(sum, tail, sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int64_t j = 0; j < full; j += 16) {
+      _mm512_storeu_ps(s + j, _mm512_mul_ps(_mm512_loadu_ps(s + j), inv));
+    }
+    if (tail) {
+      _mm512_mask_storeu_ps(s + full, tail,
+                            _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + full), inv));
+    }
+  }
+  constexpr int GB = NC >= 8 ? 3 : 24 / NC > 8 ? 8 : 24 / NC;  // GB x NC <= 24 accumulators
+  for (int64_t g = 0; g < group; g += GB) {
+    const int gb = static_cast<int>(std::min<int64_t>(GB, group - g));
+    mix_values<NC, GB>(scores + g * n, n, gb, vc, table, block_size, kv_size, head, out + g * D);
+  }
+}
+
+// act[r, i] = silu(gate[r, i]) * up[r, i] = gate / (1 + exp(-gate)) * up; gate_up [T, 2 inter].
+void silu_mul(const float* gate_up, int64_t rows, int64_t inter, float* act) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = gate_up + r * 2 * inter;
+    const float* u = g + inter;
+    float* o = act + r * inter;
+    for (int64_t i = 0; i < inter; i += 16) {
+      const __mmask16 m = inter - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                          : static_cast<__mmask16>((1u << (inter - i)) - 1u);
+      const __m512 x = _mm512_maskz_loadu_ps(m, g + i);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+      const __m512 y = _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)),
+                                     _mm512_maskz_loadu_ps(m, u + i));
+      _mm512_mask_storeu_ps(o + i, m, y);
+    }
+  }
+}
+#endif
 
 class CpuDecoder {
  public:
@@ -200,9 +379,14 @@ class CpuDecoder {
       rms_norm_rows(xp, layer.post_norm.data_ptr<float>(), T, hidden_, eps_, np);
       auto gate_up = layer.gate_up(normed, split_dynamic_);  // [T, 2 inter]
       const int64_t inter = gate_up.size(1) / 2;
-      // NOTE: ATen's silu (vectorized exp), as the layer loop's F.silu; a scalar std::exp
-      // loop cost ~0.1 ms a layer
+#if SPECDEC_DECODER_AVX512
+      // NOTE: ATen's silu and mul_ cost ~8 us a layer at one row (two dispatches, a buffer);
+      // a scalar std::exp loop ~0.1 ms
+      auto act = torch::empty({T, inter}, torch::kFloat32);
+      silu_mul(gate_up.data_ptr<float>(), T, inter, act.data_ptr<float>());
+#else
       auto act = at::silu(gate_up.narrow(1, 0, inter)).mul_(gate_up.narrow(1, inter, inter));
+#endif
       add_into(xp, layer.down(act, split_dynamic_));
     }
     return x;
@@ -266,6 +450,45 @@ class CpuDecoder {
       if (rows == 0) return;
       const int64_t n = row_keys[first + rows - 1];
       const int32_t* table = tables + s * max_blocks;
+#if SPECDEC_DECODER_AVX512
+      if (decoder_rows_alone(D)) {
+        // Every window (decode, verify, prefill chunk) row by row and head by head from the
+        // cache, no gather, no ATen op (at one row of the 0.5B those were ~2 ms of an 8 ms
+        // step): a row's attention is then a function of its query and the cache alone, the
+        // same whether a decode, a verify window, a whole prefill or a prefix-cached prompt's
+        // tail computes it.
+        // NOTE: the (row, head) pairs split over the threads; at one row the second core would
+        // otherwise wait through the whole attention (~25 us a layer of the 0.5B)
+        auto pairs = [&](int64_t begin, int64_t end) {
+          std::vector<float> query(group * D), scores(group * n), keys(16 * D);
+          for (int64_t pair = begin; pair < end; ++pair) {
+            const int64_t i = pair / num_kv_heads_, h = pair % num_kv_heads_;
+            const float* q = qkvp + (first + i) * width + h * group * D;
+            for (int64_t e = 0; e < group * D; ++e) query[e] = q[e] * scale;
+            float* o = out + (first + i) * q_size + h * group * D;
+            const int64_t seen = row_keys[first + i];
+            auto head = [&](auto chunks) {
+              attend_head<decltype(chunks)::value>(query.data(), group, kc, vc, table,
+                                                   block_size, kv_size, h, seen, scores.data(),
+                                                   keys.data(), o);
+            };
+            switch (D) {
+              case 16: head(std::integral_constant<int, 1>()); break;
+              case 32: head(std::integral_constant<int, 2>()); break;
+              case 64: head(std::integral_constant<int, 4>()); break;
+              default: head(std::integral_constant<int, 8>()); break;
+            }
+          }
+        };
+        const int64_t total = rows * num_kv_heads_;
+        if (S == 1 && total > 1 && at::get_num_threads() > 1) {
+          at::parallel_for(0, total, 1, pairs);
+        } else {
+          pairs(0, total);
+        }
+        return;
+      }
+#endif
       auto keys = torch::empty({num_kv_heads_, n, D}, torch::kFloat32);
       auto values = torch::empty({num_kv_heads_, n, D}, torch::kFloat32);
       float* kf = keys.data_ptr<float>();
@@ -362,6 +585,8 @@ class CpuDecoder {
 }  // namespace
 
 void register_decoder(pybind11::module_& m) {
+  m.def("decoder_rows_alone", &decoder_rows_alone,
+        "whether every window's rows attend alone for this head_dim");
   pybind11::class_<CpuDecoder>(m, "CpuDecoder")
       .def(pybind11::init<int64_t, int64_t, int64_t, double, torch::Tensor, torch::Tensor, bool>(),
            pybind11::arg("num_heads"), pybind11::arg("num_kv_heads"), pybind11::arg("head_dim"),

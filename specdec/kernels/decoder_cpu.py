@@ -74,6 +74,14 @@ def new_decoder(model):
                                            model.rope_sin, q4_cpu.DYNAMIC_SPLIT)
 
 
+def rows_alone(model) -> bool:
+    """Whether the stack attends every window's rows one by one for `model` (the AVX-512
+    attention, head_dim 16/32/64/128): then any window, a whole prefill included, gives a row
+    the values a one-row step of it gives. Elsewhere only windows of up to 16 rows do."""
+    kernel = q4_cpu.load_kernel()
+    return kernel is not None and kernel.decoder_rows_alone(model.layers[0].head_dim)
+
+
 def add_layer(decoder, layer, kv_cache: tuple[Tensor, Tensor]) -> None:
     """Appends one DecoderLayer (its q4 projections, norms and KV cache) to `decoder`."""
     none = torch.empty(0)

@@ -220,6 +220,17 @@ def test_the_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_p
     assert all(r["stack_ms"] > 0 and r["loop_ms"] > 0 and r["q4_only_ms"] > 0 for r in results)
 
 
+def test_the_stack_ab_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path):
+    """bench/decoder_cpu_ab.py end to end, the current source against itself (one build)."""
+    results = _run_bench_on_tiny_pair(
+        "decoder_cpu_ab.py", ["--old", str(q4_cpu._SOURCES[1]), "--rounds", "1", "--rows", "1,3",
+                              "--context", "40", "--build-dir", str(tmp_path / "ext")],
+        (tiny_llama_dir, tiny_draft_dir), tmp_path)["results"]
+    assert {(r["model"], r["rows"]) for r in results} == {
+        ("target", 1), ("target", 3), ("draft", 1), ("draft", 3)}
+    assert all(r["old_ms"] > 0 and r["new_ms"] > 0 for r in results)
+
+
 def test_the_lookup_ab_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draft_dir, tmp_path):
     """bench/lookup_ab.py end to end on the tiny int4 pair: every mode ran, and counted."""
     rows = _run_bench_on_tiny_pair(

@@ -58,6 +58,31 @@ def q4_only(model, xs: dict[int, torch.Tensor]) -> None:
     q4_cpu.q4_linear(kernel, xs[head.in_features], head.q4_packed, head.q4_scale_zero)
 
 
+def config_runners(config: str, rest: list[str]) -> dict:
+    """{"target": runner, "draft": runner (where the config has one)} of an engine built from
+    `config` with `rest`'s --section.key VALUE overrides (as `specdec serve` takes them)."""
+    engine = Engine(load(config, {"spec.adaptive": False, **parse_overrides(rest)}))
+    runners = {"target": engine.target_runner}
+    if engine.draft_runner is not None:
+        runners["draft"] = engine.draft_runner
+    return runners
+
+
+def median_ms(cases: dict, rounds: int) -> dict:
+    """Median ms of each case over `rounds`, all cases in a fresh random order each round
+    (round 0 warms up and is not counted)."""
+    times = {key: [] for key in cases}
+    order = list(cases)
+    for round_index in range(rounds + 1):
+        random.Random(round_index).shuffle(order)
+        for key in order:
+            start = time.perf_counter()
+            cases[key]()
+            if round_index:
+                times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(v) for key, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs/qwen2.5-coder-1.5b+0.5b.toml"))
@@ -66,11 +91,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", default=str(ROOT / "bench/results/decoder-cpu.json"))
     args, rest = parser.parse_known_args()
-    overrides = parse_overrides(rest)  # --section.key VALUE, as `specdec serve` takes them
-    engine = Engine(load(args.config, {"spec.adaptive": False, **overrides}))
-    runners = {"target": engine.target_runner}
-    if engine.draft_runner is not None:
-        runners["draft"] = engine.draft_runner
+    runners = config_runners(args.config, rest)
     rows = [int(r) for r in args.rows.split(",")]
     cases = {}
     for role, runner in runners.items():
@@ -102,17 +123,8 @@ def main() -> None:
             cases[(role, n, "stack")] = fused
             cases[(role, n, "loop")] = loop
             cases[(role, n, "q4 only")] = lambda model=model, xs=xs: q4_only(model, xs)
-    times = {key: [] for key in cases}
-    order = list(cases)
     load_avg = os.getloadavg()
-    for round_index in range(args.rounds + 1):
-        random.Random(round_index).shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            cases[key]()
-            if round_index:  # round 0 warms up
-                times[key].append(time.perf_counter() - start)
-    median = {key: 1e3 * statistics.median(v) for key, v in times.items()}
+    median = median_ms(cases, args.rounds)
     print(f"{args.rounds} rounds, context {args.context}, {torch.get_num_threads()} threads, "
           f"load average {load_avg[0]:.2f}")
     print(f"{'model':<7} {'rows':>4} {'stack ms':>9} {'loop ms':>8} {'q4 only':>8} "

@@ -13,20 +13,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from decoder_cpu import window  # noqa: E402
+from decoder_cpu import config_runners, median_ms, window  # noqa: E402
 
-from specdec.core.config import load, parse_overrides  # noqa: E402
-from specdec.engine import Engine  # noqa: E402
 from specdec.kernels import decoder_cpu, q4_cpu  # noqa: E402
 
 
@@ -66,10 +61,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     modules = {label: build(label, text, Path(args.build_dir)) for label, text in
                (("old", Path(args.old).read_text()), ("new", q4_cpu._SOURCES[1].read_text()))}
-    engine = Engine(load(args.config, {"spec.adaptive": False, **parse_overrides(rest)}))
-    runners = {"target": engine.target_runner}
-    if engine.draft_runner is not None:
-        runners["draft"] = engine.draft_runner
+    runners = config_runners(args.config, rest)
     rows = [int(r) for r in args.rows.split(",")]
     cases = {}
     for role, runner in runners.items():
@@ -88,20 +80,11 @@ def main() -> None:
                     model(batch, caches)
 
                 cases[(role, n, label)] = forward
-    times = {key: [] for key in cases}
-    order = list(cases)
-    for round_index in range(args.rounds + 1):
-        random.Random(round_index).shuffle(order)
-        for key in order:
-            start = time.perf_counter()
-            cases[key]()
-            if round_index:  # round 0 warms up
-                times[key].append(time.perf_counter() - start)
+    median = median_ms(cases, args.rounds)
     results = []
     for role in runners:
         for n in rows:
-            old, new = (1e3 * statistics.median(times[(role, n, label)])
-                        for label in ("old", "new"))
+            old, new = (median[(role, n, label)] for label in ("old", "new"))
             print(f"{role:<7} rows {n:>4}: old {old:8.2f} ms  new {new:8.2f} ms  "
                   f"new/old {new / old:.3f}")
             results.append({"model": role, "rows": n, "old_ms": old, "new_ms": new})

@@ -24,9 +24,10 @@ from torch import Tensor
 
 from specdec.kernels import q4_cpu
 
-# Window rows x keys per sequence: the stack's attention holds [kv_heads, rows x group, keys]
-# float32 scores and their softmax (~100 MB at this bound for the 1.5B: 2 kv heads x 6);
-# past it the layer loop's SDPA.
+# Window rows x keys per sequence: the stack's ATen attention (no AVX-512, or another head
+# size) holds [kv_heads, rows x group, keys] float32 scores and their softmax (~100 MB at this
+# bound for the 1.5B: 2 kv heads x 6); past it the layer loop's SDPA. The AVX-512 attention
+# needs [group, keys] a thread, so the bound could be lifted where it runs (not measured).
 MAX_SCORES = 1 << 20
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 

@@ -30,6 +30,9 @@
 
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
                         int64_t isa, bool split_dynamic);
+void q4_linear_into(torch::Tensor x, const torch::Tensor& packed,
+                    const torch::Tensor& scale_zero, int64_t isa, bool split_dynamic, float* y,
+                    int64_t ldy);
 
 // Whether a head of this size takes the row-by-row AVX-512 attention for every window (else
 // prefill chunks of over kRowWiseRows rows attend as one batch).
@@ -86,6 +89,59 @@ void rms_norm_rows(const float* x, const float* weight, int64_t rows, int64_t hi
     float* o = out + r * hidden;
 #pragma omp simd
     for (int64_t i = 0; i < hidden; ++i) o[i] = xr[i] * inv * weight[i];
+  }
+}
+
+inline float round_bf16(float v) { return static_cast<float>(at::BFloat16(v)); }
+
+// The final RMSNorm of one row, as the model's own ops compute it (specdec.kernels.ops.rms_norm):
+// in float32 for a float32 model; for a bfloat16 one the input rounded to bfloat16, the norm in
+// float32, rounded, then times the bfloat16 weight, rounded again.
+void head_norm_row(const float* x, const float* weight, int64_t hidden, float eps, bool bf16,
+                   float* out) {
+  if (!bf16) {
+    rms_norm_rows(x, weight, 1, hidden, eps, out);
+    return;
+  }
+  float sum = 0.f;
+  for (int64_t i = 0; i < hidden; ++i) {
+    out[i] = round_bf16(x[i]);
+    sum += out[i] * out[i];
+  }
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(hidden) + eps);
+  for (int64_t i = 0; i < hidden; ++i) out[i] = round_bf16(weight[i] * round_bf16(out[i] * inv));
+}
+
+// Rows of an int4 embedding table (specdec.model.quant.Int4Embedding): row = code * scale +
+// zero_eff per group, each product and sum rounded to float32 as torch's two ops do (no fused
+// multiply-add), then to bfloat16 where the model's dtype is; ids at or past `num_real` embed to
+// zero (a padded vocabulary's rows).
+__attribute__((optimize("fp-contract=off")))
+void embed_rows(const int64_t* ids, int64_t T, const uint8_t* packed, const float* scales,
+                const float* zero_eff, int64_t num_real, int64_t dim, int64_t group, bool bf16,
+                float* out) {
+  const int64_t groups = dim / group;
+  for (int64_t t = 0; t < T; ++t) {
+    float* o = out + t * dim;
+    const int64_t id = ids[t];
+    if (id >= num_real) {
+      std::fill_n(o, dim, 0.f);
+      continue;
+    }
+    const uint8_t* p = packed + id * (dim / 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float scale = scales[id * groups + g], zero = zero_eff[id * groups + g];
+      for (int64_t i = g * group; i < (g + 1) * group; i += 2) {
+        const uint8_t byte = p[i / 2];
+        const float lo = static_cast<float>(byte & 0x0F) * scale;
+        const float hi = static_cast<float>(byte >> 4) * scale;
+        o[i] = lo + zero;
+        o[i + 1] = hi + zero;
+      }
+    }
+    if (bf16) {
+      for (int64_t i = 0; i < dim; ++i) o[i] = round_bf16(o[i]);
+    }
   }
 }
 
@@ -314,6 +370,105 @@ class CpuDecoder {
     layer.k_cache = k_cache;
     layer.v_cache = v_cache;
     layers_.push_back(std::move(layer));
+  }
+
+  // The model's input embedding, where it is an int4 table (Int4Embedding): packed [V, dim / 2]
+  // uint8 (input 2j in the low nibble), scales and zero_eff float32 [V, dim / group]; ids at or
+  // past num_real embed to zero. bf16: the model's dtype is bfloat16 (rows rounded to it).
+  void set_embedding(torch::Tensor packed, torch::Tensor scales, torch::Tensor zero_eff,
+                     int64_t group, int64_t num_real, bool bf16) {
+    TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 2 &&
+                    packed.size(1) * 2 == hidden_,
+                "CpuDecoder: embedding must be uint8 [V, ", hidden_ / 2, "], got ",
+                packed.sizes());
+    TORCH_CHECK(group > 0 && hidden_ % group == 0 && group % 2 == 0,
+                "CpuDecoder: embedding group ", group, " must divide hidden=", hidden_);
+    TORCH_CHECK(scales.sizes() == zero_eff.sizes() && scales.dim() == 2 &&
+                    scales.size(0) == packed.size(0) && scales.size(1) == hidden_ / group,
+                "CpuDecoder: embedding scales must be [V, ", hidden_ / group, "]");
+    TORCH_CHECK(num_real >= 1 && num_real <= packed.size(0),
+                "CpuDecoder: embedding num_real=", num_real, " past its ", packed.size(0), " rows");
+    embed_packed_ = packed.contiguous();
+    embed_scales_ = scales.to(torch::kFloat32).contiguous();
+    embed_zero_ = zero_eff.to(torch::kFloat32).contiguous();
+    embed_group_ = group;
+    embed_real_ = num_real;
+    embed_bf16_ = bf16;
+  }
+
+  // The final RMSNorm (weight [hidden], eps) and the q4 lm_head (packed, scale_zero: rows
+  // head_rows, a pruned draft head's being fewer than the vocabulary). bf16: the model's dtype
+  // is bfloat16 (the norm and the logits rounded as its own ops round them).
+  void set_head(torch::Tensor norm_weight, double eps, torch::Tensor packed,
+                torch::Tensor scale_zero, bool bf16) {
+    TORCH_CHECK(norm_weight.numel() == hidden_, "CpuDecoder: head norm has ",
+                norm_weight.numel(), " weights, hidden=", hidden_);
+    TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 32 == hidden_,
+                "CpuDecoder: lm_head must take hidden=", hidden_, " inputs");
+    head_norm_ = norm_weight.to(torch::kFloat32).contiguous();
+    head_eps_ = static_cast<float>(eps);
+    head_ = Projection{packed, scale_zero, torch::Tensor()};
+    head_bf16_ = bf16;
+  }
+
+  bool has_embedding() const { return embed_packed_.defined(); }
+  bool has_head() const { return head_.packed.defined(); }
+
+  // ids int64 [T] -> [T, hidden] float32 (bfloat16 values for a bfloat16 model).
+  torch::Tensor embed(torch::Tensor ids) const {
+    TORCH_CHECK(has_embedding(), "CpuDecoder: no embedding set");
+    ids = ids.to(torch::kInt64).contiguous();
+    const int64_t T = ids.numel();
+    const int64_t* idp = ids.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T; ++t) {
+      TORCH_CHECK(idp[t] >= 0, "CpuDecoder: token id ", idp[t], " is negative");
+    }
+    auto out = torch::empty({T, hidden_}, torch::kFloat32);
+    embed_rows(idp, T, embed_packed_.data_ptr<uint8_t>(), embed_scales_.data_ptr<float>(),
+               embed_zero_.data_ptr<float>(), embed_real_, hidden_, embed_group_, embed_bf16_,
+               out.data_ptr<float>());
+    return out;
+  }
+
+  // A whole forward in one call: `tokens` (int64 ids [T], with an embedding set, or hidden
+  // [T, hidden]) through every layer, then the final norm and the lm_head of the rows
+  // logits_indices names -> float32 logits [len(logits_indices), vocab_size], the columns past
+  // the head's rows -inf (a pruned draft head's, a padded vocabulary's: never sampled).
+  torch::Tensor forward_logits(torch::Tensor tokens, torch::Tensor positions,
+                               torch::Tensor slot_mapping, torch::Tensor block_tables,
+                               torch::Tensor seq_lens, torch::Tensor query_start_loc,
+                               torch::Tensor logits_indices, int64_t vocab_size) {
+    TORCH_CHECK(has_head(), "CpuDecoder: no lm_head set");
+    const int64_t head_rows = head_.packed.size(0) * 16;
+    TORCH_CHECK(vocab_size >= head_rows, "CpuDecoder: vocab_size=", vocab_size, " < the ",
+                head_rows, " head rows");
+    auto hidden = tokens.is_floating_point() ? tokens : embed(tokens);
+    auto x = forward(hidden, positions, slot_mapping, block_tables, seq_lens, query_start_loc);
+    logits_indices = logits_indices.to(torch::kInt64).contiguous();
+    const int64_t L = logits_indices.numel(), T = x.size(0);
+    const int64_t* li = logits_indices.data_ptr<int64_t>();
+    auto normed = torch::empty({L, hidden_}, torch::kFloat32);
+    const float* xp = x.data_ptr<float>();
+    float* np = normed.data_ptr<float>();
+    for (int64_t l = 0; l < L; ++l) {
+      TORCH_CHECK(li[l] >= 0 && li[l] < T, "CpuDecoder: logits index ", li[l], " outside the ",
+                  T, " rows");
+      head_norm_row(xp + li[l] * hidden_, head_norm_.data_ptr<float>(), hidden_, head_eps_,
+                    head_bf16_, np + l * hidden_);
+    }
+    auto logits = torch::empty({L, vocab_size}, torch::kFloat32);
+    if (L == 0) return logits;
+    float* lp = logits.data_ptr<float>();
+    q4_linear_into(normed, head_.packed, head_.scale_zero, -1, split_dynamic_, lp, vocab_size);
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    for (int64_t l = 0; l < L; ++l) {
+      float* row = lp + l * vocab_size;
+      if (head_bf16_) {  // Int4Linear returns its input's dtype
+        for (int64_t i = 0; i < head_rows; ++i) row[i] = round_bf16(row[i]);
+      }
+      std::fill(row + head_rows, row + vocab_size, neg_inf);
+    }
+    return logits;
   }
 
   // hidden [T, hidden] (any float dtype) -> [T, hidden] float32 after every layer. The batch
@@ -579,6 +734,13 @@ class CpuDecoder {
   bool split_dynamic_;
   torch::Tensor rope_cos_, rope_sin_;
   std::vector<Layer> layers_;
+  torch::Tensor embed_packed_, embed_scales_, embed_zero_;  // undefined: no embedding set
+  int64_t embed_group_ = 0, embed_real_ = 0;
+  bool embed_bf16_ = false;
+  torch::Tensor head_norm_;
+  Projection head_;  // undefined packed: no head set
+  float head_eps_ = 0.f;
+  bool head_bf16_ = false;
 };
 
 }  // namespace
@@ -592,5 +754,11 @@ void register_decoder(pybind11::module_& m) {
            pybind11::arg("eps"), pybind11::arg("rope_cos"), pybind11::arg("rope_sin"),
            pybind11::arg("split_dynamic"))
       .def("add_layer", &CpuDecoder::add_layer)
-      .def("forward", &CpuDecoder::forward);
+      .def("forward", &CpuDecoder::forward)
+      .def("set_embedding", &CpuDecoder::set_embedding)
+      .def("set_head", &CpuDecoder::set_head)
+      .def("has_embedding", &CpuDecoder::has_embedding)
+      .def("has_head", &CpuDecoder::has_head)
+      .def("embed", &CpuDecoder::embed)
+      .def("forward_logits", &CpuDecoder::forward_logits);
 }

@@ -415,13 +415,11 @@ std::vector<std::string> q4_isas() {
   return out;
 }
 
-// x [M, K] (float32 or bfloat16 read as they are; other float dtypes converted), packed
-// [N/16, G, 4, 64] uint8, scale_zero [N/16, G, 2, 16] bf16 -> y [M, N] float32.
-// isa: 0 plain C++, 1 AVX2, 2 AVX512-VNNI, -1 the best compiled in. split_dynamic: helper
-// threads take blocks of tiles from a shared counter, no barrier (TilePool); else
-// at::parallel_for's static split. Either way at::get_num_threads() threads at most.
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
-                        int64_t isa, bool split_dynamic) {
+// q4_linear's work, its y [M, N] float32 written at y with a row stride of ldy (>= N): the
+// decoder stack's lm_head writes straight into a wider logits row.
+void q4_linear_into(torch::Tensor x, const torch::Tensor& packed,
+                    const torch::Tensor& scale_zero, int64_t isa, bool split_dynamic, float* yp,
+                    int64_t ldy) {
   TORCH_CHECK(x.dim() == 2, "q4_linear: x must be 2-D, got ", x.dim(), "-D");
   TORCH_CHECK(packed.dtype() == torch::kUInt8 && packed.dim() == 4 && packed.size(2) == 4 &&
                   packed.size(3) == 64 && packed.is_contiguous(),
@@ -440,8 +438,8 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
                   (isa == kVnni && SPECDEC_Q4_VNNI),
               "q4_linear: isa=", isa, " is not compiled in (best: ", best_isa(), ")");
   const int64_t N = tiles * kTile;
-  auto y = torch::empty({M, N}, torch::kFloat32);
-  if (M == 0 || N == 0) return y;
+  TORCH_CHECK(ldy >= N, "q4_linear: output row stride ", ldy, " < N=", N);
+  if (M == 0 || N == 0) return;
   if (x.scalar_type() != torch::kFloat32 && x.scalar_type() != torch::kBFloat16) {
     x = x.to(torch::kFloat32);
   }
@@ -465,7 +463,6 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
   const int8_t* qp = q.data();
   const float* dxp = dx.data();
   const float* xsp = xsum.data();
-  float* yp = y.data_ptr<float>();
   const int64_t chunk = isa == kAvx2 ? kRowChunkAvx2 : kRowChunk;
   auto run_tiles = [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
@@ -473,21 +470,21 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
       const uint16_t* szt = sz + t * G * 2 * kTile;
       for (int64_t m0 = 0; m0 < M; m0 += chunk) {
         const int MR = static_cast<int>(std::min<int64_t>(chunk, M - m0));
-        float* yt = yp + m0 * N + t * kTile;
+        float* yt = yp + m0 * ldy + t * kTile;
         const int8_t* qt = qp + m0 * K;
 #if SPECDEC_Q4_VNNI
         if (isa == kVnni) {
-          tile_dispatch_vnni(MR, wt, szt, qt, dxp + m0 * G, xsp + m0 * G, K, G, yt, N);
+          tile_dispatch_vnni(MR, wt, szt, qt, dxp + m0 * G, xsp + m0 * G, K, G, yt, ldy);
           continue;
         }
 #endif
 #if SPECDEC_Q4_AVX2
         if (isa == kAvx2) {
-          tile_dispatch_avx2(MR, wt, szt, qt, dxp + m0 * G, xsp + m0 * G, K, G, yt, N);
+          tile_dispatch_avx2(MR, wt, szt, qt, dxp + m0 * G, xsp + m0 * G, K, G, yt, ldy);
           continue;
         }
 #endif
-        tile_scalar(MR, wt, szt, qt, dxp + m0 * G, xsp + m0 * G, K, G, yt, N);
+        tile_scalar(MR, wt, szt, qt, dxp + m0 * G, xsp + m0 * G, K, G, yt, ldy);
       }
     }
   };
@@ -503,6 +500,18 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sca
         std::max<int64_t>(1, std::min<int64_t>(kBlockTiles, tiles / (4 * threads)));
     tile_pool().run(tiles, block, static_cast<int>(threads - 1), run_tiles);
   }
+}
+
+// x [M, K] (float32 or bfloat16 read as they are; other float dtypes converted), packed
+// [N/16, G, 4, 64] uint8, scale_zero [N/16, G, 2, 16] bf16 -> y [M, N] float32.
+// isa: 0 plain C++, 1 AVX2, 2 AVX512-VNNI, -1 the best compiled in. split_dynamic: helper
+// threads take blocks of tiles from a shared counter, no barrier (TilePool); else
+// at::parallel_for's static split. Either way at::get_num_threads() threads at most.
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale_zero,
+                        int64_t isa, bool split_dynamic) {
+  const int64_t M = x.dim() == 2 ? x.size(0) : 0;
+  auto y = torch::empty({M, packed.dim() == 4 ? packed.size(0) * kTile : 0}, torch::kFloat32);
+  q4_linear_into(x, packed, scale_zero, isa, split_dynamic, y.data_ptr<float>(), y.size(1));
   return y;
 }
 

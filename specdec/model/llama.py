@@ -285,11 +285,18 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[tuple[Tensor, Tensor]]) -> Tensor:
         """Returns float32 logits [num_logits, vocab_size] for batch.logits_indices (under
         tensor parallelism: on rank 0; None on the other ranks)."""
+        decoder = self._cpu_decoder(batch, kv_caches)
+        if decoder is not None and decoder.has_head():  # ids to logits in one C++ call
+            tokens = (batch.input_ids if decoder.has_embedding()
+                      else self._embed(batch.input_ids))
+            return decoder.forward_logits(tokens, batch.positions, batch.slot_mapping,
+                                          batch.block_tables, batch.seq_lens,
+                                          batch.query_start_loc, batch.logits_indices,
+                                          self.vocab_size)
         if self.tp is not None:  # NOTE: ids past the real rows are on no rank: they embed to 0
             hidden = self.tp.embed(self.embed_tokens.weight, batch.input_ids)
         else:
             hidden = self._embed(batch.input_ids)  # [num_tokens, hidden_size]
-        decoder = self._cpu_decoder(batch, kv_caches)
         if decoder is not None:  # int4 on the CPU, a decode or verify step: one C++ call
             hidden = decoder.forward(hidden, batch.positions, batch.slot_mapping,
                                      batch.block_tables, batch.seq_lens,
@@ -341,6 +348,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"num_tokens must be in [1, {self.num_real_tokens}] (the model's "
                              f"vocabulary), got {num_tokens}")
         self.lm_head = prune_rows(self.lm_head, num_tokens)
+        self._decoder = None  # a fused stack built before holds the old head
 
     def pad_vocab(self, vocab_size: int) -> None:
         """Present a vocabulary of `vocab_size` rows (another model's padding of the same

@@ -154,6 +154,74 @@ def test_a_prefill_row_equals_it_after_a_cached_prefix(model, dtype, request):
         assert torch.equal(whole, split), (cut, (whole - split).abs().max().item())
 
 
+def _with_int4_embedding(model):
+    """`model` with its embedding as an int4 table (what a GGUF int4 load gives it)."""
+    from specdec.model.quant import Int4Embedding
+
+    model.embed_tokens = Int4Embedding(model.embed_tokens, model.dtype)
+    return model
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head", ["full", "pruned"])
+def test_one_call_from_ids_to_logits_matches_the_torch_ends(model, dtype, head, request,
+                                                             monkeypatch):
+    """`forward_logits` (the int4 embedding, the stack, the final RMSNorm and the q4 lm_head in
+    one C++ call) against the stack between the model's own torch embedding, norm and head,
+    over the same steps: the same logits within rounding (the norm's sum runs in another
+    order, which can move one int8 code of the head's input by a step), the pruned head's
+    columns -inf, and the forward's -inf padding of a padded vocabulary kept."""
+    path = request.getfixturevalue(model)
+    fused = _with_int4_embedding(load_model(path, dtype, quantization="int4"))
+    ends = _with_int4_embedding(load_model(path, dtype, quantization="int4"))
+    vocab = fused.num_real_tokens
+    for m in (fused, ends):
+        if head == "pruned":
+            m.prune_head(vocab // 2 // 16 * 16)
+        else:
+            m.pad_vocab(vocab + 16)
+    fused_caches, ends_caches = fused.make_kv_caches(16, 8), ends.make_kv_caches(16, 8)
+    fused_seqs, ends_seqs = PagedSequences(16, 8, seed=3), PagedSequences(16, 8, seed=3)
+    for step, windows in enumerate(_steps()):
+        got = fused(fused_seqs.batch(windows), fused_caches)
+        assert fused._decoder[1].has_head() and fused._decoder[1].has_embedding()
+        with monkeypatch.context() as patched:
+            patched.setattr(decoder_cpu, "add_ends", lambda decoder, model: None)
+            want = ends(ends_seqs.batch(windows), ends_caches)
+        assert not ends._decoder[1].has_head()
+        assert got.shape == want.shape and got.dtype == torch.float32
+        real = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), real), step
+        assert real[:, :vocab // 2 // 16 * 16].all()
+        assert _close(got[real], want[real], LOGIT_TOLERANCE[dtype]), (step, dtype)
+
+
+# (max, mean) of the logits' difference over their largest magnitude, fused ends against torch's:
+# measured on the tiny models, float32 at most 3e-7 (bfloat16 equal); a flipped int8 code
+# of the head's input would move them ~1e-3
+LOGIT_TOLERANCE = {"float32": (2e-3, 1e-4), "bfloat16": (2e-2, 1e-3)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_stacks_embedding_is_the_int4_tables_to_the_bit(tiny_qwen2_dir, dtype):
+    """CpuDecoder.embed against Int4Embedding's torch lookup: every value equal, ids past the
+    real rows of a padded vocabulary zero, as the model's _embed gives them."""
+    model = _with_int4_embedding(load_model(tiny_qwen2_dir, dtype, quantization="int4"))
+    vocab = model.num_real_tokens
+    model.pad_vocab(vocab + 16)
+    decoder = decoder_cpu.build(model, model.make_kv_caches(4, 8))
+    assert decoder.has_embedding()
+    ids = torch.tensor([0, 1, 7, vocab - 1, vocab, vocab + 15, 3, 3])
+    with torch.no_grad():
+        want = model._embed(ids).float()
+    got = decoder.embed(ids)
+    assert torch.equal(got, want)
+    assert not got[4:6].any()
+    with pytest.raises(RuntimeError, match="token id -1 is negative"):
+        decoder.embed(torch.tensor([-1]))
+
+
 def test_layer_loop_where_the_stack_cannot_run(tiny_llama_dir, monkeypatch):
     seqs = PagedSequences(16, 8)
     decode = seqs.batch([("a", [5, 6, 7])])

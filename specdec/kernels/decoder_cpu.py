@@ -82,7 +82,7 @@ def add_ends(decoder, model) -> None:
         decoder.set_head(model.norm.weight.detach(), model.norm.eps, head.q4_packed,
                          head.q4_scale_zero, bf16)
     embed = model.embed_tokens
-    if (isinstance(embed, Int4Embedding) and embed.out_dtype == str(model.dtype).split(".")[-1]
+    if (isinstance(embed, Int4Embedding) and embed.out_dtype == str(model.dtype).removeprefix("torch.")
             and model.num_real_tokens <= embed.num_embeddings):
         decoder.set_embedding(embed.packed, embed.scales, embed.zero_eff, embed.group_size,
                               model.num_real_tokens, bf16)

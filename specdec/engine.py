@@ -30,6 +30,7 @@ from specdec.core.detokenizer import IncrementalDetokenizer
 from specdec.spec.rejection import (draft_uniforms, greedy_verify_device,
                                     rejection_sample_device, unpack_verified)
 from specdec.core.request import Request, RequestStatus, SamplingParams
+import specdec.runner
 from specdec.runner import ModelRunner, SeqSlice
 from specdec.sample.grammar import (GrammarCompiler, GrammarMatcher, allowed_token_ids,
                                     apply_token_bitmask_, new_bitmask)
@@ -398,30 +399,45 @@ class Engine:
         elif background:
             self.controller.calibrating = True
             self.startup["calibration"] = "running in background"
+            shares: list[float] = []
             for role, runner in runners.items():
                 for n in counts[role]:
-                    self._idle_work.append(lambda runner=runner, n=n: runner.calibrate([n]))
-            self._idle_work.append(lambda: self._calibrated_in_background(key, runners, t0))
+                    self._idle_work.append(
+                        lambda runner=runner, n=n: shares.append(runner.calibrate([n])))
+            self._idle_work.append(
+                lambda: self._calibrated_in_background(key, runners, t0, min(shares)))
             logger.info("calibration: running in background (no cached calibration; k <= %d "
                         "until it is measured)", self.controller.conservative_k)
             return
         else:
-            for role, runner in runners.items():
-                runner.calibrate(counts[role])
-            saved = calibration.save(key, {role: dict(r.cost.table)
-                                           for role, r in runners.items()})
-            self.startup["calibration"] = "measured" if saved else "measured (not saved)"
+            share = min(runner.calibrate(counts[role]) for role, runner in runners.items())
+            self.startup["calibration"] = self._save_calibration(key, runners, share, "measured")
         self.startup["calibration_s"] = round(time.perf_counter() - t0, 3)
         logger.info("calibration: %s in %.2f s (%d threads)", self.startup["calibration"],
                     self.startup["calibration_s"], torch.get_num_threads())
 
-    def _calibrated_in_background(self, key: dict, runners: dict, t0: float) -> None:
+    @staticmethod
+    def _save_calibration(key: dict, runners: dict, share: float, how: str) -> str:
+        """Cache the measured tables, unless other jobs held the cores meanwhile: a table
+        timed then would mislead the controller on every later start (specdec.runner's
+        QUIET_SHARE).
+        Returns what startup["calibration"] says."""
         from specdec.spec import calibration
 
+        quiet = specdec.runner.QUIET_SHARE
+        if share < quiet:
+            logger.warning("calibration: %s while the CPU was busy (other jobs left the engine "
+                           "thread %.0f %% of the time, below %.0f %%): not cached, a later "
+                           "start measures again", how, 100 * share, 100 * quiet)
+            return f"{how} on a busy CPU (not saved)"
         saved = calibration.save(key, {role: dict(r.cost.table) for role, r in runners.items()})
+        return how if saved else f"{how} (not saved)"
+
+    def _calibrated_in_background(self, key: dict, runners: dict, t0: float,
+                                  share: float) -> None:
         self.controller.calibrating = False
-        self.startup["calibration"] = ("measured in background" if saved
-                                       else "measured in background (not saved)")
+        self.startup["calibration"] = self._save_calibration(key, runners, share,
+                                                             "measured in background")
         self.startup["calibration_s"] = round(time.perf_counter() - t0, 3)
         logger.info("calibration: %s, %.2f s after the start (%d threads); adaptive k from now",
                     self.startup["calibration"], self.startup["calibration_s"],

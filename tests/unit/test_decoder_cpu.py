@@ -316,3 +316,16 @@ def test_the_adaptive_ab_benchmark_runs_on_a_tiny_pair(tiny_llama_dir, tiny_draf
         (tiny_llama_dir, tiny_draft_dir), tmp_path)["results"]
     assert [r["k"] for r in rows] == ["adaptive", 1, 2]
     assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    # a fixed k drafts k a window (fewer only where max_tokens cuts the last one)
+    assert 0 < rows[1]["mean_drafts"] <= 1 < rows[2]["mean_drafts"] <= 2
+    assert all(1 <= r["acceptance_length"] <= 1 + r["mean_drafts"] for r in rows[1:])
+
+
+def test_the_adaptive_ab_benchmark_compares_caps(tiny_llama_dir, tiny_draft_dir, tmp_path):
+    rows = _run_bench_on_tiny_pair(
+        "adaptive_ab.py", ["--first", "0", "--num-prompts", "2", "--max-tokens", "8",
+                           "--max-k", "0", "--rounds", "1", "--caps", "1,3",
+                           "--spec.num_speculative_tokens", "3"],
+        (tiny_llama_dir, tiny_draft_dir), tmp_path)["results"]
+    assert [r["k"] for r in rows] == ["adaptive<=1", "adaptive<=3"]
+    assert rows[0]["mean_drafts"] <= 1  # the cap held for its requests

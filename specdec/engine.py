@@ -404,8 +404,8 @@ class Engine:
                 for n in counts[role]:
                     self._idle_work.append(
                         lambda runner=runner, n=n: shares.append(runner.calibrate([n])))
-            self._idle_work.append(
-                lambda: self._calibrated_in_background(key, runners, t0, min(shares)))
+            self._idle_work.append(lambda: self._calibrated_in_background(
+                key, runners, t0, min(shares, default=1.0)))
             logger.info("calibration: running in background (no cached calibration; k <= %d "
                         "until it is measured)", self.controller.conservative_k)
             return
@@ -418,10 +418,9 @@ class Engine:
 
     @staticmethod
     def _save_calibration(key: dict, runners: dict, share: float, how: str) -> str:
-        """Cache the measured tables, unless other jobs held the cores meanwhile: a table
-        timed then would mislead the controller on every later start (specdec.runner's
-        QUIET_SHARE).
-        Returns what startup["calibration"] says."""
+        """Cache the measured tables, unless other jobs held the cores meanwhile (`share`
+        below specdec.runner's QUIET_SHARE): a table timed then would mislead the controller
+        on every later start. Returns what startup["calibration"] says."""
         from specdec.spec import calibration
 
         quiet = specdec.runner.QUIET_SHARE

@@ -244,10 +244,12 @@ class ModelRunner:
         On the CPU a timing counts only if the calling thread ran for at least QUIET_SHARE
         of it (its CPU time over the wall time: other jobs on the cores preempt it); a busy
         one is timed again, up to BUSY_RETRIES more times. Returns the lowest share among the
-        timings kept (1.0 on a GPU): below QUIET_SHARE, the tables are inflated by other
-        jobs and should not be cached."""
+        timings kept (1.0 on a GPU, or under tensor parallelism): below QUIET_SHARE, the
+        tables are inflated by other jobs and should not be cached."""
         bs = self.block_size
         lowest = 1.0
+        # NOTE: not under tensor parallelism, where rank 0's thread sleeps in collectives
+        timed_by_cpu = self.device.type == "cpu" and getattr(self.model, "tp", None) is None
         for n in token_counts:
             blocks = list(range(min(-(-n // bs), self.num_blocks)))
             if len(blocks) * bs < n:
@@ -262,7 +264,7 @@ class ModelRunner:
                 self._forward(batch)
                 seconds = timer.stop().seconds(wait=True)
                 share = ((time.thread_time() - cpu) / max(seconds, 1e-9)
-                         if self.device.type == "cpu" else 1.0)
+                         if timed_by_cpu else 1.0)
                 (quiet if share >= QUIET_SHARE else busy).append((seconds, share))
                 if len(quiet) == repeats:
                     break

@@ -222,6 +222,12 @@ def test_busy_timings_are_taken_again_and_the_quiet_ones_kept(tiny_llama_dir, ti
     assert clock.calls == 2 * (2 + specdec.runner.BUSY_RETRIES)
     assert set(runner.cost.table) == {4, 8}
 
+    # Rank 0 of a tensor-parallel group sleeps in its collectives: its thread's share says
+    # nothing about other jobs, so its timings all count.
+    monkeypatch.setattr(runner.model, "tp", object())
+    monkeypatch.setattr(runner, "_forward", lambda batch: None)
+    assert runner.calibrate([2], repeats=2) == 1.0
+
 
 def test_a_background_calibration_on_a_busy_cpu_is_not_cached(tiny_llama_dir, tiny_draft_dir,
                                                                tmp_path, monkeypatch):

@@ -20,6 +20,8 @@ Set SPECDEC_Q4_KERNEL=torch to force torch's kernel (for before/after measuremen
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -142,6 +144,25 @@ def _cpu_model() -> str:
     return "\n".join(lines[:2])
 
 
+@contextlib.contextmanager
+def _builder_lock(build_dir: Path):
+    """Held while torch builds or loads the extension: an flock, which the kernel releases when
+    its holder dies. torch's own lock is a file that a build killed midway (Ctrl-C, a timeout)
+    leaves behind, and every later load then waits for it forever. Under this flock no other
+    specdec process is building, so such a file is stale and goes."""
+    with open(build_dir / "specdec-build.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # another start building right now: wait for it
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                _log.warning("q4 CPU kernel: removing %s, left by a build that did not finish",
+                             stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @functools.cache
 def load_kernel(use_simd: bool = True):
     """The compiled extension module, or None (no compiler, no SIMD path with use_simd, or
@@ -156,10 +177,12 @@ def load_kernel(use_simd: bool = True):
             Path.home() / ".cache" / "specdec" / "ext")
         build_dir = Path(root) / name
         build_dir.mkdir(parents=True, exist_ok=True)
-        module = cpp_extension.load(
-            name=name, sources=[str(source) for source in _SOURCES], build_directory=str(build_dir),
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-            verbose=False)
+        with _builder_lock(build_dir):
+            module = cpp_extension.load(
+                name=name, sources=[str(source) for source in _SOURCES],
+                build_directory=str(build_dir),
+                extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+                verbose=False)
     except Exception as error:  # no compiler, no ninja, a build error: keep torch's kernel
         _log.warning("q4 CPU kernel unavailable (%s); using torch's int4 kernel", error)
         return None

@@ -307,3 +307,24 @@ def test_int4_linear_keeps_large_packed_weights_in_hugepages():
     # a buffer registered later (the quantized-model cache does so) goes there too
     qlinear.register_buffer("q4_packed", qlinear.q4_packed.clone())
     assert qlinear.q4_packed.data_ptr() % q4_cpu.HUGEPAGE_BYTES == 0
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_load(kernel, tmp_path):
+    """torch's build lock is a plain file; a build killed while it held it (Ctrl-C, a CI
+    timeout) left it behind, and every later load waited on it forever."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache/specdec/ext")
+    stale = Path(root) / q4_cpu._extension_name() / "lock"
+    stale.write_text("")  # as the dead build left it
+    done = subprocess.run(
+        [sys.executable, "-c", "from specdec.kernels import q4_cpu; "
+         "print(q4_cpu.load_kernel(use_simd=False) is not None)"],
+        capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
+    assert "left by a build that did not finish" in done.stderr
+    assert not stale.exists()
